@@ -1,0 +1,114 @@
+//! Settings shared by the services, as clap argument groups. Every setting is a
+//! `DAK_…` environment variable (or the matching `--flag`); the binaries parse
+//! them once at start-up, and libraries receive the parsed values.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::telemetry::LogFormat;
+
+/// Process-wide settings every binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    /// Metrics and health: `/livez`, `/readyz`, `/metrics`.
+    #[arg(long, env = "DAK_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub admin_addr: SocketAddr,
+    /// `text` or `json` log lines; `RUST_LOG` filters them.
+    #[arg(long, env = "DAK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// How long a stopping process may drain before its tasks are aborted.
+    #[arg(long, env = "DAK_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Kafka: where the brokers are and what the topics are called.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, `host:port[,host:port…]`. Unset in `dak up`: the embedded
+    /// mock cluster is used.
+    #[arg(long = "kafka-brokers", env = "DAK_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Prepended to every topic name, e.g. `staging.` gives `staging.dak.inbound`.
+    #[arg(long, env = "DAK_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+    /// Partitions of each topic created at start-up.
+    #[arg(long, env = "DAK_KAFKA_PARTITIONS", default_value_t = 12)]
+    pub partitions: i32,
+    /// Replication factor of each topic created at start-up.
+    #[arg(long, env = "DAK_KAFKA_REPLICATION", default_value_t = 1)]
+    pub replication: i32,
+    /// Producer `linger.ms`: how long records wait to be batched.
+    #[arg(long, env = "DAK_KAFKA_LINGER_MS", default_value_t = 2)]
+    pub linger_ms: u32,
+}
+
+/// The session store: presence, in-flight deliveries, outbox dedup.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// `redis://host:port/db`. Unset in `dak up`: an in-process store is used.
+    #[arg(long, env = "DAK_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key dak writes.
+    #[arg(long, env = "DAK_REDIS_PREFIX", default_value = "dak")]
+    pub redis_prefix: String,
+    /// How long the (sender, client id) → mid mapping is kept, i.e. how late an
+    /// outbox retry is still recognised as a duplicate.
+    #[arg(long, env = "DAK_DEDUP_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub dedup_ttl: Duration,
+    /// How long a gateway's presence outlives its last heartbeat.
+    #[arg(long, env = "DAK_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub presence_ttl: Duration,
+}
+
+/// Client authentication.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthArgs {
+    /// HS256 secret for client JWTs. `dak up` generates and prints one when unset.
+    #[arg(long, env = "DAK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A PEM public key file; with it, tokens are verified with `DAK_JWT_ALGORITHM`
+    /// (RS256 or EdDSA) instead of the HS256 secret.
+    #[arg(long, env = "DAK_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    #[arg(long, env = "DAK_JWT_ALGORITHM", default_value = "RS256")]
+    pub jwt_algorithm: String,
+}
+
+/// The internal API between session and the gateways.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InternalArgs {
+    /// Bearer token every `/internal/...` call must carry. `dak up` generates one
+    /// when unset.
+    #[arg(long, env = "DAK_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+}
+
+/// The delivery limits clients see.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Largest message body, bytes.
+    #[arg(long, env = "DAK_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest WebSocket frame, bytes.
+    #[arg(long, env = "DAK_MAX_FRAME_BYTES", default_value_t = 96 * 1024)]
+    pub max_frame_bytes: usize,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> dak_wire::Limits {
+        dak_wire::Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_frame_bytes: self.max_frame_bytes,
+        }
+    }
+}
+
+/// A random secret for development use, URL-safe.
+pub fn random_secret() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..40)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}

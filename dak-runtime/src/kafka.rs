@@ -1,0 +1,340 @@
+//! Kafka through rdkafka: topic names, start-up topic creation, the idempotent
+//! producer (`acks=all`), at-least-once consumers, and the embedded mock cluster.
+//!
+//! Consumers use librdkafka's auto-commit of *stored* offsets: a handler stores a
+//! message's offset only after it finished with it, so a crash replays what was
+//! not finished and never skips it (DESIGN §6).
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaArgs;
+use crate::shutdown::Shutdown;
+
+/// The topics of DESIGN §6, with the configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub inbound: String,
+    pub group: String,
+    pub deliver: String,
+    pub offline: String,
+    pub status: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            inbound: format!("{prefix}dak.inbound"),
+            group: format!("{prefix}dak.group"),
+            deliver: format!("{prefix}dak.deliver"),
+            offline: format!("{prefix}dak.offline"),
+            status: format!("{prefix}dak.status"),
+        }
+    }
+
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.inbound,
+            &self.group,
+            &self.deliver,
+            &self.offline,
+            &self.status,
+        ]
+    }
+}
+
+/// Resolved Kafka settings: bootstrap servers and topics.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Topics,
+    pub partitions: i32,
+    pub replication: i32,
+    pub linger_ms: u32,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: String, args: &KafkaArgs) -> Self {
+        Self {
+            brokers,
+            topics: Topics::with_prefix(&args.topic_prefix),
+            partitions: args.partitions,
+            replication: args.replication,
+            linger_ms: args.linger_ms,
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("broker.address.family", "v4")
+            .set("log_level", "4");
+        config
+    }
+}
+
+/// Creates the topics that do not exist yet, through the admin API.
+pub async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let topics: Vec<NewTopic> = config
+        .topics
+        .all()
+        .into_iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(%topic, "creating topic"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The idempotent producer every service writes with. Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        let inner = config
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Self { inner })
+    }
+
+    /// Queues a record now and returns a future for the broker's acknowledgement.
+    /// Records queued in order for one key land in that order.
+    pub fn enqueue(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<DeliveryFuture, KafkaError> {
+        self.inner
+            .send_result(FutureRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+    }
+
+    /// Produces one record and waits until the broker acknowledged it.
+    pub async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
+        acknowledged(self.enqueue(topic, key, payload)?).await
+    }
+
+    /// Readiness: the cluster answers a metadata request.
+    pub async fn check(&self) -> Result<(), String> {
+        let producer = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Waits for queued records to be acknowledged, for a clean shutdown.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.inner.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "producer flush incomplete");
+        }
+    }
+}
+
+/// Waits for the broker's acknowledgement of one queued record.
+pub async fn acknowledged(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+/// A consumer-group member that stores offsets only when told to.
+pub struct EventConsumer {
+    inner: StreamConsumer,
+    group: String,
+}
+
+impl EventConsumer {
+    pub fn new(config: &KafkaConfig, group: &str, topics: &[&str]) -> Result<Self, KafkaError> {
+        let inner: StreamConsumer = config
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create()?;
+        inner.subscribe(topics)?;
+        Ok(Self {
+            inner,
+            group: group.to_owned(),
+        })
+    }
+
+    /// Waits for the next message, then takes whatever else is already buffered,
+    /// up to `max`. Returns `None` once `shutdown` fires.
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        shutdown: &Shutdown,
+    ) -> Option<Vec<BorrowedMessage<'_>>> {
+        let first = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                received = self.inner.recv() => match received {
+                    Ok(m) => break m,
+                    Err(e) => {
+                        tracing::warn!(group = %self.group, error = %e, "kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.inner.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Marks `message` finished: its offset (plus one) is committed with the next
+    /// auto-commit.
+    pub fn done(&self, message: &BorrowedMessage<'_>) {
+        if let Err(e) = self.inner.store_offset_from_message(message) {
+            tracing::warn!(group = %self.group, error = %e, "storing offset");
+        }
+    }
+
+    /// Commits what was stored, before leaving the group.
+    pub fn commit(&self) {
+        match self.inner.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(group = %self.group, error = %e, "final commit"),
+        }
+    }
+}
+
+/// librdkafka's in-process mock cluster, the event bus of `dak up` and of the fast
+/// tests. `MockCluster` must stay on the thread that made it, so it lives on a
+/// thread of its own that takes topic-creation requests and ends when this value
+/// is dropped.
+pub struct EmbeddedKafka {
+    brokers: String,
+    commands: std_mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Command {
+    CreateTopics {
+        names: Vec<String>,
+        partitions: i32,
+        reply: std_mpsc::Sender<Result<(), KafkaError>>,
+    },
+}
+
+impl EmbeddedKafka {
+    pub fn start() -> Result<Self, KafkaError> {
+        let (commands, receiver) = std_mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kafka-mock".into())
+            .spawn(move || {
+                let cluster = match rdkafka::mocking::MockCluster::new(1) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Ends when every sender is gone, i.e. when EmbeddedKafka drops.
+                for command in receiver {
+                    match command {
+                        Command::CreateTopics {
+                            names,
+                            partitions,
+                            reply,
+                        } => {
+                            let result = names
+                                .iter()
+                                .try_for_each(|name| cluster.create_topic(name, partitions, 1));
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
+            })
+            .expect("spawning the mock cluster thread");
+        let brokers = ready_rx.recv().map_err(|_| KafkaError::Canceled)??;
+        Ok(Self {
+            brokers,
+            commands,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    pub fn create_topics(&self, topics: &Topics, partitions: i32) -> Result<(), KafkaError> {
+        let (reply, answer) = std_mpsc::channel();
+        self.commands
+            .send(Command::CreateTopics {
+                names: topics.all().iter().map(|t| t.to_string()).collect(),
+                partitions,
+                reply,
+            })
+            .map_err(|_| KafkaError::Canceled)?;
+        answer.recv().map_err(|_| KafkaError::Canceled)?
+    }
+}
+
+impl Drop for EmbeddedKafka {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; the cluster drops there.
+        let (closed, _) = std_mpsc::channel();
+        self.commands = closed;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Runtime plumbing shared by dak's services, one module per thing:
+//!
+//! - [`config`]: the `DAK_…` settings every service shares (Kafka, Redis, admin, auth).
+//! - [`telemetry`]: tracing set-up, text or JSON.
+//! - [`shutdown`]: one cancellation signal for a process, with a grace period.
+//! - [`kafka`]: topics, the idempotent producer, at-least-once consumers, and the
+//!   embedded mock cluster `dak up` runs on.
+//! - [`redis`]: connecting to Redis.
+//! - [`admin`]: `/livez`, `/readyz` and `/metrics`.
+//! - [`auth`]: client JWTs and the internal token.
+//! - [`presence`]: which gateway holds which (user, device), and which devices a
+//!   user has; in process or in Redis.
+//! - [`dedup`]: the (sender, client id) → mid map that makes outbox retries safe.
+//! - [`http`]: serving an axum router until shutdown.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod dedup;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod presence;
+pub mod redis;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+/// Milliseconds since the Unix epoch, the timestamp unit of every dak event.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,63 @@
+//! The names of dak's metrics, in one place so every service counts the same
+//! thing under the same name. Label values are bounded (codes, reasons, topics).
+
+pub const ACCEPTED: &str = "dak_messages_accepted_total";
+pub const DELIVERED: &str = "dak_messages_delivered_total";
+pub const ACKED: &str = "dak_messages_acked_total";
+pub const LATE_ACKS: &str = "dak_late_acks_total";
+pub const RETRIED: &str = "dak_messages_retried_total";
+pub const OFFLINED: &str = "dak_messages_offlined_total";
+pub const DUPLICATES: &str = "dak_duplicate_sends_total";
+pub const ROUTED: &str = "dak_events_routed_total";
+pub const REJECTED: &str = "dak_client_errors_total";
+pub const DROPPED_EVENTS: &str = "dak_events_dropped_total";
+pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
+pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
+pub const CONSUMER_LAG: &str = "dak_consumer_lag";
+pub const INFLIGHT: &str = "dak_inflight_deliveries";
+
+pub(crate) fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        ACCEPTED,
+        "messages accepted from clients (durable in Kafka)"
+    );
+    describe_counter!(
+        DELIVERED,
+        "message deliveries written to a device's socket, retries included"
+    );
+    describe_counter!(ACKED, "deliveries acked by the device while in flight");
+    describe_counter!(
+        LATE_ACKS,
+        "acks for mids no longer in flight, forwarded to dak.offline"
+    );
+    describe_counter!(RETRIED, "deliveries sent again after an ack timeout");
+    describe_counter!(OFFLINED, "deliveries handed to dak.offline, by reason");
+    describe_counter!(
+        DUPLICATES,
+        "client messages recognised as outbox retries of an earlier send"
+    );
+    describe_counter!(ROUTED, "events routed by message-router, by kind");
+    describe_counter!(REJECTED, "client input refused, by error code");
+    describe_counter!(
+        DROPPED_EVENTS,
+        "Kafka events that could not be decoded and were skipped, by topic"
+    );
+    describe_histogram!(
+        ACK_LATENCY,
+        Unit::Seconds,
+        "from the first send to the device's ack"
+    );
+    describe_gauge!(
+        CONNECTED_DEVICES,
+        "WebSocket connections held by this process"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "messages behind the end of the partitions, by consumer group and topic"
+    );
+    describe_gauge!(
+        INFLIGHT,
+        "deliveries waiting for an ack, as last seen by the retry loop"
+    );
+}

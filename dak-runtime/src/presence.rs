@@ -1,0 +1,292 @@
+//! Presence: which gateway holds a socket for which (user, device), and which
+//! devices each user has.
+//!
+//! A gateway heartbeats one key of its own; a presence entry names the gateway
+//! and counts only while that gateway's heartbeat is alive. A gateway that dies
+//! without closing its sockets therefore leaves no phantom presence: its entries
+//! stop counting once its heartbeat expires (DESIGN §7.6), at the cost of one
+//! heartbeat write per gateway rather than one per connection.
+//!
+//! Redis keys (user keys share the `{user}` hash tag, so a lookup is one slot in
+//! Redis Cluster):
+//! - `<prefix>:{<user>}:presence`: hash device → `<gateway id> <connection id>`
+//! - `<prefix>:{<user>}:devices`: set of the user's known devices
+//! - `<prefix>:gateway:<gateway id>`: the gateway's internal URL, with a TTL
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dak_wire::{DeviceId, UserId};
+
+use crate::store::{StoreError, StoreResult};
+
+/// A gateway process: a fresh id each start, and where its internal API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    pub id: String,
+    pub url: String,
+}
+
+impl Gateway {
+    pub fn new(url: String) -> Self {
+        Self {
+            id: ulid::Ulid::new().to_string(),
+            url,
+        }
+    }
+}
+
+/// One socket: who, on which gateway, and which connection (a reconnect of the
+/// same device is a new connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub gateway_id: String,
+    pub connection_id: String,
+}
+
+/// A device of a user and, when it is connected, the internal URL of its gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRoute {
+    pub device: DeviceId,
+    pub gateway_url: Option<String>,
+}
+
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// Records a new socket; the device becomes known to the user.
+    async fn connect(&self, conn: &Connection) -> StoreResult<()>;
+    /// Removes the socket's entry, unless a newer connection of the device replaced it.
+    async fn disconnect(&self, conn: &Connection) -> StoreResult<()>;
+    /// Keeps `gateway`'s entries alive for `ttl`.
+    async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()>;
+    /// A gateway shutting down cleanly: its entries stop counting now.
+    async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()>;
+    /// Every known device of each user, with its gateway if connected.
+    async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>>;
+}
+
+/// The in-process presence of `dak up`.
+#[derive(Default)]
+pub struct MemoryPresence {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    users: HashMap<UserId, UserPresence>,
+    gateways: HashMap<String, (String, Instant)>,
+}
+
+#[derive(Default)]
+struct UserPresence {
+    devices: BTreeSet<DeviceId>,
+    sockets: HashMap<DeviceId, (String, String)>,
+}
+
+#[async_trait]
+impl Presence for MemoryPresence {
+    async fn connect(&self, conn: &Connection) -> StoreResult<()> {
+        let mut state = self.state.lock().expect("presence lock");
+        let user = state.users.entry(conn.user.clone()).or_default();
+        user.devices.insert(conn.device.clone());
+        user.sockets.insert(
+            conn.device.clone(),
+            (conn.gateway_id.clone(), conn.connection_id.clone()),
+        );
+        Ok(())
+    }
+
+    async fn disconnect(&self, conn: &Connection) -> StoreResult<()> {
+        let mut state = self.state.lock().expect("presence lock");
+        if let Some(user) = state.users.get_mut(&conn.user) {
+            let ours = user
+                .sockets
+                .get(&conn.device)
+                .is_some_and(|(_, c)| *c == conn.connection_id);
+            if ours {
+                user.sockets.remove(&conn.device);
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()> {
+        let mut state = self.state.lock().expect("presence lock");
+        state.gateways.insert(
+            gateway.id.clone(),
+            (gateway.url.clone(), Instant::now() + ttl),
+        );
+        Ok(())
+    }
+
+    async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()> {
+        self.state
+            .lock()
+            .expect("presence lock")
+            .gateways
+            .remove(&gateway.id);
+        Ok(())
+    }
+
+    async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
+        let state = self.state.lock().expect("presence lock");
+        let now = Instant::now();
+        let live_url = |gateway_id: &str| {
+            state
+                .gateways
+                .get(gateway_id)
+                .filter(|(_, expires)| *expires > now)
+                .map(|(url, _)| url.clone())
+        };
+        Ok(users
+            .iter()
+            .map(|user| match state.users.get(user) {
+                None => Vec::new(),
+                Some(p) => p
+                    .devices
+                    .iter()
+                    .map(|device| DeviceRoute {
+                        device: device.clone(),
+                        gateway_url: p.sockets.get(device).and_then(|(gw, _)| live_url(gw)),
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+/// Presence in Redis, shared by every gateway and session instance.
+#[derive(Clone)]
+pub struct RedisPresence {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+const DISCONNECT: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0";
+
+impl RedisPresence {
+    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn presence_key(&self, user: &UserId) -> String {
+        format!("{}:{{{user}}}:presence", self.prefix)
+    }
+
+    fn devices_key(&self, user: &UserId) -> String {
+        format!("{}:{{{user}}}:devices", self.prefix)
+    }
+
+    fn gateway_key(&self, id: &str) -> String {
+        format!("{}:gateway:{id}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn connect(&self, conn: &Connection) -> StoreResult<()> {
+        let value = format!("{} {}", conn.gateway_id, conn.connection_id);
+        redis::pipe()
+            .hset(self.presence_key(&conn.user), conn.device.as_str(), value)
+            .ignore()
+            .sadd(self.devices_key(&conn.user), conn.device.as_str())
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn disconnect(&self, conn: &Connection) -> StoreResult<()> {
+        let value = format!("{} {}", conn.gateway_id, conn.connection_id);
+        redis::Script::new(DISCONNECT)
+            .key(self.presence_key(&conn.user))
+            .arg(conn.device.as_str())
+            .arg(value)
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()> {
+        redis::cmd("SET")
+            .arg(self.gateway_key(&gateway.id))
+            .arg(&gateway.url)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()> {
+        redis::cmd("DEL")
+            .arg(self.gateway_key(&gateway.id))
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.smembers(self.devices_key(user))
+                .hgetall(self.presence_key(user));
+        }
+        type Row = (BTreeSet<String>, HashMap<String, String>);
+        let rows: Vec<Row> = pipe.query_async(&mut self.conn.clone()).await?;
+
+        let mut gateway_ids: Vec<&str> = rows
+            .iter()
+            .flat_map(|(_, sockets)| sockets.values())
+            .filter_map(|v| v.split_once(' ').map(|(gw, _)| gw))
+            .collect();
+        gateway_ids.sort_unstable();
+        gateway_ids.dedup();
+        let mut urls: HashMap<&str, String> = HashMap::new();
+        if !gateway_ids.is_empty() {
+            let mut pipe = redis::pipe();
+            for id in &gateway_ids {
+                pipe.get(self.gateway_key(id));
+            }
+            let found: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+            for (id, url) in gateway_ids.iter().zip(found) {
+                if let Some(url) = url {
+                    urls.insert(id, url);
+                }
+            }
+        }
+
+        rows.iter()
+            .map(|(devices, sockets)| {
+                devices
+                    .iter()
+                    .map(|device| {
+                        let gateway_url = sockets
+                            .get(device)
+                            .and_then(|v| v.split_once(' '))
+                            .and_then(|(gw, _)| urls.get(gw).cloned());
+                        Ok(DeviceRoute {
+                            device: DeviceId::parse(device.as_str())
+                                .map_err(|e| StoreError::Corrupt(e.message))?,
+                            gateway_url,
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
