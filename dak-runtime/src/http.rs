@@ -1,6 +1,10 @@
-//! Serving an axum router on a listener the caller bound, until shutdown.
+//! HTTP plumbing: serving a router until shutdown, and the one mapping from
+//! [`ErrorCode`] to REST error responses (DESIGN §5).
 
-use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use dak_wire::{ErrorCode, WireError};
 use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
@@ -14,4 +18,49 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
+}
+
+/// A REST error: `{"error":{"code":"…","message":"…"}}` with the code's status.
+#[derive(Debug)]
+pub struct ApiError(pub WireError);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(WireError {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        Self::new(ErrorCode::Unauthorized, e.to_string())
+    }
+}
+
+impl From<crate::ingress::IngressError> for ApiError {
+    fn from(e: crate::ingress::IngressError) -> Self {
+        tracing::warn!(error = %e, "ingress unavailable");
+        Self::new(
+            ErrorCode::Unavailable,
+            "the message bus is unavailable, retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        ::metrics::counter!(crate::metrics::REJECTED, "code" => self.0.code.as_str()).increment(1);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::json!({"error": {"code": self.0.code, "message": self.0.message}});
+        (status, Json(body)).into_response()
+    }
 }

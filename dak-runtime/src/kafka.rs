@@ -13,8 +13,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::BorrowedMessage;
+pub use rdkafka::error::KafkaError;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
@@ -206,42 +207,72 @@ impl EventConsumer {
         })
     }
 
-    /// Waits for the next message, then takes whatever else is already buffered,
+    /// Waits for the next record, then takes whatever else is already buffered,
     /// up to `max`. Returns `None` once `shutdown` fires.
-    pub async fn next_batch(
-        &self,
-        max: usize,
-        shutdown: &Shutdown,
-    ) -> Option<Vec<BorrowedMessage<'_>>> {
+    pub async fn next_batch(&self, max: usize, shutdown: &Shutdown) -> Option<Vec<Record>> {
         let first = loop {
-            tokio::select! {
+            let received = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
-                received = self.inner.recv() => match received {
-                    Ok(m) => break m,
-                    Err(e) => {
-                        tracing::warn!(group = %self.group, error = %e, "kafka consumer error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                },
+                received = self.inner.recv() => received.map(|m| Record::from(&m)),
+            };
+            match received {
+                Ok(record) => break record,
+                Err(e) => {
+                    tracing::warn!(group = %self.group, error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         };
         let mut batch = vec![first];
         while batch.len() < max {
             match self.inner.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(m),
+                Some(Ok(m)) => batch.push(Record::from(&m)),
                 _ => break,
             }
         }
         Some(batch)
     }
 
-    /// Marks `message` finished: its offset (plus one) is committed with the next
-    /// auto-commit.
-    pub fn done(&self, message: &BorrowedMessage<'_>) {
-        if let Err(e) = self.inner.store_offset_from_message(message) {
-            tracing::warn!(group = %self.group, error = %e, "storing offset");
+    /// Marks `records` finished: their offsets are committed with the next
+    /// auto-commit. Records are in partition order, so the last one of each
+    /// partition carries its offset.
+    pub fn done(&self, records: &[Record]) {
+        for r in records {
+            if let Err(e) = self.inner.store_offset(&r.topic, r.partition, r.offset) {
+                tracing::warn!(group = %self.group, error = %e, "storing offset");
+            }
         }
+    }
+
+    /// Runs `handle` on batches of up to `max` records until shutdown. A batch's
+    /// offsets are stored only after `handle` succeeded; a failed batch is handed
+    /// over again after a pause, so handlers must be idempotent (they are keyed
+    /// on mid and device).
+    pub async fn run<H, Fut>(&self, max: usize, shutdown: &Shutdown, mut handle: H)
+    where
+        H: FnMut(Vec<Record>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
+    {
+        while let Some(mut batch) = self.next_batch(max, shutdown).await {
+            loop {
+                match handle(batch).await {
+                    Ok(done) => {
+                        self.done(&done);
+                        break;
+                    }
+                    Err((again, e)) => {
+                        tracing::warn!(group = %self.group, error = %format!("{e:#}"), "batch failed, retrying");
+                        batch = again;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return self.commit(),
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }
+            }
+        }
+        self.commit();
     }
 
     /// Commits what was stored, before leaving the group.
@@ -249,6 +280,26 @@ impl EventConsumer {
         match self.inner.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => tracing::warn!(group = %self.group, error = %e, "final commit"),
+        }
+    }
+}
+
+/// A record taken off a topic, owned so it can be held across awaits.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+impl From<&BorrowedMessage<'_>> for Record {
+    fn from(m: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().unwrap_or_default().to_vec(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod dedup;
 pub mod http;
+pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod presence;

@@ -1,1 +1,199 @@
+//! message-router: reads everything clients send from `dak.inbound`, checks it,
+//! and routes it.
+//!
+//! - A direct message goes to `dak.deliver`, keyed by the recipient, so every
+//!   delivery and ack for one user is one ordered stream.
+//! - An ack goes to `dak.deliver`, keyed by the acking user.
+//!
+//! Group messages go to `dak.group` once group-router exists; until then the
+//! gateways refuse them. An event that cannot be decoded is logged, counted in
+//! `dak_events_dropped_total`, and skipped: one bad record must not stall a
+//! partition. Offsets are committed only after the routed records were
+//! acknowledged by Kafka.
 
+use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
+use dak_runtime::metrics;
+use dak_runtime::shutdown::Shutdown;
+use dak_wire::event::{self, DeliverEvent, Delivery, InboundEvent};
+use dak_wire::{ChatKind, UserId};
+
+/// Consumer group of every message-router instance.
+pub const GROUP: &str = "dak.message-router";
+
+/// Records taken from `dak.inbound` per batch.
+const BATCH: usize = 1000;
+
+pub struct MessageRouter {
+    consumer: EventConsumer,
+    producer: Producer,
+    deliver_topic: String,
+}
+
+/// Where one inbound event goes.
+#[derive(Debug)]
+pub enum Route {
+    Deliver { key: UserId, event: DeliverEvent },
+    Drop(String),
+}
+
+impl MessageRouter {
+    pub fn build(config: &KafkaConfig, producer: Producer) -> Result<Self, KafkaError> {
+        let consumer = EventConsumer::new(config, &group_name(config), &[&config.topics.inbound])?;
+        Ok(Self {
+            consumer,
+            producer,
+            deliver_topic: config.topics.deliver.clone(),
+        })
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!("message-router running");
+        let this = &self;
+        self.consumer
+            .run(BATCH, &shutdown, |batch| async move {
+                match this.route_batch(&batch).await {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err((batch, e)),
+                }
+            })
+            .await;
+        self.producer.flush(std::time::Duration::from_secs(5));
+        Ok(())
+    }
+
+    async fn route_batch(&self, batch: &[Record]) -> anyhow::Result<()> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for record in batch {
+            match route(&record.payload) {
+                Route::Deliver { key, event } => {
+                    let kind = match &event {
+                        DeliverEvent::Message(_) => "message",
+                        DeliverEvent::Ack(_) => "ack",
+                    };
+                    ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
+                    let payload = event::encode(&event);
+                    acks.push(self.producer.enqueue(
+                        &self.deliver_topic,
+                        key.as_str(),
+                        &payload,
+                    )?);
+                }
+                Route::Drop(reason) => {
+                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "inbound").increment(1);
+                    tracing::warn!(partition = record.partition, offset = record.offset, %reason, "dropping inbound event");
+                }
+            }
+        }
+        for result in
+            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
+        {
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// The consumer group, namespaced by the topic prefix so test runs and
+/// deployments sharing a cluster do not share offsets.
+fn group_name(config: &KafkaConfig) -> String {
+    let prefix = config.topics.inbound.trim_end_matches("dak.inbound");
+    format!("{prefix}{GROUP}")
+}
+
+/// Decides where one `dak.inbound` record goes.
+pub fn route(payload: &[u8]) -> Route {
+    let event: InboundEvent = match event::decode(payload) {
+        Ok(e) => e,
+        Err(e) => return Route::Drop(e.message),
+    };
+    match event {
+        InboundEvent::Message(message) => match message.chat {
+            ChatKind::Direct => match UserId::parse(message.to.as_str()) {
+                Ok(recipient) => {
+                    tracing::debug!(mid = %message.mid, "routing direct message");
+                    Route::Deliver {
+                        key: recipient.clone(),
+                        event: DeliverEvent::Message(Delivery { recipient, message }),
+                    }
+                }
+                Err(e) => Route::Drop(e.message),
+            },
+            ChatKind::Group => Route::Drop(format!(
+                "group message {} before group routing exists",
+                message.mid
+            )),
+        },
+        InboundEvent::Ack(ack) => Route::Deliver {
+            key: ack.user.clone(),
+            event: DeliverEvent::Ack(ack),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dak_wire::event::{Ack, Message};
+    use dak_wire::{ClientId, DeviceId, Mid};
+    use serde_json::value::RawValue;
+
+    fn message(to: &str, chat: ChatKind) -> Message {
+        Message {
+            mid: Mid::from_ulid(ulid::Ulid::new()),
+            id: ClientId::parse("c1").unwrap(),
+            from: UserId::parse("alice").unwrap(),
+            from_device: DeviceId::default_device(),
+            to: to.into(),
+            chat,
+            body: RawValue::from_string("1".into()).unwrap(),
+            ts: 1,
+        }
+    }
+
+    #[test]
+    fn direct_messages_are_keyed_by_recipient() {
+        let m = message("bob", ChatKind::Direct);
+        let mid = m.mid;
+        match route(&event::encode(&InboundEvent::Message(m))) {
+            Route::Deliver {
+                key,
+                event: DeliverEvent::Message(d),
+            } => {
+                assert_eq!(key.as_str(), "bob");
+                assert_eq!(d.recipient.as_str(), "bob");
+                assert_eq!(d.message.mid, mid);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acks_are_keyed_by_the_acking_user() {
+        let ack = Ack {
+            user: UserId::parse("bob").unwrap(),
+            device: DeviceId::parse("tablet").unwrap(),
+            mids: vec![Mid::from_ulid(ulid::Ulid::new())],
+        };
+        match route(&event::encode(&InboundEvent::Ack(ack.clone()))) {
+            Route::Deliver {
+                key,
+                event: DeliverEvent::Ack(a),
+            } => {
+                assert_eq!(key.as_str(), "bob");
+                assert_eq!(a, ack);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_and_invalid_recipients_are_dropped() {
+        assert!(matches!(route(b"{not json"), Route::Drop(_)));
+        assert!(matches!(route(br#"{"v":9,"event":{}}"#), Route::Drop(_)));
+        let bad = message("not a user", ChatKind::Direct);
+        assert!(matches!(
+            route(&event::encode(&InboundEvent::Message(bad))),
+            Route::Drop(_)
+        ));
+    }
+}

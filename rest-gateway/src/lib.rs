@@ -1,1 +1,215 @@
+//! rest-gateway: the same ingress as the WebSocket, over plain HTTP, for apps
+//! woken in the background without a socket.
+//!
+//! - `POST /v1/messages`: `{"messages":[{"id","to","chat","body"},…]}`, 1 to 100
+//!   messages. Each is checked like a WebSocket frame; the answer (202) lists
+//!   each one as `accepted` (with its mid, after Kafka acknowledged it) or
+//!   `rejected` (with the error code), so one bad message does not sink the batch.
+//! - `POST /v1/acks`: `{"mids":[…]}`, 202 once the ack is durable.
+//!
+//! Both take `Authorization: Bearer <jwt>`; the token names the sender.
 
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use dak_runtime::auth::{Identity, Verifier};
+use dak_runtime::http::ApiError;
+use dak_runtime::ingress::Ingress;
+use dak_wire::frame::{parse_mids, Outgoing};
+use dak_wire::{ChatKind, ErrorCode, Limits, Mid, WireError};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Most messages one `POST /v1/messages` may carry.
+pub const MAX_BATCH: usize = 100;
+
+#[derive(Clone)]
+pub struct RestGateway {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    verifier: Verifier,
+    ingress: Ingress,
+    limits: Limits,
+}
+
+impl RestGateway {
+    pub fn new(verifier: Verifier, ingress: Ingress, limits: Limits) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                verifier,
+                ingress,
+                limits,
+            }),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        let body_limit = MAX_BATCH * self.shared.limits.max_frame_bytes + 4096;
+        Router::new()
+            .route("/v1/messages", post(send_messages))
+            .route("/v1/acks", post(send_acks))
+            .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+            .with_state(self.shared.clone())
+    }
+}
+
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    Ok(shared.verifier.verify_header(header)?)
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}")))
+}
+
+#[derive(Deserialize)]
+struct SendBody<'a> {
+    #[serde(borrow)]
+    messages: Vec<SendItem<'a>>,
+}
+
+#[derive(Deserialize)]
+struct SendItem<'a> {
+    id: Option<String>,
+    to: Option<String>,
+    chat: Option<ChatKind>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    from: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+struct SendAnswer {
+    accepted: Vec<AcceptedItem>,
+    rejected: Vec<RejectedItem>,
+}
+
+#[derive(Serialize)]
+struct AcceptedItem {
+    id: String,
+    mid: Mid,
+    ts: u64,
+}
+
+#[derive(Serialize)]
+struct RejectedItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    code: ErrorCode,
+    message: String,
+}
+
+impl RejectedItem {
+    fn new(id: Option<String>, error: WireError) -> Self {
+        ::metrics::counter!(dak_runtime::metrics::REJECTED, "code" => error.code.as_str())
+            .increment(1);
+        Self {
+            id,
+            code: error.code,
+            message: error.message,
+        }
+    }
+}
+
+async fn send_messages(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<SendAnswer>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let request: SendBody = parse_json(&body)?;
+    if request.messages.is_empty() || request.messages.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "`messages` must hold 1 to {MAX_BATCH} messages, not {}",
+                request.messages.len()
+            ),
+        ));
+    }
+
+    let mut answer = SendAnswer::default();
+    // Queue every valid message in request order first, then wait for Kafka, so
+    // the batch keeps its order and costs one round of broker acknowledgements.
+    let mut pending = Vec::with_capacity(request.messages.len());
+    for item in request.messages {
+        let id = item.id.clone();
+        let checked = check_item(item, &identity, &shared.limits);
+        match checked {
+            Err(error) => answer.rejected.push(RejectedItem::new(id, error)),
+            Ok(message) => match shared.ingress.submit(&identity, message).await {
+                Ok(p) => pending.push(p),
+                Err(e) => answer.rejected.push(RejectedItem::new(id, unavailable(&e))),
+            },
+        }
+    }
+    let waits = pending.into_iter().map(|p| {
+        let id = p.id().to_string();
+        async move { p.accepted().await.map_err(|e| (id, e)) }
+    });
+    for result in futures_util::future::join_all(waits).await {
+        match result {
+            Ok(a) => answer.accepted.push(AcceptedItem {
+                id: a.id.to_string(),
+                mid: a.mid,
+                ts: a.ts,
+            }),
+            Err((id, e)) => answer
+                .rejected
+                .push(RejectedItem::new(Some(id), unavailable(&e))),
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+fn check_item(
+    item: SendItem<'_>,
+    identity: &Identity,
+    limits: &Limits,
+) -> Result<Outgoing, WireError> {
+    if item
+        .from
+        .as_ref()
+        .is_some_and(|from| from != identity.user.as_str())
+    {
+        return Err(WireError::forbidden(
+            "`from` is set by the server from your token; you cannot send as another user",
+        ));
+    }
+    Outgoing::from_fields(item.id, item.to, item.chat, item.body, limits)
+}
+
+fn unavailable(e: &dak_runtime::ingress::IngressError) -> WireError {
+    tracing::warn!(error = %e, "ingress unavailable");
+    WireError {
+        code: ErrorCode::Unavailable,
+        message: "the message bus is unavailable, keep the message and retry".into(),
+    }
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    mids: Vec<String>,
+}
+
+async fn send_acks(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let request: AckBody = parse_json(&body)?;
+    let mids = parse_mids(&request.mids)?;
+    let count = mids.len();
+    shared.ingress.ack(&identity, mids).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "acked": count })),
+    ))
+}

@@ -1,1 +1,113 @@
+//! ws-gateway: the WebSocket edge of dak.
+//!
+//! It owns client sockets. A client connects to `GET /v1/ws` with a JWT (an
+//! `Authorization: Bearer` header, or `?access_token=` for browsers), is registered
+//! in presence, and speaks the JSON frames of DESIGN §4. What it sends goes to
+//! `dak.inbound` through [`dak_runtime::ingress`]; `accepted` is written only after
+//! Kafka acknowledged the record.
+//!
+//! Session delivers to sockets through the internal `POST /internal/v1/send`
+//! (bearer `DAK_INTERNAL_TOKEN`, on its own address), a batch of pre-encoded
+//! frames with one result per delivery.
+//!
+//! Liveness of sockets: the gateway pings every `ping_interval` and closes a
+//! socket it has heard nothing from for `idle_timeout`, which finds half-open
+//! connections. Liveness of the gateway: it heartbeats its presence key; if the
+//! process dies, its presence entries stop counting when the heartbeat expires.
 
+mod config;
+mod connection;
+mod registry;
+mod send;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use dak_runtime::auth::Verifier;
+use dak_runtime::ingress::Ingress;
+use dak_runtime::presence::{Gateway, Presence};
+use dak_runtime::shutdown::Shutdown;
+
+pub use config::Config;
+use registry::Registry;
+
+/// Everything the gateway needs from outside.
+pub struct Deps {
+    pub verifier: Verifier,
+    pub ingress: Ingress,
+    pub presence: Arc<dyn Presence>,
+    /// This process as presence knows it: its id and internal URL.
+    pub gateway: Gateway,
+    pub internal_token: String,
+    pub presence_ttl: Duration,
+}
+
+#[derive(Clone)]
+pub struct WsGateway {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Config,
+    deps: Deps,
+    registry: Registry,
+    shutdown: Shutdown,
+}
+
+impl WsGateway {
+    pub fn new(config: Config, deps: Deps, shutdown: Shutdown) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                deps,
+                registry: Registry::default(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// `GET /v1/ws`, for the public address.
+    pub fn public_router(&self) -> Router {
+        Router::new()
+            .route("/v1/ws", get(connection::upgrade))
+            .with_state(self.shared.clone())
+    }
+
+    /// `POST /internal/v1/send`, for the internal address.
+    pub fn internal_router(&self) -> Router {
+        Router::new()
+            .route("/internal/v1/send", post(send::send))
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(self.shared.clone())
+    }
+
+    /// Heartbeats presence until shutdown, then withdraws it. Sockets close on
+    /// the same shutdown signal.
+    pub async fn run(&self) -> anyhow::Result<()> {
+        let deps = &self.shared.deps;
+        let period = deps.presence_ttl / 3;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = deps.presence.heartbeat(&deps.gateway, deps.presence_ttl).await {
+                        tracing::warn!(error = %e, "presence heartbeat failed");
+                    }
+                }
+            }
+        }
+        if let Err(e) = deps.presence.gateway_stopped(&deps.gateway).await {
+            tracing::warn!(error = %e, "withdrawing presence");
+        }
+        Ok(())
+    }
+
+    /// Sockets held right now.
+    pub fn connections(&self) -> usize {
+        self.shared.registry.len()
+    }
+}

@@ -1,0 +1,360 @@
+//! One client socket: authentication at the upgrade, then a single task that
+//! reads frames, writes deliveries, answers `accepted` in order, and pings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use dak_runtime::auth::{self, Identity};
+use dak_runtime::http::ApiError;
+use dak_runtime::metrics;
+use dak_runtime::presence::Connection;
+use dak_wire::frame::{ClientFrame, Refusal};
+use dak_wire::{ErrorCode, ServerFrame, WireError};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Handle;
+use crate::Shared;
+
+#[derive(Deserialize)]
+pub(crate) struct TokenQuery {
+    access_token: Option<String>,
+}
+
+pub(crate) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let token = auth::bearer(header).or(query.access_token.as_deref());
+    let identity = match token {
+        None => return ApiError::from(auth::AuthError::Missing).into_response(),
+        Some(token) => match shared.deps.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+    };
+    if shared.shutdown.is_cancelled() {
+        return ApiError::new(ErrorCode::Unavailable, "server is shutting down").into_response();
+    }
+    // Frames above the configured limit are read and refused with `too_large` so the
+    // connection survives; only frames past this hard cap end it.
+    let hard_cap = (shared.config.limits.max_frame_bytes * 2).max(1 << 20);
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| serve(shared, identity, socket))
+}
+
+async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
+    let connection = Connection {
+        user: identity.user.clone(),
+        device: identity.device.clone(),
+        gateway_id: shared.deps.gateway.id.clone(),
+        connection_id: ulid::Ulid::new().to_string(),
+    };
+    let key = (identity.user.clone(), identity.device.clone());
+    let (frames, queued) = mpsc::channel(shared.config.send_queue);
+    let replaced = CancellationToken::new();
+    shared.registry.insert(
+        key.clone(),
+        Handle {
+            connection_id: connection.connection_id.clone(),
+            frames,
+            replaced: replaced.clone(),
+        },
+    );
+    let registered = shared.deps.presence.connect(&connection).await;
+    ::metrics::gauge!(metrics::CONNECTED_DEVICES).increment(1.0);
+    tracing::debug!(user = %identity.user, device = %identity.device, "connected");
+
+    let mut socket = Socket {
+        shared: &shared,
+        identity: &identity,
+        ws: socket,
+        queued,
+        replaced,
+        pending: FuturesOrdered::new(),
+        rate: TokenBucket::new(shared.config.rate_limit),
+    };
+    match registered {
+        Ok(()) => socket.run().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "registering presence failed");
+            let error = WireError {
+                code: ErrorCode::Unavailable,
+                message: "presence store unavailable, reconnect later".into(),
+            };
+            let _ = socket.send_refusal(Refusal { error, id: None }).await;
+            socket.close(1011, "presence store unavailable").await;
+        }
+    }
+
+    shared.registry.remove(&key, &connection.connection_id);
+    if let Err(e) = shared.deps.presence.disconnect(&connection).await {
+        tracing::warn!(error = %e, "removing presence failed; it expires with the gateway heartbeat");
+    }
+    ::metrics::gauge!(metrics::CONNECTED_DEVICES).decrement(1.0);
+    tracing::debug!(user = %identity.user, device = %identity.device, "disconnected");
+}
+
+/// What a finished Kafka write tells the client: nothing, or one frame.
+type Reply = BoxFuture<'static, Option<String>>;
+
+struct Socket<'a> {
+    shared: &'a Shared,
+    identity: &'a Identity,
+    ws: WebSocket,
+    queued: mpsc::Receiver<Utf8Bytes>,
+    replaced: CancellationToken,
+    /// Client messages and acks waiting for Kafka, answered in the order sent.
+    pending: FuturesOrdered<Reply>,
+    rate: TokenBucket,
+}
+
+enum Step {
+    Continue,
+    Close(u16, &'static str),
+    Gone,
+}
+
+impl Socket<'_> {
+    async fn run(&mut self) {
+        // Nothing is stored for replay in this build, so the (empty) sync is done.
+        if self
+            .send_text(ServerFrame::SyncDone.to_json())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let config = &self.shared.config;
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.ping_interval,
+            config.ping_interval,
+        );
+        let mut last_heard = Instant::now();
+        let step = loop {
+            let step = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => Step::Close(1001, "server shutting down"),
+                _ = self.replaced.cancelled() => Step::Close(4000, "replaced by a newer connection of this device"),
+                Some(frame) = self.queued.recv() => self.forward(frame).await,
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => match reply {
+                    Some(text) => self.forward(text.into()).await,
+                    None => Step::Continue,
+                },
+                incoming = self.ws.recv(), if self.pending.len() < config.max_pending => match incoming {
+                    None | Some(Err(_)) => Step::Gone,
+                    Some(Ok(message)) => {
+                        last_heard = Instant::now();
+                        self.on_message(message).await
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= config.idle_timeout {
+                        tracing::info!(user = %self.identity.user, device = %self.identity.device, "closing silent socket");
+                        Step::Close(1001, "no pong within the idle timeout")
+                    } else {
+                        self.forward_message(Message::Ping(Default::default())).await
+                    }
+                }
+            };
+            if !matches!(step, Step::Continue) {
+                break step;
+            }
+        };
+        if let Step::Close(code, reason) = step {
+            self.finish_pending().await;
+            self.close(code, reason).await;
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Step {
+        match message {
+            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Binary(_) => {
+                let error = WireError::bad_request(
+                    "binary frames are not supported; send JSON text frames",
+                );
+                self.refuse(Refusal { error, id: None }).await
+            }
+            Message::Ping(_) | Message::Pong(_) => Step::Continue,
+            Message::Close(_) => Step::Gone,
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Step {
+        let limits = self.shared.config.limits.limits();
+        let frame = match ClientFrame::parse(text, &self.identity.user, &limits) {
+            Ok(frame) => frame,
+            Err(refusal) => return self.refuse(refusal).await,
+        };
+        match frame {
+            ClientFrame::Ping => self.forward(ServerFrame::Pong.to_json().into()).await,
+            ClientFrame::Message(message) => {
+                if !self.rate.take() {
+                    let error = WireError {
+                        code: ErrorCode::RateLimited,
+                        message: "too many frames, slow down and retry".into(),
+                    };
+                    return self
+                        .refuse(Refusal {
+                            error,
+                            id: Some(message.id.to_string()),
+                        })
+                        .await;
+                }
+                let id = message.id.to_string();
+                match self
+                    .shared
+                    .deps
+                    .ingress
+                    .submit(self.identity, message)
+                    .await
+                {
+                    Ok(pending) => {
+                        self.pending.push_back(Box::pin(async move {
+                            Some(match pending.accepted().await {
+                                Ok(a) => ServerFrame::Accepted {
+                                    id: &a.id,
+                                    mid: a.mid,
+                                    ts: a.ts,
+                                }
+                                .to_json(),
+                                Err(e) => unavailable(&e, Some(id)),
+                            })
+                        }));
+                        Step::Continue
+                    }
+                    Err(e) => self.forward(unavailable(&e, Some(id)).into()).await,
+                }
+            }
+            ClientFrame::Ack { mids } => {
+                if !self.rate.take() {
+                    let error = WireError {
+                        code: ErrorCode::RateLimited,
+                        message: "too many frames, slow down and retry".into(),
+                    };
+                    return self.refuse(Refusal { error, id: None }).await;
+                }
+                let ingress = self.shared.deps.ingress.clone();
+                let identity = self.identity.clone();
+                self.pending.push_back(Box::pin(async move {
+                    ingress
+                        .ack(&identity, mids)
+                        .await
+                        .err()
+                        .map(|e| unavailable(&e, None))
+                }));
+                Step::Continue
+            }
+        }
+    }
+
+    async fn refuse(&mut self, refusal: Refusal) -> Step {
+        match self.send_refusal(refusal).await {
+            Ok(()) => Step::Continue,
+            Err(()) => Step::Gone,
+        }
+    }
+
+    async fn send_refusal(&mut self, refusal: Refusal) -> Result<(), ()> {
+        ::metrics::counter!(metrics::REJECTED, "code" => refusal.error.code.as_str()).increment(1);
+        tracing::debug!(user = %self.identity.user, code = refusal.error.code.as_str(), message = %refusal.error.message, "frame refused");
+        self.send_text(refusal.to_frame().to_json()).await
+    }
+
+    async fn forward(&mut self, text: Utf8Bytes) -> Step {
+        self.forward_message(Message::Text(text)).await
+    }
+
+    async fn forward_message(&mut self, message: Message) -> Step {
+        match self.ws.send(message).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Gone,
+        }
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), ()> {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Answers what is still waiting for Kafka before the socket closes, so a
+    /// client hears `accepted` for everything that became durable.
+    async fn finish_pending(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            if let Some(text) = reply {
+                if self.send_text(text).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.ws.send(Message::Close(Some(frame))).await;
+    }
+}
+
+fn unavailable(e: &dak_runtime::ingress::IngressError, id: Option<String>) -> String {
+    tracing::warn!(error = %e, "ingress unavailable");
+    ::metrics::counter!(metrics::REJECTED, "code" => ErrorCode::Unavailable.as_str()).increment(1);
+    let refusal = Refusal {
+        error: WireError {
+            code: ErrorCode::Unavailable,
+            message: "the message bus is unavailable, keep the message and retry".into(),
+        },
+        id,
+    };
+    refusal.to_frame().to_json()
+}
+
+/// Frames per second a socket may send, with a burst of twice the rate.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate) * 2.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

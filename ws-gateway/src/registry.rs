@@ -1,0 +1,64 @@
+//! The sockets this gateway holds, by (user, device). A device has at most one:
+//! a reconnect replaces (and closes) the older socket.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::extract::ws::Utf8Bytes;
+use dak_wire::{DeviceId, UserId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub type Key = (UserId, DeviceId);
+
+#[derive(Clone)]
+pub struct Handle {
+    pub connection_id: String,
+    pub frames: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when a newer socket of the same device takes over.
+    pub replaced: CancellationToken,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sockets: Mutex<HashMap<Key, Handle>>,
+}
+
+impl Registry {
+    /// Registers `handle`, closing whatever socket the device had before.
+    pub fn insert(&self, key: Key, handle: Handle) {
+        let old = self
+            .sockets
+            .lock()
+            .expect("registry lock")
+            .insert(key, handle);
+        if let Some(old) = old {
+            old.replaced.cancel();
+        }
+    }
+
+    /// Removes the entry if it is still this connection's.
+    pub fn remove(&self, key: &Key, connection_id: &str) {
+        let mut sockets = self.sockets.lock().expect("registry lock");
+        if sockets
+            .get(key)
+            .is_some_and(|h| h.connection_id == connection_id)
+        {
+            sockets.remove(key);
+        }
+    }
+
+    pub fn get(&self, user: &UserId, device: &DeviceId) -> Option<mpsc::Sender<Utf8Bytes>> {
+        // Borrowed-key lookup would need a (str, str) key; ids are short, cloning is cheap.
+        let key = (user.clone(), device.clone());
+        self.sockets
+            .lock()
+            .expect("registry lock")
+            .get(&key)
+            .map(|h| h.frames.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.lock().expect("registry lock").len()
+    }
+}

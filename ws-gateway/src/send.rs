@@ -1,0 +1,46 @@
+//! `POST /internal/v1/send`: write a batch of frames to the sockets they are for.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use dak_runtime::http::ApiError;
+use dak_wire::send::{SendOutcome, SendRequest, SendResponse};
+use dak_wire::ErrorCode;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::Shared;
+
+pub(crate) async fn send(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<SendResponse>, ApiError> {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if !dak_runtime::auth::internal_token_matches(&shared.deps.internal_token, authorization) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "internal token required",
+        ));
+    }
+    let request: SendRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("malformed send request: {e}"),
+        )
+    })?;
+    let results = request
+        .deliveries
+        .into_iter()
+        .map(|item| match shared.registry.get(&item.user, &item.device) {
+            None => SendOutcome::NotConnected,
+            Some(frames) => match frames.try_send(item.frame.get().into()) {
+                Ok(()) => SendOutcome::Sent,
+                Err(TrySendError::Full(_)) => SendOutcome::Busy,
+                Err(TrySendError::Closed(_)) => SendOutcome::NotConnected,
+            },
+        })
+        .collect();
+    Ok(Json(SendResponse { results }))
+}
