@@ -81,6 +81,21 @@ pub struct InternalArgs {
     /// when unset.
     #[arg(long, env = "DAK_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// Where a gateway serves `/internal/v1/send`; keep it off the public network.
+    #[arg(long, env = "DAK_INTERNAL_ADDR", default_value = "127.0.0.1:8081")]
+    pub internal_addr: SocketAddr,
+    /// The URL session uses to reach this gateway's internal address, when it
+    /// differs from `http://<DAK_INTERNAL_ADDR>` (a container or another host).
+    #[arg(long, env = "DAK_INTERNAL_URL")]
+    pub internal_url: Option<String>,
+}
+
+/// The public API address.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublicArgs {
+    /// WebSocket and REST for clients.
+    #[arg(long, env = "DAK_PUBLIC_ADDR", default_value = "127.0.0.1:8080")]
+    pub public_addr: SocketAddr,
 }
 
 /// The delivery limits clients see.

@@ -22,6 +22,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod presence;
+pub mod process;
 pub mod redis;
 pub mod shutdown;
 pub mod store;

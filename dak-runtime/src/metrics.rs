@@ -4,7 +4,7 @@
 pub const ACCEPTED: &str = "dak_messages_accepted_total";
 pub const DELIVERED: &str = "dak_messages_delivered_total";
 pub const ACKED: &str = "dak_messages_acked_total";
-pub const LATE_ACKS: &str = "dak_late_acks_total";
+pub const FORWARDED_ACKS: &str = "dak_acks_forwarded_total";
 pub const RETRIED: &str = "dak_messages_retried_total";
 pub const OFFLINED: &str = "dak_messages_offlined_total";
 pub const DUPLICATES: &str = "dak_duplicate_sends_total";
@@ -28,8 +28,8 @@ pub(crate) fn describe() {
     );
     describe_counter!(ACKED, "deliveries acked by the device while in flight");
     describe_counter!(
-        LATE_ACKS,
-        "acks for mids no longer in flight, forwarded to dak.offline"
+        FORWARDED_ACKS,
+        "acks for mids not (or no longer) in flight, forwarded to dak.offline so storage drops them"
     );
     describe_counter!(RETRIED, "deliveries sent again after an ack timeout");
     describe_counter!(OFFLINED, "deliveries handed to dak.offline, by reason");

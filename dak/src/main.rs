@@ -1,1 +1,73 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// dak: a Kafka-backed chat delivery pipeline.
+#[derive(Parser)]
+#[command(name = "dak", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in this process, on embedded defaults unless
+    /// DAK_KAFKA_BROKERS / DAK_REDIS_URL say otherwise.
+    Up(dak::up::UpArgs),
+    /// Mint a client token (HS256, DAK_JWT_SECRET).
+    Token(dak::token::TokenArgs),
+    /// Run ws-gateway on its own.
+    WsGateway(ws_gateway::standalone::Args),
+    /// Run rest-gateway on its own.
+    RestGateway(rest_gateway::standalone::Args),
+    /// Run message-router on its own.
+    MessageRouter(message_router::standalone::Args),
+    /// Run session on its own.
+    Session(session::standalone::Args),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Up(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |shutdown| async move {
+                let running = dak::up::start(args, dak::up::Bus::FromArgs, shutdown).await?;
+                if let Some(secret) = &running.jwt_secret {
+                    println!("DAK_JWT_SECRET={secret}");
+                    println!("(generated for this run; set DAK_JWT_SECRET to keep tokens valid across restarts)");
+                }
+                println!("dak is up: ws://{}/v1/ws, http://{}/v1/messages", running.public_addr, running.public_addr);
+                println!("admin: http://{}/metrics /livez /readyz", running.admin_addr);
+                tracing::info!(public = %running.public_addr, admin = %running.admin_addr, brokers = %running.kafka.brokers, "dak up");
+                Ok(running.tasks)
+            })
+        }
+        Command::Token(args) => match dak::token::mint(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(64)
+            }
+        },
+        Command::WsGateway(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| ws_gateway::standalone::start(args, s))
+        }
+        Command::RestGateway(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| rest_gateway::standalone::start(args, s))
+        }
+        Command::MessageRouter(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| message_router::standalone::start(args, s))
+        }
+        Command::Session(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| session::standalone::start(args, s))
+        }
+    }
+}

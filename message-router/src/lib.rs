@@ -11,6 +11,8 @@
 //! partition. Offsets are committed only after the routed records were
 //! acknowledged by Kafka.
 
+pub mod standalone;
+
 use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;

@@ -9,6 +9,8 @@
 //!
 //! Both take `Authorization: Bearer <jwt>`; the token names the sender.
 
+pub mod standalone;
+
 use std::sync::Arc;
 
 use axum::extract::State;

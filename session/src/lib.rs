@@ -1,1 +1,79 @@
+//! session: gets each delivery to every device of its recipient, and keeps at it
+//! until the device acks or the message is handed to the offline inbox.
+//!
+//! It consumes `dak.deliver` (keyed by recipient, so one user's deliveries and
+//! acks are one ordered stream) and, for each message:
+//!
+//! 1. looks up the recipient's devices in presence;
+//! 2. for each connected device, records an in-flight delivery with an ack
+//!    deadline in the session store, then hands the frame to the device's gateway
+//!    (`POST /internal/v1/send`, one batch per gateway);
+//! 3. for each device that is not connected — or when the user has no device
+//!    yet — publishes a `store` event to `dak.offline`.
+//!
+//! An ack removes the in-flight delivery and is counted with its latency. An ack
+//! for a mid that is not in flight (late, or for a stored message) is forwarded to
+//! `dak.offline` as a `drop`, so storage lets go of it.
+//!
+//! The retry loop claims deliveries past their deadline, sends them again up to
+//! the configured number of retries, and then hands them to `dak.offline`. It
+//! works from the session store only, so any instance resumes what a dead one
+//! left (DESIGN §7.4–7.5).
 
+mod config;
+mod deliver;
+mod gateways;
+pub mod inflight;
+pub mod standalone;
+
+use std::sync::Arc;
+
+use dak_runtime::kafka::{EventConsumer, KafkaConfig, KafkaError, Producer};
+use dak_runtime::presence::Presence;
+use dak_runtime::shutdown::Shutdown;
+
+pub use config::Config;
+use deliver::Core;
+use inflight::InFlight;
+
+/// Consumer group of every session instance.
+pub const GROUP: &str = "dak.session";
+
+/// Records taken from `dak.deliver` per batch.
+const BATCH: usize = 1000;
+
+/// Everything session needs from outside.
+pub struct Deps {
+    pub inflight: Arc<dyn InFlight>,
+    pub presence: Arc<dyn Presence>,
+    pub producer: Producer,
+    pub internal_token: String,
+}
+
+pub struct Session {
+    core: Core,
+    consumer: EventConsumer,
+}
+
+impl Session {
+    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+        let prefix = kafka.topics.deliver.trim_end_matches("dak.deliver");
+        let consumer = EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.deliver])?;
+        let core = Core::new(config, deps, kafka.topics.offline.clone());
+        Ok(Self { core, consumer })
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!("session running");
+        let core = &self.core;
+        let deliveries = self.consumer.run(BATCH, &shutdown, |batch| async move {
+            match core.handle_batch(&batch).await {
+                Ok(()) => Ok(batch),
+                Err(e) => Err((batch, e)),
+            }
+        });
+        tokio::join!(deliveries, core.retry_loop(&shutdown));
+        core.flush();
+        Ok(())
+    }
+}

@@ -19,6 +19,7 @@ mod config;
 mod connection;
 mod registry;
 mod send;
+pub mod standalone;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,136 @@
+//! What every binary does around its services: telemetry, a Tokio runtime,
+//! signal handling, the admin server, and connecting to the distributed engines
+//! when services run on their own.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Readiness};
+use crate::config::{KafkaArgs, ProcessArgs, StoreArgs};
+use crate::dedup::{Dedup, RedisDedup};
+use crate::kafka::{self, KafkaConfig, Producer};
+use crate::presence::{Presence, RedisPresence};
+use crate::shutdown::{self, Shutdown};
+use crate::telemetry;
+
+/// Bad configuration: exits 64 (EX_USAGE) after printing the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+pub type Tasks = JoinSet<anyhow::Result<()>>;
+
+/// Runs a binary: telemetry, runtime, signals. `start` spawns the services onto
+/// the task set; the process ends when they all ended or, after a signal, when
+/// they drained or the grace period ran out.
+pub fn main<F, Fut>(process: &ProcessArgs, start: F) -> ExitCode
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Tasks>>,
+{
+    telemetry::init(process.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let grace = process.shutdown_grace;
+    let result = runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        let tasks = start(shutdown.clone()).await?;
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown::signal().await;
+            tracing::info!("signal received, shutting down");
+            on_signal.cancel();
+        });
+        shutdown::supervise(tasks, shutdown, grace).await
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(64)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds `addr`, naming it in the error.
+pub async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| ConfigError(format!("cannot listen on {addr} for {what}: {e}")).into())
+}
+
+/// Serves the admin endpoints on `listener` until shutdown.
+pub fn spawn_admin(tasks: &mut Tasks, listener: TcpListener, readiness: Readiness, shutdown: Shutdown) {
+    let router = admin::router(readiness);
+    shutdown::spawn(tasks, "admin", crate::http::serve(listener, router, shutdown));
+}
+
+/// Kafka for a service running on its own: `DAK_KAFKA_BROKERS` is required, and
+/// the topics are created if missing.
+pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(KafkaConfig, Producer)> {
+    let brokers = args
+        .brokers
+        .clone()
+        .ok_or_else(|| ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into()))?;
+    let kafka = KafkaConfig::new(brokers, args);
+    kafka::create_topics(&kafka).await?;
+    let producer = Producer::new(&kafka)?;
+    Ok((kafka, producer))
+}
+
+/// Redis for a service running on its own: `DAK_REDIS_URL` is required.
+pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let url = store
+        .redis_url
+        .as_deref()
+        .ok_or_else(|| ConfigError("DAK_REDIS_URL is required when a service runs on its own".into()))?;
+    Ok(crate::redis::connect(url).await?)
+}
+
+pub fn redis_presence(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> Arc<dyn Presence> {
+    Arc::new(RedisPresence::new(redis.clone(), &store.redis_prefix))
+}
+
+pub fn redis_dedup(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> Arc<dyn Dedup> {
+    Arc::new(RedisDedup::new(redis.clone(), &store.redis_prefix, store.dedup_ttl))
+}
+
+/// Readiness check: Kafka answers metadata requests.
+pub fn kafka_check(readiness: &mut Readiness, producer: &Producer) {
+    let producer = producer.clone();
+    readiness.add("kafka", move || {
+        let producer = producer.clone();
+        async move { producer.check().await }
+    });
+}
+
+/// Readiness check: Redis answers PING.
+pub fn redis_check(readiness: &mut Readiness, redis: &redis::aio::ConnectionManager) {
+    let redis = redis.clone();
+    readiness.add("redis", move || {
+        let redis = redis.clone();
+        async move { crate::redis::ping(&redis).await }
+    });
+}
+
+/// The internal token, required when services run on their own.
+pub fn internal_token(args: &crate::config::InternalArgs) -> anyhow::Result<String> {
+    args.internal_token
+        .clone()
+        .ok_or_else(|| ConfigError("DAK_INTERNAL_TOKEN is required when a service runs on its own".into()).into())
+}

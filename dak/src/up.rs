@@ -1,0 +1,167 @@
+//! `dak up`: the whole pipeline in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dak_runtime::admin::Readiness;
+use dak_runtime::auth::Verifier;
+use dak_runtime::config::{self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs};
+use dak_runtime::dedup::{Dedup, MemoryDedup};
+use dak_runtime::ingress::Ingress;
+use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
+use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
+use dak_runtime::process::{self, ConfigError, Tasks};
+use dak_runtime::shutdown::{self, Shutdown};
+use session::inflight::{InFlight, MemoryInFlight, RedisInFlight};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(flatten)]
+    pub public: PublicArgs,
+    #[command(flatten)]
+    pub internal: InternalArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub gateway: ws_gateway::Config,
+    #[command(flatten)]
+    pub session: session::Config,
+}
+
+/// Where the event bus comes from.
+pub enum Bus {
+    /// `DAK_KAFKA_BROKERS` if set, else a mock cluster of this process's own.
+    FromArgs,
+    /// A mock cluster that outlives this stack (tests share one per binary).
+    Shared(Arc<EmbeddedKafka>),
+}
+
+/// A started stack: its addresses, and the tasks to supervise.
+pub struct Running {
+    pub public_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub jwt_secret: Option<String>,
+    pub kafka: KafkaConfig,
+    pub tasks: Tasks,
+}
+
+pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let generated_secret = args.auth.jwt_secret.is_none() && args.auth.jwt_public_key.is_none();
+    if generated_secret {
+        args.auth.jwt_secret = Some(config::random_secret());
+    }
+    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let internal_token = args.internal.internal_token.clone().unwrap_or_else(config::random_secret);
+
+    let (kafka, embedded) = kafka(&args.kafka, bus).await?;
+    let producer = Producer::new(&kafka)?;
+    let mut readiness = Readiness::default();
+    process::kafka_check(&mut readiness, &producer);
+
+    let (presence, dedup, inflight): (Arc<dyn Presence>, Arc<dyn Dedup>, Arc<dyn InFlight>) =
+        match &args.store.redis_url {
+            None => (
+                Arc::new(MemoryPresence::default()),
+                Arc::new(MemoryDedup::new(args.store.dedup_ttl)),
+                Arc::new(MemoryInFlight::default()),
+            ),
+            Some(_) => {
+                let redis = process::connect_redis(&args.store).await?;
+                process::redis_check(&mut readiness, &redis);
+                (
+                    process::redis_presence(&redis, &args.store),
+                    process::redis_dedup(&redis, &args.store),
+                    Arc::new(RedisInFlight::new(redis, &args.store.redis_prefix)),
+                )
+            }
+        };
+
+    let public = process::bind("the public API", args.public.public_addr).await?;
+    let internal = process::bind("the internal API", args.internal.internal_addr).await?;
+    let admin = process::bind("the admin API", args.process.admin_addr).await?;
+    let (public_addr, internal_addr, admin_addr) = (public.local_addr()?, internal.local_addr()?, admin.local_addr()?);
+    let gateway_url = args
+        .internal
+        .internal_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{internal_addr}"));
+
+    let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), dedup);
+    let limits = args.gateway.limits.limits();
+    let ws = ws_gateway::WsGateway::new(
+        args.gateway,
+        ws_gateway::Deps {
+            verifier: verifier.clone(),
+            ingress: ingress.clone(),
+            presence: presence.clone(),
+            gateway: Gateway::new(gateway_url),
+            internal_token: internal_token.clone(),
+            presence_ttl: args.store.presence_ttl,
+        },
+        shutdown.clone(),
+    );
+    let rest = rest_gateway::RestGateway::new(verifier, ingress, limits);
+    let router = message_router::MessageRouter::build(&kafka, producer.clone())?;
+    let session = session::Session::build(
+        args.session,
+        &kafka,
+        session::Deps {
+            inflight,
+            presence,
+            producer: producer.clone(),
+            internal_token,
+        },
+    )?;
+
+    let mut tasks = Tasks::new();
+    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    let public_router = ws.public_router().merge(rest.router());
+    shutdown::spawn(&mut tasks, "public API", dak_runtime::http::serve(public, public_router, shutdown.clone()));
+    shutdown::spawn(
+        &mut tasks,
+        "internal API",
+        dak_runtime::http::serve(internal, ws.internal_router(), shutdown.clone()),
+    );
+    shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
+    shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));
+    shutdown::spawn(&mut tasks, "session", session.run(shutdown.clone()));
+    let cluster_shutdown = shutdown.clone();
+    shutdown::spawn(&mut tasks, "producer", async move {
+        cluster_shutdown.cancelled().await;
+        producer.flush(Duration::from_secs(5));
+        // The embedded cluster, if this stack owns one, goes last.
+        drop(embedded);
+        Ok(())
+    });
+
+    Ok(Running {
+        public_addr,
+        internal_addr,
+        admin_addr,
+        jwt_secret: generated_secret.then(|| args.auth.jwt_secret.clone()).flatten(),
+        kafka,
+        tasks,
+    })
+}
+
+async fn kafka(args: &KafkaArgs, bus: Bus) -> anyhow::Result<(KafkaConfig, Option<Arc<EmbeddedKafka>>)> {
+    let embedded = match bus {
+        Bus::Shared(cluster) => cluster,
+        Bus::FromArgs if args.brokers.is_some() => {
+            let (kafka, _) = process::connect_kafka(args).await?;
+            return Ok((kafka, None));
+        }
+        Bus::FromArgs => Arc::new(EmbeddedKafka::start()?),
+    };
+    let kafka = KafkaConfig::new(embedded.brokers().to_owned(), args);
+    embedded.create_topics(&kafka.topics, kafka.partitions)?;
+    Ok((kafka, Some(embedded)))
+}

@@ -1,0 +1,30 @@
+//! message-router as its own process, against Kafka.
+
+use dak_runtime::admin::Readiness;
+use dak_runtime::config::{KafkaArgs, ProcessArgs};
+use dak_runtime::process::{self, Tasks};
+use dak_runtime::shutdown::{self, Shutdown};
+
+use crate::MessageRouter;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "message-router", version, about = "dak's message router")]
+pub struct Args {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
+    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let admin = process::bind("the admin API", args.process.admin_addr).await?;
+    let mut readiness = Readiness::default();
+    process::kafka_check(&mut readiness, &producer);
+    let router = MessageRouter::build(&kafka, producer)?;
+
+    let mut tasks = Tasks::new();
+    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    shutdown::spawn(&mut tasks, "message-router", router.run(shutdown));
+    Ok(tasks)
+}

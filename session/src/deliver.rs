@@ -1,0 +1,332 @@
+//! The delivery work itself, shared by the `dak.deliver` consumer and the retry
+//! loop.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dak_runtime::kafka::{self, DeliveryFuture, Producer, Record};
+use dak_runtime::presence::{DeviceRoute, Presence};
+use dak_runtime::{metrics, now_ms};
+use dak_wire::event::{self, Ack, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
+use dak_wire::frame::MessageFrame;
+use dak_wire::send::{SendItem, SendOutcome};
+use dak_wire::{ServerFrame, UserId};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+use crate::gateways::Gateways;
+use crate::inflight::{InFlight, Pending};
+use crate::{Config, Deps};
+
+/// Most deliveries the retry loop claims at once.
+const CLAIM_LIMIT: usize = 1000;
+
+pub(crate) struct Core {
+    config: Config,
+    inflight: Arc<dyn InFlight>,
+    presence: Arc<dyn Presence>,
+    gateways: Gateways,
+    producer: Producer,
+    offline_topic: String,
+}
+
+/// Offline hand-overs collected while handling a batch, published together.
+#[derive(Default)]
+struct Offline {
+    events: Vec<(UserId, OfflineEvent)>,
+}
+
+impl Offline {
+    fn store(&mut self, user: &UserId, device: Option<&dak_wire::DeviceId>, reason: OfflineReason, message: &dak_wire::Message) {
+        let label = match reason {
+            OfflineReason::NotConnected => "not_connected",
+            OfflineReason::AckTimeout => "ack_timeout",
+            OfflineReason::NoDevice => "no_device",
+        };
+        ::metrics::counter!(metrics::OFFLINED, "reason" => label).increment(1);
+        tracing::debug!(mid = %message.mid, %user, reason = label, "handing to offline");
+        self.events.push((
+            user.clone(),
+            OfflineEvent::Store {
+                user: user.clone(),
+                device: device.cloned(),
+                reason,
+                message: message.clone(),
+            },
+        ));
+    }
+}
+
+impl Core {
+    pub(crate) fn new(config: Config, deps: Deps, offline_topic: String) -> Self {
+        Self {
+            gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
+            config,
+            inflight: deps.inflight,
+            presence: deps.presence,
+            producer: deps.producer,
+            offline_topic,
+        }
+    }
+
+    pub(crate) fn flush(&self) {
+        self.producer.flush(Duration::from_secs(5));
+    }
+
+    /// Handles one batch from `dak.deliver`. Messages first, then acks: an ack in
+    /// the batch can only be for a message delivered before it.
+    pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
+        let mut deliveries = Vec::new();
+        let mut acks = Vec::new();
+        for record in records {
+            match event::decode::<DeliverEvent>(&record.payload) {
+                Ok(DeliverEvent::Message(d)) => deliveries.push(d),
+                Ok(DeliverEvent::Ack(a)) => acks.push(a),
+                Err(e) => {
+                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "deliver").increment(1);
+                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping deliver event");
+                }
+            }
+        }
+        self.deliver(deliveries).await?;
+        self.acks(acks).await
+    }
+
+    async fn deliver(&self, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let routes = self.routes(deliveries.iter().map(|d| &d.recipient)).await?;
+        let now = now_ms();
+        let mut offline = Offline::default();
+        let mut candidates = Vec::new();
+        for d in deliveries {
+            let devices = &routes[&d.recipient];
+            if devices.is_empty() {
+                offline.store(&d.recipient, None, OfflineReason::NoDevice, &d.message);
+                continue;
+            }
+            for route in devices {
+                // A sender's own other devices get the message; the device it came from does not.
+                if d.recipient == d.message.from && route.device == d.message.from_device {
+                    continue;
+                }
+                match &route.gateway_url {
+                    None => offline.store(&d.recipient, Some(&route.device), OfflineReason::NotConnected, &d.message),
+                    Some(url) => candidates.push((
+                        Pending {
+                            user: d.recipient.clone(),
+                            device: route.device.clone(),
+                            message: d.message.clone(),
+                            sends: 1,
+                            first_sent_ms: now,
+                            deadline_ms: now + self.config.ack_timeout.as_millis() as u64,
+                        },
+                        url.clone(),
+                    )),
+                }
+            }
+        }
+
+        // Recorded before sending, so an ack can never find its delivery missing.
+        let pending: Vec<Pending> = candidates.iter().map(|(p, _)| p.clone()).collect();
+        let fresh = self.inflight.begin(&pending).await?;
+        let to_send: Vec<(Pending, String)> = candidates
+            .into_iter()
+            .zip(fresh)
+            .filter_map(|(candidate, fresh)| fresh.then_some(candidate))
+            .collect();
+
+        let mut gone = Vec::new();
+        for (p, outcome) in self.send(to_send).await {
+            match outcome {
+                SendOutcome::Sent => ::metrics::counter!(metrics::DELIVERED).increment(1),
+                // The retry loop sends it again when the deadline passes.
+                SendOutcome::Busy => {}
+                SendOutcome::NotConnected => {
+                    offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                    gone.push(p);
+                }
+            }
+        }
+        self.publish(offline).await?;
+        self.inflight.remove(&gone).await?;
+        Ok(())
+    }
+
+    async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
+        let mut forwards: Vec<DeliveryFuture> = Vec::new();
+        for ack in acks {
+            let found = self.inflight.ack(&ack.user, &ack.device, &ack.mids).await?;
+            let now = now_ms();
+            let mut forward = Vec::new();
+            for (mid, pending) in ack.mids.iter().zip(found) {
+                match pending {
+                    Some(p) => {
+                        ::metrics::counter!(metrics::ACKED).increment(1);
+                        let latency = now.saturating_sub(p.first_sent_ms) as f64 / 1000.0;
+                        ::metrics::histogram!(metrics::ACK_LATENCY).record(latency);
+                        tracing::debug!(%mid, user = %ack.user, device = %ack.device, "acked");
+                        // Past its deadline the delivery may be on its way to the
+                        // inbox right now: tell storage to drop it, to be sure.
+                        if now > p.deadline_ms {
+                            forward.push(*mid);
+                        }
+                    }
+                    None => forward.push(*mid),
+                }
+            }
+            if !forward.is_empty() {
+                ::metrics::counter!(metrics::FORWARDED_ACKS).increment(forward.len() as u64);
+                let event = OfflineEvent::Drop(Ack {
+                    user: ack.user.clone(),
+                    device: ack.device.clone(),
+                    mids: forward,
+                });
+                forwards.push(
+                    self.producer
+                        .enqueue(&self.offline_topic, ack.user.as_str(), &event::encode(&event))?,
+                );
+            }
+        }
+        for result in futures_util::future::join_all(forwards.into_iter().map(kafka::acknowledged)).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Every delivery past its deadline: sent again, or handed to offline after
+    /// the last retry.
+    pub(crate) async fn retry_loop(&self, shutdown: &dak_runtime::shutdown::Shutdown) {
+        let mut tick = tokio::time::interval(self.config.scan_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut scans: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.retry_due().await {
+                tracing::warn!(error = %format!("{e:#}"), "retry scan failed");
+            }
+            scans += 1;
+            if scans % 50 == 0 {
+                if let Ok(n) = self.inflight.count().await {
+                    ::metrics::gauge!(metrics::INFLIGHT).set(n as f64);
+                }
+            }
+        }
+    }
+
+    async fn retry_due(&self) -> anyhow::Result<()> {
+        let lease = self.config.retry_lease.as_millis() as u64;
+        loop {
+            let now = now_ms();
+            let claimed = self.inflight.claim_due(now, lease, CLAIM_LIMIT).await?;
+            let full = claimed.len() == CLAIM_LIMIT;
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            let mut offline = Offline::default();
+            let mut finished = Vec::new();
+            let (exhausted, again): (Vec<Pending>, Vec<Pending>) =
+                claimed.into_iter().partition(|p| p.sends > self.config.retries);
+            for p in exhausted {
+                offline.store(&p.user, Some(&p.device), OfflineReason::AckTimeout, &p.message);
+                finished.push(p);
+            }
+
+            let routes = self.routes(again.iter().map(|p| &p.user)).await?;
+            let mut to_send = Vec::new();
+            for mut p in again {
+                let url = routes[&p.user]
+                    .iter()
+                    .find(|r| r.device == p.device)
+                    .and_then(|r| r.gateway_url.clone());
+                match url {
+                    None => {
+                        offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                        finished.push(p);
+                    }
+                    Some(url) => {
+                        p.sends += 1;
+                        p.deadline_ms = now + self.config.ack_timeout.as_millis() as u64;
+                        to_send.push((p, url));
+                    }
+                }
+            }
+            for (p, outcome) in self.send(to_send).await {
+                match outcome {
+                    SendOutcome::Sent | SendOutcome::Busy => {
+                        ::metrics::counter!(metrics::RETRIED).increment(1);
+                        if outcome == SendOutcome::Sent {
+                            ::metrics::counter!(metrics::DELIVERED).increment(1);
+                        }
+                        tracing::debug!(mid = %p.message.mid, user = %p.user, device = %p.device, sends = p.sends, "sent again");
+                        // False when the ack arrived meanwhile: nothing left to do.
+                        self.inflight.resent(&p).await?;
+                    }
+                    SendOutcome::NotConnected => {
+                        offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                        finished.push(p);
+                    }
+                }
+            }
+            // Published before the records go: a crash in between only repeats the
+            // hand-over, which storage takes idempotently by mid.
+            self.publish(offline).await?;
+            self.inflight.remove(&finished).await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Presence for each distinct user, in one store round trip.
+    async fn routes<'a>(
+        &self,
+        users: impl Iterator<Item = &'a UserId>,
+    ) -> anyhow::Result<HashMap<UserId, Vec<DeviceRoute>>> {
+        let mut distinct: Vec<UserId> = users.cloned().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let routes = self.presence.routes(&distinct).await?;
+        Ok(distinct.into_iter().zip(routes).collect())
+    }
+
+    /// Hands each delivery to its gateway, one request per gateway.
+    async fn send(&self, deliveries: Vec<(Pending, String)>) -> Vec<(Pending, SendOutcome)> {
+        if deliveries.is_empty() {
+            return Vec::new();
+        }
+        let mut batches: HashMap<String, Vec<(usize, SendItem)>> = HashMap::new();
+        for (i, (p, url)) in deliveries.iter().enumerate() {
+            let frame = ServerFrame::Message(MessageFrame::from(&p.message)).to_json();
+            let item = SendItem {
+                user: p.user.clone(),
+                device: p.device.clone(),
+                frame: RawValue::from_string(frame).expect("server frames are JSON"),
+            };
+            batches.entry(url.clone()).or_default().push((i, item));
+        }
+        let mut outcomes = vec![SendOutcome::NotConnected; deliveries.len()];
+        for (i, outcome) in self.gateways.send_all(batches).await {
+            outcomes[i] = outcome;
+        }
+        deliveries.into_iter().map(|(p, _)| p).zip(outcomes).collect()
+    }
+
+    async fn publish(&self, offline: Offline) -> anyhow::Result<()> {
+        let mut acks = Vec::with_capacity(offline.events.len());
+        for (user, event) in &offline.events {
+            acks.push(
+                self.producer
+                    .enqueue(&self.offline_topic, user.as_str(), &event::encode(event))?,
+            );
+        }
+        for result in futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await {
+            result?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,323 @@
+//! In-flight deliveries: sent to a device, waiting for its ack, with a deadline.
+//!
+//! This state lives in the session store, not in the process (DESIGN §7.5): a
+//! session instance that dies leaves its deliveries here, and whichever instance
+//! runs the retry loop next claims them when their deadline passes.
+//!
+//! Claiming pushes a delivery's deadline out by a lease instead of removing it,
+//! so a claimer that dies before finishing loses nothing: the lease runs out and
+//! the delivery is claimed again.
+//!
+//! Redis keys: deliveries are spread over [`SHARDS`] shards by user; shard `n`
+//! has a hash `<prefix>:{inflight:n}:records` (field `user device mid` → JSON)
+//! and a sorted set `<prefix>:{inflight:n}:due` (same member, score = deadline
+//! in ms). Both keys of a shard share a hash tag, so every script touches one
+//! Redis Cluster slot.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use dak_runtime::store::{StoreError, StoreResult};
+use dak_wire::event::Message;
+use dak_wire::{DeviceId, Mid, UserId};
+use serde::{Deserialize, Serialize};
+
+/// One message to one device, waiting for that device's ack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub message: Message,
+    /// Times the message was handed to the device's gateway.
+    pub sends: u32,
+    pub first_sent_ms: u64,
+    /// When the current send times out without an ack.
+    pub deadline_ms: u64,
+}
+
+impl Pending {
+    fn member(&self) -> String {
+        member(&self.user, &self.device, self.message.mid)
+    }
+}
+
+fn member(user: &UserId, device: &DeviceId, mid: Mid) -> String {
+    format!("{user} {device} {mid}")
+}
+
+#[async_trait]
+pub trait InFlight: Send + Sync + 'static {
+    /// Records deliveries about to be sent. For each, `true` if it is new;
+    /// `false` if the same mid is already in flight to that device (a duplicate
+    /// event), in which case it must not be sent again.
+    async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
+    /// Removes the acked deliveries, returning each one that was in flight.
+    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>>;
+    /// Claims up to `limit` deliveries whose deadline is at or before `now_ms`,
+    /// leasing them until `now_ms + lease_ms`.
+    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>>;
+    /// Stores a delivery after it was sent again (new `sends` and deadline), if
+    /// it is still in flight. Returns whether it was.
+    async fn resent(&self, delivery: &Pending) -> StoreResult<bool>;
+    /// Forgets deliveries that were handed to the offline inbox.
+    async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()>;
+    /// How many deliveries are in flight.
+    async fn count(&self) -> StoreResult<u64>;
+}
+
+/// The in-process store of `dak up`.
+#[derive(Default)]
+pub struct MemoryInFlight {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    records: HashMap<String, (u64, Pending)>,
+    due: BTreeSet<(u64, String)>,
+}
+
+#[async_trait]
+impl InFlight for MemoryInFlight {
+    async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        Ok(deliveries
+            .iter()
+            .map(|d| {
+                let key = d.member();
+                if state.records.contains_key(&key) {
+                    return false;
+                }
+                state.due.insert((d.deadline_ms, key.clone()));
+                state.records.insert(key, (d.deadline_ms, d.clone()));
+                true
+            })
+            .collect())
+    }
+
+    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        Ok(mids
+            .iter()
+            .map(|mid| {
+                let key = member(user, device, *mid);
+                let (score, pending) = state.records.remove(&key)?;
+                state.due.remove(&(score, key));
+                Some(pending)
+            })
+            .collect())
+    }
+
+    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        let due: Vec<(u64, String)> = state
+            .due
+            .iter()
+            .take_while(|(score, _)| *score <= now_ms)
+            .take(limit)
+            .cloned()
+            .collect();
+        let mut claimed = Vec::with_capacity(due.len());
+        for (score, key) in due {
+            state.due.remove(&(score, key.clone()));
+            let leased = now_ms + lease_ms;
+            state.due.insert((leased, key.clone()));
+            let entry = state.records.get_mut(&key).expect("due entries have records");
+            entry.0 = leased;
+            claimed.push(entry.1.clone());
+        }
+        Ok(claimed)
+    }
+
+    async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        let key = delivery.member();
+        let Some(score) = state.records.get(&key).map(|(score, _)| *score) else {
+            return Ok(false);
+        };
+        state.due.remove(&(score, key.clone()));
+        state.due.insert((delivery.deadline_ms, key.clone()));
+        state.records.insert(key, (delivery.deadline_ms, delivery.clone()));
+        Ok(true)
+    }
+
+    async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        for d in deliveries {
+            let key = d.member();
+            if let Some((score, _)) = state.records.remove(&key) {
+                state.due.remove(&(score, key));
+            }
+        }
+        Ok(())
+    }
+
+    async fn count(&self) -> StoreResult<u64> {
+        Ok(self.state.lock().expect("in-flight lock").records.len() as u64)
+    }
+}
+
+/// Shards of the Redis store; fixed, since it is part of the key layout.
+pub const SHARDS: u32 = 16;
+
+const BEGIN: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  return 1
+end
+return 0";
+
+const ACK: &str = r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return v";
+
+const CLAIM: &str = r"
+local members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, m in ipairs(members) do
+  local v = redis.call('HGET', KEYS[1], m)
+  if v then
+    redis.call('ZADD', KEYS[2], ARGV[2], m)
+    table.insert(out, v)
+  else
+    redis.call('ZREM', KEYS[2], m)
+  end
+end
+return out";
+
+const RESENT: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  return 1
+end
+return 0";
+
+/// In-flight deliveries in Redis, shared by every session instance.
+#[derive(Clone)]
+pub struct RedisInFlight {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+impl RedisInFlight {
+    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn shard_keys(&self, shard: u32) -> (String, String) {
+        (
+            format!("{}:{{inflight:{shard}}}:records", self.prefix),
+            format!("{}:{{inflight:{shard}}}:due", self.prefix),
+        )
+    }
+
+    fn keys_for(&self, user: &UserId) -> (String, String) {
+        self.shard_keys(shard_of(user))
+    }
+}
+
+/// FNV-1a: stable across processes and versions, unlike the std hasher.
+fn shard_of(user: &UserId) -> u32 {
+    let hash = user
+        .as_str()
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    hash % SHARDS
+}
+
+fn eval(script: &str, keys: &(String, String)) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(2).arg(&keys.0).arg(&keys.1);
+    cmd
+}
+
+fn decode(json: &str) -> StoreResult<Pending> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("in-flight record: {e}")))
+}
+
+fn encode(p: &Pending) -> String {
+    serde_json::to_string(p).expect("in-flight records serialize")
+}
+
+#[async_trait]
+impl InFlight for RedisInFlight {
+    async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for d in deliveries {
+            let mut cmd = eval(BEGIN, &self.keys_for(&d.user));
+            cmd.arg(d.member()).arg(encode(d)).arg(d.deadline_ms);
+            pipe.add_command(cmd);
+        }
+        let new: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(new.into_iter().map(|n| n == 1).collect())
+    }
+
+    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>> {
+        if mids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.keys_for(user);
+        let mut pipe = redis::pipe();
+        for mid in mids {
+            let mut cmd = eval(ACK, &keys);
+            cmd.arg(member(user, device, *mid));
+            pipe.add_command(cmd);
+        }
+        let found: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        found.into_iter().map(|v| v.as_deref().map(decode).transpose()).collect()
+    }
+
+    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>> {
+        let mut pipe = redis::pipe();
+        let per_shard = limit.div_ceil(SHARDS as usize).max(1);
+        for shard in 0..SHARDS {
+            let mut cmd = eval(CLAIM, &self.shard_keys(shard));
+            cmd.arg(now_ms).arg(now_ms + lease_ms).arg(per_shard);
+            pipe.add_command(cmd);
+        }
+        let shards: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        shards.iter().flatten().map(|json| decode(json)).collect()
+    }
+
+    async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
+        let mut cmd = eval(RESENT, &self.keys_for(&delivery.user));
+        cmd.arg(delivery.member()).arg(encode(delivery)).arg(delivery.deadline_ms);
+        let updated: i64 = cmd.query_async(&mut self.conn.clone()).await?;
+        Ok(updated == 1)
+    }
+
+    async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for d in deliveries {
+            let (records, due) = self.keys_for(&d.user);
+            let member = d.member();
+            pipe.hdel(records, &member).ignore().zrem(due, &member).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    async fn count(&self) -> StoreResult<u64> {
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.hlen(self.shard_keys(shard).0);
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(counts.into_iter().sum())
+    }
+}
