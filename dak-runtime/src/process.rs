@@ -33,7 +33,10 @@ where
     Fut: std::future::Future<Output = anyhow::Result<Tasks>>,
 {
     telemetry::init(process.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -75,18 +78,26 @@ pub async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpL
 }
 
 /// Serves the admin endpoints on `listener` until shutdown.
-pub fn spawn_admin(tasks: &mut Tasks, listener: TcpListener, readiness: Readiness, shutdown: Shutdown) {
+pub fn spawn_admin(
+    tasks: &mut Tasks,
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: Shutdown,
+) {
     let router = admin::router(readiness);
-    shutdown::spawn(tasks, "admin", crate::http::serve(listener, router, shutdown));
+    shutdown::spawn(
+        tasks,
+        "admin",
+        crate::http::serve(listener, router, shutdown),
+    );
 }
 
 /// Kafka for a service running on its own: `DAK_KAFKA_BROKERS` is required, and
 /// the topics are created if missing.
 pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(KafkaConfig, Producer)> {
-    let brokers = args
-        .brokers
-        .clone()
-        .ok_or_else(|| ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into()))?;
+    let brokers = args.brokers.clone().ok_or_else(|| {
+        ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into())
+    })?;
     let kafka = KafkaConfig::new(brokers, args);
     kafka::create_topics(&kafka).await?;
     let producer = Producer::new(&kafka)?;
@@ -95,19 +106,25 @@ pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(KafkaConfig, Pro
 
 /// Redis for a service running on its own: `DAK_REDIS_URL` is required.
 pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let url = store
-        .redis_url
-        .as_deref()
-        .ok_or_else(|| ConfigError("DAK_REDIS_URL is required when a service runs on its own".into()))?;
+    let url = store.redis_url.as_deref().ok_or_else(|| {
+        ConfigError("DAK_REDIS_URL is required when a service runs on its own".into())
+    })?;
     Ok(crate::redis::connect(url).await?)
 }
 
-pub fn redis_presence(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> Arc<dyn Presence> {
+pub fn redis_presence(
+    redis: &redis::aio::ConnectionManager,
+    store: &StoreArgs,
+) -> Arc<dyn Presence> {
     Arc::new(RedisPresence::new(redis.clone(), &store.redis_prefix))
 }
 
 pub fn redis_dedup(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> Arc<dyn Dedup> {
-    Arc::new(RedisDedup::new(redis.clone(), &store.redis_prefix, store.dedup_ttl))
+    Arc::new(RedisDedup::new(
+        redis.clone(),
+        &store.redis_prefix,
+        store.dedup_ttl,
+    ))
 }
 
 /// Readiness check: Kafka answers metadata requests.
@@ -130,7 +147,7 @@ pub fn redis_check(readiness: &mut Readiness, redis: &redis::aio::ConnectionMana
 
 /// The internal token, required when services run on their own.
 pub fn internal_token(args: &crate::config::InternalArgs) -> anyhow::Result<String> {
-    args.internal_token
-        .clone()
-        .ok_or_else(|| ConfigError("DAK_INTERNAL_TOKEN is required when a service runs on its own".into()).into())
+    args.internal_token.clone().ok_or_else(|| {
+        ConfigError("DAK_INTERNAL_TOKEN is required when a service runs on its own".into()).into()
+    })
 }

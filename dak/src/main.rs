@@ -37,8 +37,14 @@ fn main() -> ExitCode {
                     println!("DAK_JWT_SECRET={secret}");
                     println!("(generated for this run; set DAK_JWT_SECRET to keep tokens valid across restarts)");
                 }
-                println!("dak is up: ws://{}/v1/ws, http://{}/v1/messages", running.public_addr, running.public_addr);
-                println!("admin: http://{}/metrics /livez /readyz", running.admin_addr);
+                println!(
+                    "dak is up: ws://{}/v1/ws, http://{}/v1/messages",
+                    running.public_addr, running.public_addr
+                );
+                println!(
+                    "admin: http://{}/metrics /livez /readyz",
+                    running.admin_addr
+                );
                 tracing::info!(public = %running.public_addr, admin = %running.admin_addr, brokers = %running.kafka.brokers, "dak up");
                 Ok(running.tasks)
             })
@@ -69,5 +75,14 @@ fn main() -> ExitCode {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| session::standalone::start(args, s))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -22,7 +22,9 @@ pub struct TokenArgs {
 }
 
 pub fn mint(args: &TokenArgs) -> anyhow::Result<String> {
-    let user = UserId::parse(args.user.as_str()).map_err(|e| anyhow::anyhow!("--user: {}", e.message))?;
-    let device = DeviceId::parse(args.device.as_str()).map_err(|e| anyhow::anyhow!("--device: {}", e.message))?;
+    let user =
+        UserId::parse(args.user.as_str()).map_err(|e| anyhow::anyhow!("--user: {}", e.message))?;
+    let device = DeviceId::parse(args.device.as_str())
+        .map_err(|e| anyhow::anyhow!("--device: {}", e.message))?;
     Ok(auth::mint(&args.secret, &user, &device, args.ttl))
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
-use dak_runtime::config::{self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs};
+use dak_runtime::config::{
+    self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
+};
 use dak_runtime::dedup::{Dedup, MemoryDedup};
 use dak_runtime::ingress::Ingress;
 use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
@@ -59,7 +61,11 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         args.auth.jwt_secret = Some(config::random_secret());
     }
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
-    let internal_token = args.internal.internal_token.clone().unwrap_or_else(config::random_secret);
+    let internal_token = args
+        .internal
+        .internal_token
+        .clone()
+        .unwrap_or_else(config::random_secret);
 
     let (kafka, embedded) = kafka(&args.kafka, bus).await?;
     let producer = Producer::new(&kafka)?;
@@ -87,7 +93,11 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let public = process::bind("the public API", args.public.public_addr).await?;
     let internal = process::bind("the internal API", args.internal.internal_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
-    let (public_addr, internal_addr, admin_addr) = (public.local_addr()?, internal.local_addr()?, admin.local_addr()?);
+    let (public_addr, internal_addr, admin_addr) = (
+        public.local_addr()?,
+        internal.local_addr()?,
+        admin.local_addr()?,
+    );
     let gateway_url = args
         .internal
         .internal_url
@@ -124,7 +134,11 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     let public_router = ws.public_router().merge(rest.router());
-    shutdown::spawn(&mut tasks, "public API", dak_runtime::http::serve(public, public_router, shutdown.clone()));
+    shutdown::spawn(
+        &mut tasks,
+        "public API",
+        dak_runtime::http::serve(public, public_router, shutdown.clone()),
+    );
     shutdown::spawn(
         &mut tasks,
         "internal API",
@@ -146,13 +160,18 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         public_addr,
         internal_addr,
         admin_addr,
-        jwt_secret: generated_secret.then(|| args.auth.jwt_secret.clone()).flatten(),
+        jwt_secret: generated_secret
+            .then(|| args.auth.jwt_secret.clone())
+            .flatten(),
         kafka,
         tasks,
     })
 }
 
-async fn kafka(args: &KafkaArgs, bus: Bus) -> anyhow::Result<(KafkaConfig, Option<Arc<EmbeddedKafka>>)> {
+async fn kafka(
+    args: &KafkaArgs,
+    bus: Bus,
+) -> anyhow::Result<(KafkaConfig, Option<Arc<EmbeddedKafka>>)> {
     let embedded = match bus {
         Bus::Shared(cluster) => cluster,
         Bus::FromArgs if args.brokers.is_some() => {

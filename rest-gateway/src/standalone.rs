@@ -35,7 +35,11 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
     let public = process::bind("the public API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
-    let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), process::redis_dedup(&redis, &args.store));
+    let ingress = Ingress::new(
+        producer.clone(),
+        kafka.topics.inbound.clone(),
+        process::redis_dedup(&redis, &args.store),
+    );
     let gateway = RestGateway::new(verifier, ingress, args.limits.limits());
 
     let mut readiness = Readiness::default();

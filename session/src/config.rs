@@ -2,6 +2,7 @@ use std::time::Duration;
 
 /// session's own settings.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "session")]
 pub struct Config {
     /// How long a device has to ack a delivery before it is sent again.
     #[arg(long, env = "DAK_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

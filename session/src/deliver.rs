@@ -37,7 +37,13 @@ struct Offline {
 }
 
 impl Offline {
-    fn store(&mut self, user: &UserId, device: Option<&dak_wire::DeviceId>, reason: OfflineReason, message: &dak_wire::Message) {
+    fn store(
+        &mut self,
+        user: &UserId,
+        device: Option<&dak_wire::DeviceId>,
+        reason: OfflineReason,
+        message: &dak_wire::Message,
+    ) {
         let label = match reason {
             OfflineReason::NotConnected => "not_connected",
             OfflineReason::AckTimeout => "ack_timeout",
@@ -112,7 +118,12 @@ impl Core {
                     continue;
                 }
                 match &route.gateway_url {
-                    None => offline.store(&d.recipient, Some(&route.device), OfflineReason::NotConnected, &d.message),
+                    None => offline.store(
+                        &d.recipient,
+                        Some(&route.device),
+                        OfflineReason::NotConnected,
+                        &d.message,
+                    ),
                     Some(url) => candidates.push((
                         Pending {
                             user: d.recipient.clone(),
@@ -144,7 +155,12 @@ impl Core {
                 // The retry loop sends it again when the deadline passes.
                 SendOutcome::Busy => {}
                 SendOutcome::NotConnected => {
-                    offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                    offline.store(
+                        &p.user,
+                        Some(&p.device),
+                        OfflineReason::NotConnected,
+                        &p.message,
+                    );
                     gone.push(p);
                 }
             }
@@ -183,13 +199,16 @@ impl Core {
                     device: ack.device.clone(),
                     mids: forward,
                 });
-                forwards.push(
-                    self.producer
-                        .enqueue(&self.offline_topic, ack.user.as_str(), &event::encode(&event))?,
-                );
+                forwards.push(self.producer.enqueue(
+                    &self.offline_topic,
+                    ack.user.as_str(),
+                    &event::encode(&event),
+                )?);
             }
         }
-        for result in futures_util::future::join_all(forwards.into_iter().map(kafka::acknowledged)).await {
+        for result in
+            futures_util::future::join_all(forwards.into_iter().map(kafka::acknowledged)).await
+        {
             result?;
         }
         Ok(())
@@ -229,10 +248,16 @@ impl Core {
             }
             let mut offline = Offline::default();
             let mut finished = Vec::new();
-            let (exhausted, again): (Vec<Pending>, Vec<Pending>) =
-                claimed.into_iter().partition(|p| p.sends > self.config.retries);
+            let (exhausted, again): (Vec<Pending>, Vec<Pending>) = claimed
+                .into_iter()
+                .partition(|p| p.sends > self.config.retries);
             for p in exhausted {
-                offline.store(&p.user, Some(&p.device), OfflineReason::AckTimeout, &p.message);
+                offline.store(
+                    &p.user,
+                    Some(&p.device),
+                    OfflineReason::AckTimeout,
+                    &p.message,
+                );
                 finished.push(p);
             }
 
@@ -245,7 +270,12 @@ impl Core {
                     .and_then(|r| r.gateway_url.clone());
                 match url {
                     None => {
-                        offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                        offline.store(
+                            &p.user,
+                            Some(&p.device),
+                            OfflineReason::NotConnected,
+                            &p.message,
+                        );
                         finished.push(p);
                     }
                     Some(url) => {
@@ -267,7 +297,12 @@ impl Core {
                         self.inflight.resent(&p).await?;
                     }
                     SendOutcome::NotConnected => {
-                        offline.store(&p.user, Some(&p.device), OfflineReason::NotConnected, &p.message);
+                        offline.store(
+                            &p.user,
+                            Some(&p.device),
+                            OfflineReason::NotConnected,
+                            &p.message,
+                        );
                         finished.push(p);
                     }
                 }
@@ -313,18 +348,25 @@ impl Core {
         for (i, outcome) in self.gateways.send_all(batches).await {
             outcomes[i] = outcome;
         }
-        deliveries.into_iter().map(|(p, _)| p).zip(outcomes).collect()
+        deliveries
+            .into_iter()
+            .map(|(p, _)| p)
+            .zip(outcomes)
+            .collect()
     }
 
     async fn publish(&self, offline: Offline) -> anyhow::Result<()> {
         let mut acks = Vec::with_capacity(offline.events.len());
         for (user, event) in &offline.events {
-            acks.push(
-                self.producer
-                    .enqueue(&self.offline_topic, user.as_str(), &event::encode(event))?,
-            );
+            acks.push(self.producer.enqueue(
+                &self.offline_topic,
+                user.as_str(),
+                &event::encode(event),
+            )?);
         }
-        for result in futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await {
+        for result in
+            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
+        {
             result?;
         }
         Ok(())

@@ -10,7 +10,11 @@ pub enum GatewayError {
     #[error("gateway {url}: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("gateway {url} answered {got} results for {sent} deliveries")]
-    Mismatch { url: String, sent: usize, got: usize },
+    Mismatch {
+        url: String,
+        sent: usize,
+        got: usize,
+    },
 }
 
 #[derive(Clone)]
@@ -30,7 +34,11 @@ impl Gateways {
     }
 
     /// Sends `items` to the gateway at `url`, returning one outcome per item.
-    pub async fn send(&self, url: &str, items: Vec<SendItem>) -> Result<Vec<SendOutcome>, GatewayError> {
+    pub async fn send(
+        &self,
+        url: &str,
+        items: Vec<SendItem>,
+    ) -> Result<Vec<SendOutcome>, GatewayError> {
         let sent = items.len();
         let http_error = |source| GatewayError::Http {
             url: url.to_owned(),
@@ -61,7 +69,10 @@ impl Gateways {
     /// Sends every batch concurrently; a gateway that cannot be reached yields
     /// `NotConnected` for all its items (the device will find the message in its
     /// inbox).
-    pub async fn send_all(&self, batches: HashMap<String, Vec<(usize, SendItem)>>) -> Vec<(usize, SendOutcome)> {
+    pub async fn send_all(
+        &self,
+        batches: HashMap<String, Vec<(usize, SendItem)>>,
+    ) -> Vec<(usize, SendOutcome)> {
         let requests = batches.into_iter().map(|(url, batch)| async move {
             let (indexes, items): (Vec<usize>, Vec<SendItem>) = batch.into_iter().unzip();
             let outcomes = match self.send(&url, items).await {
@@ -73,6 +84,10 @@ impl Gateways {
             };
             indexes.into_iter().zip(outcomes).collect::<Vec<_>>()
         });
-        futures_util::future::join_all(requests).await.into_iter().flatten().collect()
+        futures_util::future::join_all(requests)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }

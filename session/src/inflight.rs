@@ -53,10 +53,20 @@ pub trait InFlight: Send + Sync + 'static {
     /// event), in which case it must not be sent again.
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
     /// Removes the acked deliveries, returning each one that was in flight.
-    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>>;
+    async fn ack(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> StoreResult<Vec<Option<Pending>>>;
     /// Claims up to `limit` deliveries whose deadline is at or before `now_ms`,
     /// leasing them until `now_ms + lease_ms`.
-    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>>;
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Pending>>;
     /// Stores a delivery after it was sent again (new `sends` and deadline), if
     /// it is still in flight. Returns whether it was.
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool>;
@@ -96,7 +106,12 @@ impl InFlight for MemoryInFlight {
             .collect())
     }
 
-    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>> {
+    async fn ack(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> StoreResult<Vec<Option<Pending>>> {
         let mut state = self.state.lock().expect("in-flight lock");
         Ok(mids
             .iter()
@@ -109,7 +124,12 @@ impl InFlight for MemoryInFlight {
             .collect())
     }
 
-    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>> {
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Pending>> {
         let mut state = self.state.lock().expect("in-flight lock");
         let due: Vec<(u64, String)> = state
             .due
@@ -123,7 +143,10 @@ impl InFlight for MemoryInFlight {
             state.due.remove(&(score, key.clone()));
             let leased = now_ms + lease_ms;
             state.due.insert((leased, key.clone()));
-            let entry = state.records.get_mut(&key).expect("due entries have records");
+            let entry = state
+                .records
+                .get_mut(&key)
+                .expect("due entries have records");
             entry.0 = leased;
             claimed.push(entry.1.clone());
         }
@@ -138,7 +161,9 @@ impl InFlight for MemoryInFlight {
         };
         state.due.remove(&(score, key.clone()));
         state.due.insert((delivery.deadline_ms, key.clone()));
-        state.records.insert(key, (delivery.deadline_ms, delivery.clone()));
+        state
+            .records
+            .insert(key, (delivery.deadline_ms, delivery.clone()));
         Ok(true)
     }
 
@@ -227,10 +252,9 @@ impl RedisInFlight {
 
 /// FNV-1a: stable across processes and versions, unlike the std hasher.
 fn shard_of(user: &UserId) -> u32 {
-    let hash = user
-        .as_str()
-        .bytes()
-        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let hash = user.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
     hash % SHARDS
 }
 
@@ -264,7 +288,12 @@ impl InFlight for RedisInFlight {
         Ok(new.into_iter().map(|n| n == 1).collect())
     }
 
-    async fn ack(&self, user: &UserId, device: &DeviceId, mids: &[Mid]) -> StoreResult<Vec<Option<Pending>>> {
+    async fn ack(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> StoreResult<Vec<Option<Pending>>> {
         if mids.is_empty() {
             return Ok(Vec::new());
         }
@@ -276,10 +305,18 @@ impl InFlight for RedisInFlight {
             pipe.add_command(cmd);
         }
         let found: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
-        found.into_iter().map(|v| v.as_deref().map(decode).transpose()).collect()
+        found
+            .into_iter()
+            .map(|v| v.as_deref().map(decode).transpose())
+            .collect()
     }
 
-    async fn claim_due(&self, now_ms: u64, lease_ms: u64, limit: usize) -> StoreResult<Vec<Pending>> {
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Pending>> {
         let mut pipe = redis::pipe();
         let per_shard = limit.div_ceil(SHARDS as usize).max(1);
         for shard in 0..SHARDS {
@@ -293,7 +330,9 @@ impl InFlight for RedisInFlight {
 
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
         let mut cmd = eval(RESENT, &self.keys_for(&delivery.user));
-        cmd.arg(delivery.member()).arg(encode(delivery)).arg(delivery.deadline_ms);
+        cmd.arg(delivery.member())
+            .arg(encode(delivery))
+            .arg(delivery.deadline_ms);
         let updated: i64 = cmd.query_async(&mut self.conn.clone()).await?;
         Ok(updated == 1)
     }
@@ -306,7 +345,10 @@ impl InFlight for RedisInFlight {
         for d in deliveries {
             let (records, due) = self.keys_for(&d.user);
             let member = d.member();
-            pipe.hdel(records, &member).ignore().zrem(due, &member).ignore();
+            pipe.hdel(records, &member)
+                .ignore()
+                .zrem(due, &member)
+                .ignore();
         }
         pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())

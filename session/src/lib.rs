@@ -58,7 +58,8 @@ pub struct Session {
 impl Session {
     pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
         let prefix = kafka.topics.deliver.trim_end_matches("dak.deliver");
-        let consumer = EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.deliver])?;
+        let consumer =
+            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.deliver])?;
         let core = Core::new(config, deps, kafka.topics.offline.clone());
         Ok(Self { core, consumer })
     }

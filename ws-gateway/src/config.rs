@@ -4,6 +4,7 @@ use dak_runtime::config::LimitArgs;
 
 /// ws-gateway's own settings.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "ws-gateway")]
 pub struct Config {
     /// How often the gateway pings each socket.
     #[arg(long, env = "DAK_WS_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]

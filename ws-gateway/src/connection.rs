@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -33,7 +34,7 @@ pub(crate) async fn upgrade(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
     let token = auth::bearer(header).or(query.access_token.as_deref());
@@ -43,6 +44,16 @@ pub(crate) async fn upgrade(
             Ok(identity) => identity,
             Err(e) => return ApiError::from(e).into_response(),
         },
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return ApiError::new(
+                ErrorCode::BadRequest,
+                format!("expected a WebSocket upgrade: {rejection}"),
+            )
+            .into_response()
+        }
     };
     if shared.shutdown.is_cancelled() {
         return ApiError::new(ErrorCode::Unavailable, "server is shutting down").into_response();

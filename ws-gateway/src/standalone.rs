@@ -46,7 +46,11 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
         .clone()
         .unwrap_or_else(|| format!("http://{}", internal.local_addr().expect("bound socket")));
 
-    let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), process::redis_dedup(&redis, &args.store));
+    let ingress = Ingress::new(
+        producer.clone(),
+        kafka.topics.inbound.clone(),
+        process::redis_dedup(&redis, &args.store),
+    );
     let deps = Deps {
         verifier,
         ingress,

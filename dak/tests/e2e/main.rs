@@ -1,0 +1,11 @@
+//! End-to-end tests of the delivery path: clients on real sockets, through Kafka,
+//! session and the gateways, back to clients.
+//!
+//! `in_process` runs `dak up`'s wiring on librdkafka's mock cluster (with the
+//! in-process stores and with Redis); `services` runs each service as its own
+//! process against a Tansu broker and Redis.
+
+mod bad_input;
+mod in_process;
+mod services;
+mod support;

@@ -1,0 +1,280 @@
+//! Each service in its own process, against a Tansu broker and Redis.
+
+use std::time::Duration;
+
+use dak_runtime::presence::{Presence, RedisPresence};
+use dak_wire::event::{OfflineEvent, OfflineReason};
+use serde_json::json;
+
+use crate::support::{exchange, rest_send, tansu, token, Client, Services, PATIENCE};
+
+async fn redis(prefix: &str) -> RedisPresence {
+    let conn = dak_runtime::redis::connect(&crate::support::redis_url())
+        .await
+        .expect("redis");
+    RedisPresence::new(conn, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_services_deliver_in_order_with_rest_and_dedup() {
+    let (_broker, brokers) = tansu();
+    let services = Services::new(&brokers, &[("DAK_WS_RATE_LIMIT", "0")]);
+    let public = format!("127.0.0.1:{}", crate::support::free_port());
+    let rest_public = format!("127.0.0.1:{}", crate::support::free_port());
+    let internal = format!("127.0.0.1:{}", crate::support::free_port());
+    let _router = services.start("message-router", &[]).await;
+    let _session = services.start("session", &[]).await;
+    let (mut gateway, _) = services
+        .start(
+            "ws-gateway",
+            &[
+                ("DAK_PUBLIC_ADDR", public.clone()),
+                ("DAK_INTERNAL_ADDR", internal),
+            ],
+        )
+        .await;
+    let _rest = services
+        .start("rest-gateway", &[("DAK_PUBLIC_ADDR", rest_public.clone())])
+        .await;
+    let public = public.parse().unwrap();
+
+    let alice = Client::connect(public, &token("alice", "phone")).await;
+    let bob = Client::connect(public, &token("bob", "phone")).await;
+    let (_alice, mut bob) = exchange(alice, bob, 500).await;
+
+    // REST reaches the socket; the same client id sent twice is delivered once.
+    for _ in 0..2 {
+        let (status, answer) = rest_send(
+            rest_public.parse().unwrap(),
+            &token("alice", "tablet"),
+            json!({"messages": [{"id": "rest-1", "to": "bob", "body": "via REST"}]}),
+        )
+        .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let frame = bob.expect("message").await;
+    assert_eq!(frame["body"], "via REST");
+    bob.ack(&[frame["mid"].as_str().unwrap()]).await;
+    assert!(
+        bob.recv_within(Duration::from_secs(2)).await.is_none(),
+        "delivered twice"
+    );
+
+    // SIGTERM: the gateway closes its sockets with "going away" and exits cleanly.
+    let status = gateway.terminate();
+    assert!(status.success(), "ws-gateway exited with {status}");
+    assert_eq!(bob.closed().await, Some(1001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_services_retry_then_offline_then_forward_a_late_ack() {
+    let (_broker, brokers) = tansu();
+    let services = Services::new(
+        &brokers,
+        &[("DAK_ACK_TIMEOUT", "400ms"), ("DAK_DELIVERY_RETRIES", "2")],
+    );
+    let public = format!("127.0.0.1:{}", crate::support::free_port());
+    let internal = format!("127.0.0.1:{}", crate::support::free_port());
+    let _router = services.start("message-router", &[]).await;
+    let _session = services.start("session", &[]).await;
+    let _gateway = services
+        .start(
+            "ws-gateway",
+            &[
+                ("DAK_PUBLIC_ADDR", public.clone()),
+                ("DAK_INTERNAL_ADDR", internal),
+            ],
+        )
+        .await;
+    let public = public.parse().unwrap();
+    let offline = services.offline();
+
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    let mut bob = Client::connect(public, &token("bob", "phone")).await;
+    alice.send_message("c-1", "bob", json!("hello?")).await;
+    let mid = alice.expect("accepted").await["mid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        assert_eq!(bob.expect("message").await["mid"], mid.as_str());
+    }
+    match offline.next().await {
+        OfflineEvent::Store {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, OfflineReason::AckTimeout);
+            assert_eq!(message.mid.to_string(), mid);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    bob.ack(&[&mid]).await;
+    match offline.next().await {
+        OfflineEvent::Drop(ack) => assert_eq!(ack.mids[0].to_string(), mid),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Session is killed (SIGKILL) while deliveries are in flight; a new session
+/// instance picks up from Kafka offsets and the in-flight store, and bob ends up
+/// with every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_session_mid_delivery_loses_nothing() {
+    let (_broker, brokers) = tansu();
+    let services = Services::new(
+        &brokers,
+        &[
+            ("DAK_ACK_TIMEOUT", "1s"),
+            ("DAK_DELIVERY_RETRIES", "20"),
+            ("DAK_WS_RATE_LIMIT", "0"),
+        ],
+    );
+    let public = format!("127.0.0.1:{}", crate::support::free_port());
+    let internal = format!("127.0.0.1:{}", crate::support::free_port());
+    let _router = services.start("message-router", &[]).await;
+    let (mut session, _) = services.start("session", &[]).await;
+    let _gateway = services
+        .start(
+            "ws-gateway",
+            &[
+                ("DAK_PUBLIC_ADDR", public.clone()),
+                ("DAK_INTERNAL_ADDR", internal),
+            ],
+        )
+        .await;
+    let public = public.parse().unwrap();
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    let mut bob = Client::connect(public, &token("bob", "phone")).await;
+
+    const N: usize = 200;
+    let mut sent = std::collections::BTreeSet::new();
+    for i in 0..N {
+        alice.send_message(&format!("k-{i}"), "bob", json!(i)).await;
+    }
+    for _ in 0..N {
+        sent.insert(
+            alice.expect("accepted").await["mid"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+
+    // Bob receives (without acking) until a few dozen arrived, then session dies.
+    let mut received = std::collections::BTreeSet::new();
+    while received.len() < 30 {
+        received.insert(
+            bob.expect("message").await["mid"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    session.kill();
+    // Bob's app reconnects too: whatever was still queued on the old socket is
+    // gone, so every message he has not seen must come from the new session's
+    // retries or from its reprocessing of uncommitted offsets.
+    drop(bob);
+    let mut bob = Client::connect(public, &token("bob", "phone")).await;
+    let _replacement = services.start("session", &[]).await;
+
+    for mid in &received {
+        bob.ack(&[mid]).await;
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !sent.is_subset(&received) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lost {} messages",
+            sent.difference(&received).count()
+        );
+        if let Some(frame) = bob.recv_within(Duration::from_secs(1)).await {
+            let mid = frame["mid"].as_str().unwrap().to_owned();
+            bob.ack(&[&mid]).await;
+            received.insert(mid);
+        }
+    }
+    assert_eq!(received, sent);
+}
+
+/// A ws-gateway that dies without closing its sockets leaves presence entries
+/// behind; once its heartbeat expires they no longer count, and messages for its
+/// devices go offline instead of to a dead address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
+    let (_broker, brokers) = tansu();
+    let services = Services::new(&brokers, &[("DAK_PRESENCE_TTL", "1500ms")]);
+    let presence = redis(&services.redis_prefix).await;
+    let bob_id: dak_wire::UserId = "bob".parse().unwrap();
+
+    let public_a = format!("127.0.0.1:{}", crate::support::free_port());
+    let public_b = format!("127.0.0.1:{}", crate::support::free_port());
+    let _router = services.start("message-router", &[]).await;
+    let _session = services.start("session", &[]).await;
+    let (mut doomed, _) = services
+        .start(
+            "ws-gateway",
+            &[
+                ("DAK_PUBLIC_ADDR", public_a.clone()),
+                (
+                    "DAK_INTERNAL_ADDR",
+                    format!("127.0.0.1:{}", crate::support::free_port()),
+                ),
+            ],
+        )
+        .await;
+    let _survivor = services
+        .start(
+            "ws-gateway",
+            &[
+                ("DAK_PUBLIC_ADDR", public_b.clone()),
+                (
+                    "DAK_INTERNAL_ADDR",
+                    format!("127.0.0.1:{}", crate::support::free_port()),
+                ),
+            ],
+        )
+        .await;
+
+    let offline = services.offline();
+    let bob = Client::connect(public_a.parse().unwrap(), &token("bob", "phone")).await;
+    let routes = presence
+        .routes(std::slice::from_ref(&bob_id))
+        .await
+        .unwrap();
+    assert!(
+        routes[0][0].gateway_url.is_some(),
+        "bob is present while connected"
+    );
+
+    doomed.kill();
+    drop(bob);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let routes = presence
+            .routes(std::slice::from_ref(&bob_id))
+            .await
+            .unwrap();
+        if routes[0][0].gateway_url.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "phantom presence outlived the expiry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut alice = Client::connect(public_b.parse().unwrap(), &token("alice", "phone")).await;
+    alice
+        .send_message("c-1", "bob", json!("while you were out"))
+        .await;
+    alice.expect("accepted").await;
+    match offline.next().await {
+        OfflineEvent::Store { device, reason, .. } => {
+            assert_eq!(device.unwrap().as_str(), "phone");
+            assert_eq!(reason, OfflineReason::NotConnected);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

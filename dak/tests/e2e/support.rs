@@ -1,0 +1,595 @@
+//! Test harness: dak stacks (in process on the shared mock cluster, or as separate
+//! processes against a Tansu broker and Redis), WebSocket clients, and a watcher
+//! on `dak.offline`.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use clap::Parser;
+use dak_runtime::kafka::EmbeddedKafka;
+use dak_runtime::shutdown::{self, Shutdown};
+use dak_wire::event::{self, OfflineEvent};
+use dak_wire::{DeviceId, UserId};
+use futures_util::{SinkExt, StreamExt};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message as _;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should happen. Generous: the first
+/// message of a fresh stack waits for consumer groups to form (~3 s on the mock).
+pub const PATIENCE: Duration = Duration::from_secs(45);
+
+pub const SECRET: &str = "test-secret";
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn token(user: &str, device: &str) -> String {
+    dak_runtime::auth::mint(
+        SECRET,
+        &UserId::parse(user).unwrap(),
+        &DeviceId::parse(device).unwrap(),
+        Duration::from_secs(3600),
+    )
+}
+
+/// One mock cluster per test binary: it is slow to form groups on first use.
+fn shared_cluster() -> Arc<EmbeddedKafka> {
+    static CLUSTER: OnceLock<Arc<EmbeddedKafka>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| Arc::new(EmbeddedKafka::start().expect("mock cluster")))
+        .clone()
+}
+
+#[derive(Parser)]
+struct UpCli {
+    #[command(flatten)]
+    up: dak::up::UpArgs,
+}
+
+/// Settings a test may change; everything else is `dak up`'s default.
+pub struct Options {
+    pub redis: bool,
+    pub ack_timeout: &'static str,
+    pub retries: u32,
+    pub ping_interval: &'static str,
+    pub idle_timeout: &'static str,
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            redis: false,
+            ack_timeout: "10s",
+            retries: 3,
+            ping_interval: "20s",
+            idle_timeout: "60s",
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Metrics are per process, and tests run in parallel threads of one process. A
+/// test that asserts on metrics runs alone ([`Stack::start_alone`]); every other
+/// stack holds a shared guard.
+fn metrics_lock() -> Arc<tokio::sync::RwLock<()>> {
+    static LOCK: OnceLock<Arc<tokio::sync::RwLock<()>>> = OnceLock::new();
+    LOCK.get_or_init(Default::default).clone()
+}
+
+enum MetricsGuard {
+    #[allow(dead_code)]
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    #[allow(dead_code)]
+    Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+/// `dak up` in this process, on the shared mock cluster with its own topics.
+pub struct Stack {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub brokers: String,
+    pub topic_prefix: String,
+    shutdown: Shutdown,
+    supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _metrics: MetricsGuard,
+}
+
+impl Stack {
+    pub async fn start(options: Options) -> Stack {
+        let guard = MetricsGuard::Shared(metrics_lock().read_owned().await);
+        Self::start_with(options, guard).await
+    }
+
+    /// A stack whose metrics no other test's stack moves while it runs.
+    pub async fn start_alone(options: Options) -> Stack {
+        let guard = MetricsGuard::Alone(metrics_lock().write_owned().await);
+        Self::start_with(options, guard).await
+    }
+
+    async fn start_with(options: Options, guard: MetricsGuard) -> Stack {
+        dak_runtime::telemetry::init_for_tests();
+        let topic_prefix = unique("t") + ".";
+        let redis_prefix = unique("dak-test-");
+        let mut args: Vec<String> = [
+            "up",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--internal-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--partitions",
+            "4",
+            "--shutdown-grace",
+            "5s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend([
+            "--topic-prefix".into(),
+            topic_prefix.clone(),
+            "--ack-timeout".into(),
+            options.ack_timeout.into(),
+            "--retries".into(),
+            options.retries.to_string(),
+            "--ping-interval".into(),
+            options.ping_interval.into(),
+            "--idle-timeout".into(),
+            options.idle_timeout.into(),
+            "--redis-prefix".into(),
+            redis_prefix.clone(),
+        ]);
+        if options.redis {
+            args.extend(["--redis-url".into(), redis_url()]);
+        }
+        args.extend(options.extra);
+        let cli = UpCli::try_parse_from(args).expect("test arguments parse");
+        let shutdown = Shutdown::new();
+        let running = dak::up::start(
+            cli.up,
+            dak::up::Bus::Shared(shared_cluster()),
+            shutdown.clone(),
+        )
+        .await
+        .expect("stack starts");
+        let supervisor = tokio::spawn(shutdown::supervise(
+            running.tasks,
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
+        Stack {
+            public: running.public_addr,
+            admin: running.admin_addr,
+            brokers: running.kafka.brokers.clone(),
+            topic_prefix,
+            shutdown,
+            supervisor: Some(supervisor),
+            _metrics: guard,
+        }
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> Client {
+        Client::connect(self.public, &token(user, device)).await
+    }
+
+    pub fn offline(&self) -> OfflineWatcher {
+        OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(self.admin, name).await
+    }
+
+    /// Stops the stack and checks it shut down cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let supervisor = self.supervisor.take().expect("running");
+        supervisor
+            .await
+            .expect("supervisor task")
+            .expect("clean shutdown");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Reads one metric (summing its label sets) from `/metrics`.
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics endpoint")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client speaking the JSON frames of DESIGN §4.
+pub struct Client {
+    ws: Ws,
+}
+
+impl Client {
+    /// Connects and waits for `sync.done`, after which the device is routable.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Client {
+        let mut client = Client::try_connect(addr, token)
+            .await
+            .expect("websocket upgrade");
+        let first = client.recv().await;
+        assert_eq!(first["type"], "sync.done", "first frame: {first}");
+        client
+    }
+
+    pub async fn try_connect(
+        addr: SocketAddr,
+        token: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { ws })
+    }
+
+    pub async fn connect_with_query(addr: SocketAddr, token: &str) -> Client {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?access_token={token}"))
+                .await
+                .expect("websocket upgrade");
+        let mut client = Client { ws };
+        assert_eq!(client.recv().await["type"], "sync.done");
+        client
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("websocket send");
+    }
+
+    pub async fn send_message(&mut self, id: &str, to: &str, body: Value) {
+        self.send(json!({"type": "message", "id": id, "to": to, "chat": "direct", "body": body}))
+            .await;
+    }
+
+    pub async fn ack(&mut self, mids: &[&str]) {
+        self.send(json!({"type": "ack", "mids": mids})).await;
+    }
+
+    /// The next JSON frame; fails the test after [`PATIENCE`].
+    pub async fn recv(&mut self) -> Value {
+        match self.recv_within(PATIENCE).await {
+            Some(v) => v,
+            None => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next JSON frame, or `None` if none comes within `wait` (or the socket closed).
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match next.ok()? {
+                Message::Text(text) => {
+                    return Some(serde_json::from_str(text.as_str()).expect("server sends JSON"))
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame, which must be of type `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+        frame
+    }
+
+    /// Waits for the server to close the socket, returning the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("socket still open after {PATIENCE:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Hands the raw stream to a test that wants to stop reading it.
+    pub fn into_inner(self) -> Ws {
+        self.ws
+    }
+}
+
+/// Reads `dak.offline` from the beginning.
+pub struct OfflineWatcher {
+    consumer: StreamConsumer,
+}
+
+impl OfflineWatcher {
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", unique("watch-"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("watcher consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        Self { consumer }
+    }
+
+    pub async fn next(&self) -> OfflineEvent {
+        match self.next_within(PATIENCE).await {
+            Some(event) => event,
+            None => panic!("nothing on dak.offline within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next event, unless none arrives within `wait`. Transient client errors
+    /// (the broker still starting, the topic not created yet) are waited out.
+    pub async fn next_within(&self, wait: Duration) -> Option<OfflineEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.consumer.recv())
+                .await
+                .ok()?
+            {
+                Ok(message) => {
+                    let payload = message.payload().expect("payload");
+                    return Some(event::decode(payload).expect("a valid offline event"));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "watcher waiting for the broker");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// SIGKILL: no shutdown, no cleanup, like a crashed host.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait for child")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Tansu broker (in memory) on a free port.
+pub fn tansu() -> (Process, String) {
+    let binary = std::env::var("DAK_TANSU_BIN").unwrap_or_else(|_| {
+        let cargo_home = std::env::var("CARGO_HOME")
+            .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+        let installed = format!("{cargo_home}/bin/tansu");
+        if std::path::Path::new(&installed).exists() {
+            installed
+        } else {
+            "tansu".into()
+        }
+    });
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(&binary)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("starting Tansu ({binary}): {e}; run .ci/run or install it as the README says")
+        });
+    (Process { child }, format!("127.0.0.1:{port}"))
+}
+
+/// The environment shared by a set of separate dak service processes.
+pub struct Services {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub redis_prefix: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Services {
+    pub fn new(brokers: &str, extra: &[(&str, &str)]) -> Self {
+        let topic_prefix = unique("p") + ".";
+        let redis_prefix = unique("dak-test-");
+        let mut env: Vec<(String, String)> = [
+            ("DAK_KAFKA_BROKERS", brokers),
+            ("DAK_REDIS_URL", &redis_url()),
+            ("DAK_REDIS_PREFIX", &redis_prefix),
+            ("DAK_TOPIC_PREFIX", &topic_prefix),
+            ("DAK_KAFKA_PARTITIONS", "4"),
+            ("DAK_JWT_SECRET", SECRET),
+            ("DAK_INTERNAL_TOKEN", "internal-test-token"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self {
+            brokers: brokers.to_owned(),
+            topic_prefix,
+            redis_prefix,
+            env,
+        }
+    }
+
+    /// Starts `dak <service>` with its own admin address and waits until it is ready.
+    pub async fn start(&self, service: &str, extra: &[(&str, String)]) -> (Process, SocketAddr) {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::var_os("TEST_LOG").is_some();
+        let child = Command::new(env!("CARGO_BIN_EXE_dak"))
+            .arg(service)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("DAK_ADMIN_ADDR", admin.to_string())
+            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("spawning dak");
+        let process = Process { child };
+        wait_ready(admin).await;
+        (process, admin)
+    }
+
+    pub fn offline(&self) -> OfflineWatcher {
+        OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
+    }
+}
+
+/// Polls `/readyz` until it answers 200.
+pub async fn wait_ready(admin: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("http://{admin}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{admin} not ready within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /v1/messages` as `user`.
+pub async fn rest_send(public: SocketAddr, token: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{public}/v1/messages"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("REST request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Exchanges `n` messages from `alice` to `bob` and `n` from `bob` to `alice` at
+/// once, acking everything, and checks that each side got every message once,
+/// in the order sent.
+pub async fn exchange(mut alice: Client, mut bob: Client, n: usize) -> (Client, Client) {
+    let (a, b) = tokio::join!(
+        converse(&mut alice, "alice", "bob", n),
+        converse(&mut bob, "bob", "alice", n)
+    );
+    let _ = (a, b);
+    (alice, bob)
+}
+
+/// Sends `n` messages to `peer` while receiving (and acking) `n` from it.
+async fn converse(client: &mut Client, me: &str, peer: &str, n: usize) {
+    let mut sent = 0;
+    let mut accepted = std::collections::HashSet::new();
+    let mut received: Vec<u64> = Vec::new();
+    let mut mids = std::collections::HashSet::new();
+    // Keep at most 64 sends unanswered, as a real client's outbox would.
+    while accepted.len() < n || received.len() < n {
+        while sent < n && sent - accepted.len() < 64 {
+            client
+                .send_message(&format!("{me}-{sent}"), peer, json!({ "seq": sent }))
+                .await;
+            sent += 1;
+        }
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("accepted") => {
+                assert!(
+                    accepted.insert(frame["id"].as_str().unwrap().to_owned()),
+                    "accepted twice: {frame}"
+                );
+            }
+            Some("message") => {
+                assert_eq!(frame["from"], peer);
+                assert_eq!(frame["to"], me);
+                let mid = frame["mid"].as_str().unwrap().to_owned();
+                assert!(mids.insert(mid.clone()), "{me} got {mid} twice");
+                received.push(frame["body"]["seq"].as_u64().unwrap());
+                client.ack(&[&mid]).await;
+            }
+            _ => panic!("{me} got an unexpected frame {frame}"),
+        }
+    }
+    let expected: Vec<u64> = (0..n as u64).collect();
+    assert_eq!(
+        received, expected,
+        "{me} received out of order or lost messages"
+    );
+}
