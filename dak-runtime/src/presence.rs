@@ -246,8 +246,16 @@ impl Presence for RedisPresence {
             pipe.smembers(self.devices_key(user))
                 .hgetall(self.presence_key(user));
         }
-        type Row = (BTreeSet<String>, HashMap<String, String>);
-        let rows: Vec<Row> = pipe.query_async(&mut self.conn.clone()).await?;
+        // A pipeline answers one flat list: devices, sockets, devices, sockets, …
+        let values: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let rows = values
+            .chunks(2)
+            .map(|pair| {
+                let devices: BTreeSet<String> = redis::from_redis_value(&pair[0])?;
+                let sockets: HashMap<String, String> = redis::from_redis_value(&pair[1])?;
+                Ok((devices, sockets))
+            })
+            .collect::<Result<Vec<_>, redis::RedisError>>()?;
 
         let mut gateway_ids: Vec<&str> = rows
             .iter()

@@ -229,7 +229,7 @@ impl Core {
                 tracing::warn!(error = %format!("{e:#}"), "retry scan failed");
             }
             scans += 1;
-            if scans % 50 == 0 {
+            if scans.is_multiple_of(50) {
                 if let Ok(n) = self.inflight.count().await {
                     ::metrics::gauge!(metrics::INFLIGHT).set(n as f64);
                 }
@@ -241,8 +241,9 @@ impl Core {
         let lease = self.config.retry_lease.as_millis() as u64;
         loop {
             let now = now_ms();
+            // Claimed deliveries are leased, so this loop ends once everything
+            // due was claimed.
             let claimed = self.inflight.claim_due(now, lease, CLAIM_LIMIT).await?;
-            let full = claimed.len() == CLAIM_LIMIT;
             if claimed.is_empty() {
                 return Ok(());
             }
@@ -311,9 +312,6 @@ impl Core {
             // hand-over, which storage takes idempotently by mid.
             self.publish(offline).await?;
             self.inflight.remove(&finished).await?;
-            if !full {
-                return Ok(());
-            }
         }
     }
 

@@ -1,0 +1,154 @@
+use std::time::Duration;
+
+use dak_runtime::presence::{
+    Connection, DeviceRoute, Gateway, MemoryPresence, Presence, RedisPresence,
+};
+use dak_wire::{DeviceId, UserId};
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn device(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+fn conn(u: &str, d: &str, gateway: &Gateway, id: &str) -> Connection {
+    Connection {
+        user: user(u),
+        device: device(d),
+        gateway_id: gateway.id.clone(),
+        connection_id: id.into(),
+    }
+}
+
+fn route(d: &str, url: Option<&str>) -> DeviceRoute {
+    DeviceRoute {
+        device: device(d),
+        gateway_url: url.map(str::to_owned),
+    }
+}
+
+async fn routes(store: &dyn Presence, u: &str) -> Vec<DeviceRoute> {
+    store.routes(&[user(u)]).await.unwrap().remove(0)
+}
+
+/// The suite every presence store passes.
+async fn contract(store: &dyn Presence) {
+    let gw1 = Gateway::new("http://gw1".into());
+    let gw2 = Gateway::new("http://gw2".into());
+    let ttl = Duration::from_secs(30);
+
+    // Unknown users have no devices.
+    assert_eq!(routes(store, "nobody").await, vec![]);
+
+    // A connected device routes to its gateway while the gateway heartbeats.
+    store.heartbeat(&gw1, ttl).await.unwrap();
+    store
+        .connect(&conn("bob", "phone", &gw1, "c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "bob").await,
+        vec![route("phone", Some("http://gw1"))]
+    );
+
+    // A second device on another gateway, whose heartbeat has not started yet,
+    // is known but not routable.
+    store
+        .connect(&conn("bob", "tablet", &gw2, "c2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "bob").await,
+        vec![route("phone", Some("http://gw1")), route("tablet", None)]
+    );
+    store.heartbeat(&gw2, ttl).await.unwrap();
+    assert_eq!(
+        routes(store, "bob").await[1],
+        route("tablet", Some("http://gw2"))
+    );
+
+    // A reconnect replaces the entry; the old connection's late disconnect does
+    // not remove the new one.
+    store
+        .connect(&conn("bob", "phone", &gw2, "c3"))
+        .await
+        .unwrap();
+    store
+        .disconnect(&conn("bob", "phone", &gw1, "c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "bob").await[0],
+        route("phone", Some("http://gw2"))
+    );
+
+    // Disconnecting keeps the device known, without a route.
+    store
+        .disconnect(&conn("bob", "phone", &gw2, "c3"))
+        .await
+        .unwrap();
+    assert_eq!(routes(store, "bob").await[0], route("phone", None));
+
+    // A gateway that stops takes its routes with it.
+    store.gateway_stopped(&gw2).await.unwrap();
+    assert_eq!(
+        routes(store, "bob").await,
+        vec![route("phone", None), route("tablet", None)]
+    );
+
+    // Several users in one call, answered in order.
+    store
+        .connect(&conn("carol", "web", &gw1, "c4"))
+        .await
+        .unwrap();
+    let many = store
+        .routes(&[user("carol"), user("nobody"), user("bob")])
+        .await
+        .unwrap();
+    assert_eq!(many.len(), 3);
+    assert_eq!(many[0], vec![route("web", Some("http://gw1"))]);
+    assert!(many[1].is_empty());
+    assert_eq!(many[2].len(), 2);
+    assert_eq!(store.routes(&[]).await.unwrap().len(), 0);
+}
+
+/// A gateway that dies stops heartbeating; its entries stop counting at expiry.
+async fn expiry_contract(store: &dyn Presence) {
+    let gw = Gateway::new("http://doomed".into());
+    store
+        .heartbeat(&gw, Duration::from_millis(300))
+        .await
+        .unwrap();
+    store
+        .connect(&conn("dave", "phone", &gw, "c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "dave").await,
+        vec![route("phone", Some("http://doomed"))]
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while routes(store, "dave").await[0].gateway_url.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence outlived the heartbeat"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn memory_presence_keeps_the_contract() {
+    let store = MemoryPresence::default();
+    contract(&store).await;
+    expiry_contract(&store).await;
+}
+
+#[tokio::test]
+async fn redis_presence_keeps_the_contract() {
+    let store = RedisPresence::new(crate::redis().await, &crate::unique_prefix());
+    contract(&store).await;
+    expiry_contract(&store).await;
+}

@@ -1,0 +1,176 @@
+//! Contract tests for the in-flight store: the in-process store and the Redis
+//! store pass the same suite. Time is passed in explicitly, so deadlines and
+//! leases are tested without waiting.
+
+use dak_wire::event::Message;
+use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
+use serde_json::value::RawValue;
+use session::inflight::{InFlight, MemoryInFlight, Pending, RedisInFlight};
+
+fn delivery(user: &str, device: &str, deadline_ms: u64) -> Pending {
+    Pending {
+        user: UserId::parse(user).unwrap(),
+        device: DeviceId::parse(device).unwrap(),
+        message: Message {
+            mid: Mid::from_ulid(ulid::Ulid::new()),
+            id: ClientId::parse("c1").unwrap(),
+            from: UserId::parse("alice").unwrap(),
+            from_device: DeviceId::default_device(),
+            to: user.into(),
+            chat: ChatKind::Direct,
+            body: RawValue::from_string(r#"{"secret":"AAEC"}"#.into()).unwrap(),
+            ts: 1,
+        },
+        sends: 1,
+        first_sent_ms: 1_000,
+        deadline_ms,
+    }
+}
+
+fn mids(found: &[Pending]) -> Vec<Mid> {
+    let mut mids: Vec<Mid> = found.iter().map(|p| p.message.mid).collect();
+    mids.sort();
+    mids
+}
+
+async fn contract(store: &dyn InFlight) {
+    let a = delivery("bob", "phone", 2_000);
+    let b = delivery("bob", "tablet", 3_000);
+    let c = delivery("carol", "web", 4_000);
+
+    assert_eq!(
+        store
+            .begin(&[a.clone(), b.clone(), c.clone()])
+            .await
+            .unwrap(),
+        vec![true, true, true]
+    );
+    // The same mid for the same device again is a duplicate; for another device it is not.
+    let mut a_elsewhere = a.clone();
+    a_elsewhere.device = DeviceId::parse("watch").unwrap();
+    assert_eq!(
+        store
+            .begin(&[a.clone(), a_elsewhere.clone()])
+            .await
+            .unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(store.count().await.unwrap(), 4);
+
+    // Nothing is due before its deadline.
+    assert!(store
+        .claim_due(1_999, 10_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // At 3 000, a, a_elsewhere and b are due; claiming leases them.
+    let claimed = store.claim_due(3_000, 10_000, 100).await.unwrap();
+    assert_eq!(
+        mids(&claimed),
+        mids(&[a.clone(), a_elsewhere.clone(), b.clone()])
+    );
+    let body = claimed.iter().find(|p| p.device == b.device).unwrap();
+    assert_eq!(
+        body.message.body.get(),
+        r#"{"secret":"AAEC"}"#,
+        "the message survives the store"
+    );
+    assert!(
+        store
+            .claim_due(3_000, 10_000, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased deliveries are not claimed twice"
+    );
+
+    // A claimer that dies: the lease runs out and the delivery is claimable again.
+    let again = store.claim_due(13_000, 10_000, 100).await.unwrap();
+    assert_eq!(again.len(), 4, "a, a_elsewhere, b after their lease, and c");
+
+    // A resend moves the deadline and counts the send.
+    let mut resent = b.clone();
+    resent.sends = 2;
+    resent.deadline_ms = 50_000;
+    assert!(store.resent(&resent).await.unwrap());
+    assert!(store
+        .claim_due(49_999, 10_000, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| p.device != b.device));
+    let due = store.claim_due(50_000, 10_000, 100).await.unwrap();
+    let b_again = due
+        .iter()
+        .find(|p| p.device == b.device)
+        .expect("b is due at its new deadline");
+    assert_eq!(b_again.sends, 2);
+
+    // Acks remove exactly what they name, once.
+    let acked = store
+        .ack(&a.user, &a.device, &[a.message.mid, c.message.mid])
+        .await
+        .unwrap();
+    assert_eq!(
+        acked[0].as_ref().map(|p| p.message.mid),
+        Some(a.message.mid)
+    );
+    assert!(acked[1].is_none(), "c is carol's, not bob's phone's");
+    assert!(store
+        .ack(&a.user, &a.device, &[a.message.mid])
+        .await
+        .unwrap()[0]
+        .is_none());
+    // A resend after the ack does not bring the delivery back.
+    assert!(!store.resent(&a).await.unwrap());
+
+    store.remove(&[b.clone(), c.clone()]).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 1, "only a_elsewhere is left");
+    let last = store.claim_due(u64::MAX / 4, 10, 100).await.unwrap();
+    assert_eq!(mids(&last), vec![a_elsewhere.message.mid]);
+}
+
+async fn claim_limit_contract(store: &dyn InFlight) {
+    let many: Vec<Pending> = (0..50)
+        .map(|i| delivery(&format!("user{i}"), "phone", 100))
+        .collect();
+    store.begin(&many).await.unwrap();
+    let mut claimed = 0;
+    // Claims come in bounded batches until everything due was claimed.
+    loop {
+        let batch = store.claim_due(100, 1_000_000, 16).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        assert!(
+            batch.len() <= 16,
+            "claimed {} with a limit of 16",
+            batch.len()
+        );
+        claimed += batch.len();
+    }
+    assert_eq!(claimed, 50);
+}
+
+fn redis_url() -> String {
+    std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn prefix() -> String {
+    format!("dak-test-{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+#[tokio::test]
+async fn memory_inflight_keeps_the_contract() {
+    contract(&MemoryInFlight::default()).await;
+    claim_limit_contract(&MemoryInFlight::default()).await;
+}
+
+#[tokio::test]
+async fn redis_inflight_keeps_the_contract() {
+    let conn = dak_runtime::redis::connect(&redis_url())
+        .await
+        .expect("Redis (scripts/test starts one)");
+    contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
+}
