@@ -40,6 +40,11 @@ pub struct KafkaArgs {
     /// Producer `linger.ms`: how long records wait to be batched.
     #[arg(long, env = "DAK_KAFKA_LINGER_MS", default_value_t = 2)]
     pub linger_ms: u32,
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker for
+    /// new records. Brokers answer as soon as records arrive; the embedded mock
+    /// cluster waits it out, so it bounds each hop's latency there.
+    #[arg(long, env = "DAK_KAFKA_FETCH_WAIT_MS", default_value_t = 10)]
+    pub fetch_wait_ms: u32,
 }
 
 /// The session store: presence, in-flight deliveries, outbox dedup.

@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 pub use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Message as _};
 pub use rdkafka::producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 
 use crate::config::KafkaArgs;
@@ -63,6 +64,7 @@ pub struct KafkaConfig {
     pub partitions: i32,
     pub replication: i32,
     pub linger_ms: u32,
+    pub fetch_wait_ms: u32,
 }
 
 impl KafkaConfig {
@@ -73,6 +75,7 @@ impl KafkaConfig {
             partitions: args.partitions,
             replication: args.replication,
             linger_ms: args.linger_ms,
+            fetch_wait_ms: args.fetch_wait_ms,
         }
     }
 
@@ -182,17 +185,48 @@ pub async fn acknowledged(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     }
 }
 
+/// Reports consumer lag from librdkafka's statistics as `dak_consumer_lag`.
+struct LagReporter {
+    group: String,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            // Lag behind what handlers finished (stored offsets), where known.
+            let lag: i64 = topic
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0 && p.desired)
+                .map(|p| {
+                    if p.consumer_lag_stored >= 0 {
+                        p.consumer_lag_stored
+                    } else {
+                        p.consumer_lag.max(0)
+                    }
+                })
+                .sum();
+            ::metrics::gauge!(crate::metrics::CONSUMER_LAG, "group" => self.group.clone(), "topic" => name.clone())
+                .set(lag as f64);
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
 /// A consumer-group member that stores offsets only when told to.
 pub struct EventConsumer {
-    inner: StreamConsumer,
+    inner: StreamConsumer<LagReporter>,
     group: String,
 }
 
 impl EventConsumer {
     pub fn new(config: &KafkaConfig, group: &str, topics: &[&str]) -> Result<Self, KafkaError> {
-        let inner: StreamConsumer = config
+        let inner: StreamConsumer<LagReporter> = config
             .client_config()
             .set("group.id", group)
+            .set("statistics.interval.ms", "5000")
+            .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
@@ -200,7 +234,9 @@ impl EventConsumer {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .create()?;
+            .create_with_context(LagReporter {
+                group: group.to_owned(),
+            })?;
         inner.subscribe(topics)?;
         Ok(Self {
             inner,

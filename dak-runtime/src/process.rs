@@ -24,13 +24,29 @@ pub struct ConfigError(pub String);
 
 pub type Tasks = JoinSet<anyhow::Result<()>>;
 
+/// What a binary starts: the tasks to supervise, and what they use that must
+/// outlive them all (the embedded Kafka cluster of `dak up`).
+pub struct Started {
+    pub tasks: Tasks,
+    pub keep_alive: Vec<Box<dyn Send>>,
+}
+
+impl From<Tasks> for Started {
+    fn from(tasks: Tasks) -> Self {
+        Self {
+            tasks,
+            keep_alive: Vec::new(),
+        }
+    }
+}
+
 /// Runs a binary: telemetry, runtime, signals. `start` spawns the services onto
 /// the task set; the process ends when they all ended or, after a signal, when
 /// they drained or the grace period ran out.
 pub fn main<F, Fut>(process: &ProcessArgs, start: F) -> ExitCode
 where
     F: FnOnce(Shutdown) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Tasks>>,
+    Fut: std::future::Future<Output = anyhow::Result<Started>>,
 {
     telemetry::init(process.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -46,14 +62,16 @@ where
     let grace = process.shutdown_grace;
     let result = runtime.block_on(async move {
         let shutdown = Shutdown::new();
-        let tasks = start(shutdown.clone()).await?;
+        let started = start(shutdown.clone()).await?;
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             shutdown::signal().await;
             tracing::info!("signal received, shutting down");
             on_signal.cancel();
         });
-        shutdown::supervise(tasks, shutdown, grace).await
+        let result = shutdown::supervise(started.tasks, shutdown, grace).await;
+        drop(started.keep_alive);
+        result
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {

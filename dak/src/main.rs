@@ -46,7 +46,14 @@ fn main() -> ExitCode {
                     running.admin_addr
                 );
                 tracing::info!(public = %running.public_addr, admin = %running.admin_addr, brokers = %running.kafka.brokers, "dak up");
-                Ok(running.tasks)
+                Ok(dak_runtime::process::Started {
+                    tasks: running.tasks,
+                    keep_alive: running
+                        .embedded
+                        .into_iter()
+                        .map(|e| Box::new(e) as Box<dyn Send>)
+                        .collect(),
+                })
             })
         }
         Command::Token(args) => match dak::token::mint(&args) {

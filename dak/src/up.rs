@@ -53,6 +53,8 @@ pub struct Running {
     pub jwt_secret: Option<String>,
     pub kafka: KafkaConfig,
     pub tasks: Tasks,
+    /// The mock cluster this stack runs on, if any: drop it after the tasks ended.
+    pub embedded: Option<Arc<EmbeddedKafka>>,
 }
 
 pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Result<Running> {
@@ -147,12 +149,10 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "session", session.run(shutdown.clone()));
-    let cluster_shutdown = shutdown.clone();
+    let flush_on = shutdown.clone();
     shutdown::spawn(&mut tasks, "producer", async move {
-        cluster_shutdown.cancelled().await;
+        flush_on.cancelled().await;
         producer.flush(Duration::from_secs(5));
-        // The embedded cluster, if this stack owns one, goes last.
-        drop(embedded);
         Ok(())
     });
 
@@ -165,6 +165,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
             .flatten(),
         kafka,
         tasks,
+        embedded,
     })
 }
 

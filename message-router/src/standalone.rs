@@ -2,7 +2,7 @@
 
 use dak_runtime::admin::Readiness;
 use dak_runtime::config::{KafkaArgs, ProcessArgs};
-use dak_runtime::process::{self, Tasks};
+use dak_runtime::process::{self, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::MessageRouter;
@@ -16,7 +16,7 @@ pub struct Args {
     pub kafka: KafkaArgs,
 }
 
-pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
     let mut readiness = Readiness::default();
@@ -26,5 +26,5 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown));
-    Ok(tasks)
+    Ok(tasks.into())
 }

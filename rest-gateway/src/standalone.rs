@@ -6,7 +6,7 @@ use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::config::{AuthArgs, KafkaArgs, LimitArgs, ProcessArgs, PublicArgs, StoreArgs};
 use dak_runtime::ingress::Ingress;
-use dak_runtime::process::{self, ConfigError, Tasks};
+use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::RestGateway;
@@ -28,7 +28,7 @@ pub struct Args {
     pub limits: LimitArgs,
 }
 
-pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
@@ -54,5 +54,5 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
         Ok(())
     });
     tracing::info!(public = %args.public.public_addr, "rest-gateway listening");
-    Ok(tasks)
+    Ok(tasks.into())
 }

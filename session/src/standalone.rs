@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use dak_runtime::admin::Readiness;
 use dak_runtime::config::{InternalArgs, KafkaArgs, ProcessArgs, StoreArgs};
-use dak_runtime::process::{self, Tasks};
+use dak_runtime::process::{self, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::inflight::RedisInFlight;
@@ -25,7 +25,7 @@ pub struct Args {
     pub session: Config,
 }
 
-pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let internal_token = process::internal_token(&args.internal)?;
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
@@ -45,5 +45,5 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     shutdown::spawn(&mut tasks, "session", session.run(shutdown));
-    Ok(tasks)
+    Ok(tasks.into())
 }

@@ -7,7 +7,7 @@ use dak_runtime::auth::Verifier;
 use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs};
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::Gateway;
-use dak_runtime::process::{self, ConfigError, Tasks};
+use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::{Config, Deps, WsGateway};
@@ -31,7 +31,7 @@ pub struct Args {
     pub gateway: Config,
 }
 
-pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
@@ -83,5 +83,5 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Tasks> {
         Ok(())
     });
     tracing::info!(public = %args.public.public_addr, "ws-gateway listening");
-    Ok(tasks)
+    Ok(tasks.into())
 }

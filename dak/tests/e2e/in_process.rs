@@ -299,5 +299,26 @@ async fn metrics_and_health_are_served() {
         .await
         .unwrap();
     assert!(text.contains("dak_connected_devices"), "{text}");
+    // Consumer lag comes from librdkafka's statistics, every 5 s.
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", stack.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(&format!(
+            "dak_consumer_lag{{group=\"{}dak.session\"",
+            stack.topic_prefix
+        )) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no consumer lag reported: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stack.stop().await;
 }

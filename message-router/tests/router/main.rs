@@ -35,6 +35,7 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
         partitions: 4,
         replication: 1,
         linger_ms: 1,
+        fetch_wait_ms: 10,
     };
     let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
     cluster
