@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use dak_wire::event::{self, Ack, InboundEvent, Message};
+use dak_wire::event::{self, Ack, Connected, InboundEvent, Message};
 use dak_wire::frame::Outgoing;
 use dak_wire::{ClientId, Mid};
 use rdkafka::producer::DeliveryFuture;
@@ -116,6 +116,20 @@ impl Ingress {
             delivery,
             dedup: self.dedup.clone(),
         })
+    }
+
+    /// Announces a new socket on `dak.inbound`, which starts its inbox replay.
+    pub async fn connected(&self, from: &Identity, connection: &str) -> Result<(), IngressError> {
+        let event = InboundEvent::Connected(Connected {
+            user: from.user.clone(),
+            device: from.device.clone(),
+            connection: connection.to_owned(),
+        });
+        let delivery =
+            self.producer
+                .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
+        kafka::acknowledged(delivery).await?;
+        Ok(())
     }
 
     /// Queues a device's ack on `dak.inbound` and waits for Kafka.

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod dedup;
+pub mod gateway;
 pub mod http;
 pub mod ingress;
 pub mod kafka;

@@ -52,7 +52,32 @@ pub struct Connection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRoute {
     pub device: DeviceId,
+    /// Set while the device has a socket on a live gateway.
     pub gateway_url: Option<String>,
+    /// The socket's connection id, with `gateway_url`.
+    pub connection: Option<String>,
+    /// The socket finished its inbox replay: new messages go to it directly.
+    /// Until then they are held, so they cannot overtake the replay.
+    pub live: bool,
+}
+
+impl DeviceRoute {
+    fn offline(device: DeviceId) -> Self {
+        Self {
+            device,
+            gateway_url: None,
+            connection: None,
+            live: false,
+        }
+    }
+
+    /// Where to send to this device directly, if it is connected and live.
+    pub fn live_socket(&self) -> Option<(&str, &str)> {
+        match (&self.gateway_url, &self.connection) {
+            (Some(url), Some(connection)) if self.live => Some((url, connection)),
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -61,6 +86,17 @@ pub trait Presence: Send + Sync + 'static {
     async fn connect(&self, conn: &Connection) -> StoreResult<()>;
     /// Removes the socket's entry, unless a newer connection of the device replaced it.
     async fn disconnect(&self, conn: &Connection) -> StoreResult<()>;
+    /// Marks the socket live (its replay is done). False if the device has
+    /// another connection by now.
+    async fn set_live(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection_id: &str,
+    ) -> StoreResult<bool>;
+    /// Makes a device known to its user without a socket (it registered a push
+    /// token, for instance).
+    async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()>;
     /// Keeps `gateway`'s entries alive for `ttl`.
     async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()>;
     /// A gateway shutting down cleanly: its entries stop counting now.
@@ -84,7 +120,8 @@ struct MemoryState {
 #[derive(Default)]
 struct UserPresence {
     devices: BTreeSet<DeviceId>,
-    sockets: HashMap<DeviceId, (String, String)>,
+    /// device → (gateway id, connection id, live)
+    sockets: HashMap<DeviceId, (String, String, bool)>,
 }
 
 #[async_trait]
@@ -95,8 +132,39 @@ impl Presence for MemoryPresence {
         user.devices.insert(conn.device.clone());
         user.sockets.insert(
             conn.device.clone(),
-            (conn.gateway_id.clone(), conn.connection_id.clone()),
+            (conn.gateway_id.clone(), conn.connection_id.clone(), false),
         );
+        Ok(())
+    }
+
+    async fn set_live(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection_id: &str,
+    ) -> StoreResult<bool> {
+        let mut state = self.state.lock().expect("presence lock");
+        let socket = state
+            .users
+            .get_mut(user)
+            .and_then(|u| u.sockets.get_mut(device));
+        match socket {
+            Some((_, c, live)) if c == connection_id => {
+                *live = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        let mut state = self.state.lock().expect("presence lock");
+        state
+            .users
+            .entry(user.clone())
+            .or_default()
+            .devices
+            .insert(device.clone());
         Ok(())
     }
 
@@ -106,7 +174,7 @@ impl Presence for MemoryPresence {
             let ours = user
                 .sockets
                 .get(&conn.device)
-                .is_some_and(|(_, c)| *c == conn.connection_id);
+                .is_some_and(|(_, c, _)| *c == conn.connection_id);
             if ours {
                 user.sockets.remove(&conn.device);
             }
@@ -149,9 +217,20 @@ impl Presence for MemoryPresence {
                 Some(p) => p
                     .devices
                     .iter()
-                    .map(|device| DeviceRoute {
-                        device: device.clone(),
-                        gateway_url: p.sockets.get(device).and_then(|(gw, _)| live_url(gw)),
+                    .map(|device| {
+                        let socket = p
+                            .sockets
+                            .get(device)
+                            .and_then(|(gw, c, live)| Some((live_url(gw)?, c.clone(), *live)));
+                        match socket {
+                            Some((url, connection, live)) => DeviceRoute {
+                                device: device.clone(),
+                                gateway_url: Some(url),
+                                connection: Some(connection),
+                                live,
+                            },
+                            None => DeviceRoute::offline(device.clone()),
+                        }
                     })
                     .collect(),
             })
@@ -166,9 +245,22 @@ pub struct RedisPresence {
     prefix: String,
 }
 
+// Entries are `<gateway id> <connection id> <0|1 live>`; scripts match on the
+// first two words.
 const DISCONNECT: &str = r"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ' ' then
   return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0";
+
+const SET_LIVE: &str = r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local gw, conn = string.match(v, '^(%S+) (%S+)')
+if conn == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], gw .. ' ' .. conn .. ' 1')
+  return 1
 end
 return 0";
 
@@ -196,7 +288,7 @@ impl RedisPresence {
 #[async_trait]
 impl Presence for RedisPresence {
     async fn connect(&self, conn: &Connection) -> StoreResult<()> {
-        let value = format!("{} {}", conn.gateway_id, conn.connection_id);
+        let value = format!("{} {} 0", conn.gateway_id, conn.connection_id);
         redis::pipe()
             .hset(self.presence_key(&conn.user), conn.device.as_str(), value)
             .ignore()
@@ -214,6 +306,30 @@ impl Presence for RedisPresence {
             .arg(conn.device.as_str())
             .arg(value)
             .invoke_async::<i64>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn set_live(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection_id: &str,
+    ) -> StoreResult<bool> {
+        let set: i64 = redis::Script::new(SET_LIVE)
+            .key(self.presence_key(user))
+            .arg(device.as_str())
+            .arg(connection_id)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(set == 1)
+    }
+
+    async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        redis::cmd("SADD")
+            .arg(self.devices_key(user))
+            .arg(device.as_str())
+            .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(())
     }
@@ -283,14 +399,26 @@ impl Presence for RedisPresence {
                 devices
                     .iter()
                     .map(|device| {
-                        let gateway_url = sockets
-                            .get(device)
-                            .and_then(|v| v.split_once(' '))
-                            .and_then(|(gw, _)| urls.get(gw).cloned());
-                        Ok(DeviceRoute {
-                            device: DeviceId::parse(device.as_str())
-                                .map_err(|e| StoreError::Corrupt(e.message))?,
-                            gateway_url,
+                        let device = DeviceId::parse(device.as_str())
+                            .map_err(|e| StoreError::Corrupt(e.message))?;
+                        let socket = sockets.get(device.as_str()).and_then(|v| {
+                            let mut words = v.split(' ');
+                            let (gw, connection, live) =
+                                (words.next()?, words.next()?, words.next());
+                            Some((
+                                urls.get(gw)?.clone(),
+                                connection.to_owned(),
+                                live == Some("1"),
+                            ))
+                        });
+                        Ok(match socket {
+                            Some((url, connection, live)) => DeviceRoute {
+                                device,
+                                gateway_url: Some(url),
+                                connection: Some(connection),
+                                live,
+                            },
+                            None => DeviceRoute::offline(device),
                         })
                     })
                     .collect()

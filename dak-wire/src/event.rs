@@ -44,12 +44,42 @@ pub struct Ack {
     pub mids: Vec<Mid>,
 }
 
+/// A device's socket, as a gateway registered it. A reconnect is a new
+/// connection, so events about an older socket can be told apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub connection: String,
+}
+
+/// Where a device's push notifications go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    Android,
+    Ios,
+    Web,
+}
+
+/// A device registered (or replaced) its push token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushToken {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub token: String,
+    pub platform: Platform,
+}
+
 /// `dak.inbound`, keyed by the sender: everything clients send.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InboundEvent {
     Message(Message),
     Ack(Ack),
+    /// A device connected: its stored inbox is to be replayed before anything new.
+    Connected(Connected),
+    PushToken(PushToken),
 }
 
 /// `dak.deliver`, keyed by the recipient user: deliveries and acks for that user
@@ -59,6 +89,11 @@ pub enum InboundEvent {
 pub enum DeliverEvent {
     Message(Delivery),
     Ack(Ack),
+    /// A device connected; session asks persistence to replay its inbox.
+    Connected(Connected),
+    /// Persistence replayed the inbox to this connection and sent `sync.done`;
+    /// from here on, session delivers to it directly.
+    Replayed(Connected),
 }
 
 /// One message to every device of `recipient`.
@@ -96,6 +131,15 @@ pub enum OfflineEvent {
     /// The device acked these mids: drop them. May arrive for mids that were
     /// never stored (an ack that raced the offline hand-over), which is harmless.
     Drop(Ack),
+    /// Replay the device's inbox to this connection through its gateway, then
+    /// send `sync.done` and answer with [`DeliverEvent::Replayed`]. Ordered after
+    /// every `store` session published for the user before it.
+    Replay {
+        connected: Connected,
+        gateway_url: String,
+    },
+    /// For push: the device's token.
+    PushToken(PushToken),
 }
 
 /// The versioned wrapper every event travels in.

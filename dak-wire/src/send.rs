@@ -15,6 +15,10 @@ pub struct SendRequest {
 pub struct SendItem {
     pub user: UserId,
     pub device: DeviceId,
+    /// When set, write only to this connection of the device: a replay meant for
+    /// one socket must not land on its successor, which gets its own replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
     /// The complete server frame, already encoded: the gateway writes it as is.
     pub frame: Box<RawValue>,
 }

@@ -25,6 +25,8 @@ enum Command {
     MessageRouter(message_router::standalone::Args),
     /// Run session on its own.
     Session(session::standalone::Args),
+    /// Run persistence on its own.
+    Persistence(persistence::standalone::Args),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +83,10 @@ fn main() -> ExitCode {
         Command::Session(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| session::standalone::start(args, s))
+        }
+        Command::Persistence(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| persistence::standalone::start(args, s))
         }
     }
 }

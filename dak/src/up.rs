@@ -35,6 +35,10 @@ pub struct UpArgs {
     pub gateway: ws_gateway::Config,
     #[command(flatten)]
     pub session: session::Config,
+    #[command(flatten)]
+    pub persistence: persistence::Config,
+    #[command(flatten)]
+    pub data: persistence::standalone::DataArgs,
 }
 
 /// Where the event bus comes from.
@@ -106,6 +110,9 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         .clone()
         .unwrap_or_else(|| format!("http://{internal_addr}"));
 
+    let inbox = args.data.open_inbox()?;
+    persistence::standalone::inbox_check(&mut readiness, &inbox);
+
     let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), dedup);
     let limits = args.gateway.limits.limits();
     let ws = ws_gateway::WsGateway::new(
@@ -120,7 +127,17 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         },
         shutdown.clone(),
     );
-    let rest = rest_gateway::RestGateway::new(verifier, ingress, limits);
+    let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits);
+    let persistence = persistence::Persistence::build(
+        args.persistence,
+        &kafka,
+        persistence::Deps {
+            inbox,
+            producer: producer.clone(),
+            verifier,
+            internal_token: internal_token.clone(),
+        },
+    )?;
     let router = message_router::MessageRouter::build(&kafka, producer.clone())?;
     let session = session::Session::build(
         args.session,
@@ -135,7 +152,10 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
-    let public_router = ws.public_router().merge(rest.router());
+    let public_router = ws
+        .public_router()
+        .merge(rest.router())
+        .merge(persistence.router());
     shutdown::spawn(
         &mut tasks,
         "public API",
@@ -149,6 +169,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "session", session.run(shutdown.clone()));
+    shutdown::spawn(&mut tasks, "persistence", persistence.run(shutdown.clone()));
     let flush_on = shutdown.clone();
     shutdown::spawn(&mut tasks, "producer", async move {
         flush_on.cancelled().await;

@@ -3,7 +3,10 @@
 //!
 //! - A direct message goes to `dak.deliver`, keyed by the recipient, so every
 //!   delivery and ack for one user is one ordered stream.
-//! - An ack goes to `dak.deliver`, keyed by the acking user.
+//! - An ack, and a device's connection (which starts its inbox replay), go to
+//!   `dak.deliver`, keyed by the user.
+//! - A push-token registration goes to `dak.offline`, keyed by the user, where
+//!   push keeps its tokens.
 //!
 //! Group messages go to `dak.group` once group-router exists; until then the
 //! gateways refuse them. An event that cannot be decoded is logged, counted in
@@ -16,7 +19,7 @@ pub mod standalone;
 use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
-use dak_wire::event::{self, DeliverEvent, Delivery, InboundEvent};
+use dak_wire::event::{self, DeliverEvent, Delivery, InboundEvent, OfflineEvent};
 use dak_wire::{ChatKind, UserId};
 
 /// Consumer group of every message-router instance.
@@ -29,12 +32,14 @@ pub struct MessageRouter {
     consumer: EventConsumer,
     producer: Producer,
     deliver_topic: String,
+    offline_topic: String,
 }
 
 /// Where one inbound event goes.
 #[derive(Debug)]
 pub enum Route {
     Deliver { key: UserId, event: DeliverEvent },
+    Offline { key: UserId, event: OfflineEvent },
     Drop(String),
 }
 
@@ -45,6 +50,7 @@ impl MessageRouter {
             consumer,
             producer,
             deliver_topic: config.topics.deliver.clone(),
+            offline_topic: config.topics.offline.clone(),
         })
     }
 
@@ -71,11 +77,22 @@ impl MessageRouter {
                     let kind = match &event {
                         DeliverEvent::Message(_) => "message",
                         DeliverEvent::Ack(_) => "ack",
+                        DeliverEvent::Connected(_) => "connected",
+                        DeliverEvent::Replayed(_) => "replayed",
                     };
                     ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
                     let payload = event::encode(&event);
                     acks.push(self.producer.enqueue(
                         &self.deliver_topic,
+                        key.as_str(),
+                        &payload,
+                    )?);
+                }
+                Route::Offline { key, event } => {
+                    ::metrics::counter!(metrics::ROUTED, "kind" => "push_token").increment(1);
+                    let payload = event::encode(&event);
+                    acks.push(self.producer.enqueue(
+                        &self.offline_topic,
                         key.as_str(),
                         &payload,
                     )?);
@@ -128,6 +145,14 @@ pub fn route(payload: &[u8]) -> Route {
         InboundEvent::Ack(ack) => Route::Deliver {
             key: ack.user.clone(),
             event: DeliverEvent::Ack(ack),
+        },
+        InboundEvent::Connected(connected) => Route::Deliver {
+            key: connected.user.clone(),
+            event: DeliverEvent::Connected(connected),
+        },
+        InboundEvent::PushToken(token) => Route::Offline {
+            key: token.user.clone(),
+            event: OfflineEvent::PushToken(token),
         },
     }
 }

@@ -2,19 +2,19 @@
 //! loop.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use dak_runtime::gateway::Gateways;
 use dak_runtime::kafka::{self, DeliveryFuture, Producer, Record};
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
-use dak_wire::event::{self, Ack, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
+use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
 use dak_wire::frame::MessageFrame;
 use dak_wire::send::{SendItem, SendOutcome};
-use dak_wire::{ServerFrame, UserId};
+use dak_wire::{DeviceId, Message, ServerFrame, UserId};
 use serde_json::value::RawValue;
-use std::sync::Arc;
 
-use crate::gateways::Gateways;
 use crate::inflight::{InFlight, Pending};
 use crate::{Config, Deps};
 
@@ -30,7 +30,7 @@ pub(crate) struct Core {
     offline_topic: String,
 }
 
-/// Offline hand-overs collected while handling a batch, published together.
+/// Events for `dak.offline` collected while handling a batch, published together.
 #[derive(Default)]
 struct Offline {
     events: Vec<(UserId, OfflineEvent)>,
@@ -40,9 +40,9 @@ impl Offline {
     fn store(
         &mut self,
         user: &UserId,
-        device: Option<&dak_wire::DeviceId>,
+        device: Option<&DeviceId>,
         reason: OfflineReason,
-        message: &dak_wire::Message,
+        message: &Message,
     ) {
         let label = match reason {
             OfflineReason::NotConnected => "not_connected",
@@ -63,6 +63,13 @@ impl Offline {
     }
 }
 
+/// One delivery on its way to a socket.
+struct Send {
+    pending: Pending,
+    url: String,
+    connection: String,
+}
+
 impl Core {
     pub(crate) fn new(config: Config, deps: Deps, offline_topic: String) -> Self {
         Self {
@@ -79,22 +86,47 @@ impl Core {
         self.producer.flush(Duration::from_secs(5));
     }
 
-    /// Handles one batch from `dak.deliver`. Messages first, then acks: an ack in
-    /// the batch can only be for a message delivered before it.
+    fn ack_deadline(&self, now: u64) -> u64 {
+        now + self.config.ack_timeout.as_millis() as u64
+    }
+
+    /// How long a message waits for its device's replay to finish: as long as it
+    /// would wait for acks over every attempt.
+    fn hold_deadline(&self, now: u64) -> u64 {
+        now + self.config.ack_timeout.as_millis() as u64 * u64::from(self.config.retries + 1)
+    }
+
+    /// Handles one batch from `dak.deliver` in stream order. Consecutive messages
+    /// are delivered together; a connect or replay event is a boundary, since it
+    /// changes how the messages after it are routed. Acks go last: an ack can
+    /// only be for a message delivered before it.
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
-        let mut deliveries = Vec::new();
+        let mut messages = Vec::new();
         let mut acks = Vec::new();
         for record in records {
             match event::decode::<DeliverEvent>(&record.payload) {
-                Ok(DeliverEvent::Message(d)) => deliveries.push(d),
+                Ok(DeliverEvent::Message(d)) => messages.push(d),
                 Ok(DeliverEvent::Ack(a)) => acks.push(a),
+                Ok(DeliverEvent::Connected(c)) => {
+                    self.deliver(std::mem::take(&mut messages)).await?;
+                    self.connected(c).await?;
+                }
+                Ok(DeliverEvent::Replayed(c)) => {
+                    self.deliver(std::mem::take(&mut messages)).await?;
+                    self.replayed(c).await?;
+                }
                 Err(e) => {
                     ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "deliver").increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping deliver event");
+                    tracing::warn!(
+                        partition = record.partition,
+                        offset = record.offset,
+                        reason = %e.message,
+                        "dropping deliver event"
+                    );
                 }
             }
         }
-        self.deliver(deliveries).await?;
+        self.deliver(messages).await?;
         self.acks(acks).await
     }
 
@@ -105,7 +137,7 @@ impl Core {
         let routes = self.routes(deliveries.iter().map(|d| &d.recipient)).await?;
         let now = now_ms();
         let mut offline = Offline::default();
-        let mut candidates = Vec::new();
+        let mut candidates: Vec<(Pending, Option<(String, String)>)> = Vec::new();
         for d in deliveries {
             let devices = &routes[&d.recipient];
             if devices.is_empty() {
@@ -117,24 +149,27 @@ impl Core {
                 if d.recipient == d.message.from && route.device == d.message.from_device {
                     continue;
                 }
-                match &route.gateway_url {
-                    None => offline.store(
+                let pending = |sends, deadline_ms| Pending {
+                    user: d.recipient.clone(),
+                    device: route.device.clone(),
+                    message: d.message.clone(),
+                    sends,
+                    first_sent_ms: now,
+                    deadline_ms,
+                };
+                if let Some((url, connection)) = route.live_socket() {
+                    let target = Some((url.to_owned(), connection.to_owned()));
+                    candidates.push((pending(1, self.ack_deadline(now)), target));
+                } else if route.gateway_url.is_some() {
+                    // Connected, replay still running: hold it until `replayed`.
+                    candidates.push((pending(0, self.hold_deadline(now)), None));
+                } else {
+                    offline.store(
                         &d.recipient,
                         Some(&route.device),
                         OfflineReason::NotConnected,
                         &d.message,
-                    ),
-                    Some(url) => candidates.push((
-                        Pending {
-                            user: d.recipient.clone(),
-                            device: route.device.clone(),
-                            message: d.message.clone(),
-                            sends: 1,
-                            first_sent_ms: now,
-                            deadline_ms: now + self.config.ack_timeout.as_millis() as u64,
-                        },
-                        url.clone(),
-                    )),
+                    );
                 }
             }
         }
@@ -142,10 +177,17 @@ impl Core {
         // Recorded before sending, so an ack can never find its delivery missing.
         let pending: Vec<Pending> = candidates.iter().map(|(p, _)| p.clone()).collect();
         let fresh = self.inflight.begin(&pending).await?;
-        let to_send: Vec<(Pending, String)> = candidates
+        let to_send: Vec<Send> = candidates
             .into_iter()
             .zip(fresh)
-            .filter_map(|(candidate, fresh)| fresh.then_some(candidate))
+            .filter_map(|((pending, target), fresh)| {
+                let (url, connection) = target.filter(|_| fresh)?;
+                Some(Send {
+                    pending,
+                    url,
+                    connection,
+                })
+            })
             .collect();
 
         let mut gone = Vec::new();
@@ -154,6 +196,95 @@ impl Core {
                 SendOutcome::Sent => ::metrics::counter!(metrics::DELIVERED).increment(1),
                 // The retry loop sends it again when the deadline passes.
                 SendOutcome::Busy => {}
+                SendOutcome::NotConnected => {
+                    offline.store(
+                        &p.user,
+                        Some(&p.device),
+                        OfflineReason::NotConnected,
+                        &p.message,
+                    );
+                    gone.push(p);
+                }
+            }
+        }
+        self.publish(offline).await?;
+        self.inflight.remove(&gone).await?;
+        Ok(())
+    }
+
+    /// A device connected: ask persistence to replay its inbox to that socket.
+    /// The request travels on `dak.offline` behind every `store` published for the
+    /// user so far, so the replay includes all of them.
+    async fn connected(&self, connected: Connected) -> anyhow::Result<()> {
+        let routes = self.routes(std::iter::once(&connected.user)).await?;
+        let socket = routes[&connected.user]
+            .iter()
+            .find(|r| {
+                r.device == connected.device
+                    && r.connection.as_deref() == Some(&connected.connection)
+            })
+            .and_then(|r| r.gateway_url.clone());
+        let Some(gateway_url) = socket else {
+            tracing::debug!(user = %connected.user, device = %connected.device, "connection gone before its replay");
+            return Ok(());
+        };
+        let user = connected.user.clone();
+        let event = OfflineEvent::Replay {
+            connected,
+            gateway_url,
+        };
+        let mut offline = Offline::default();
+        offline.events.push((user, event));
+        self.publish(offline).await
+    }
+
+    /// Persistence finished the replay: the socket goes live, and what was held
+    /// for it is sent, in order, before anything newer.
+    async fn replayed(&self, connected: Connected) -> anyhow::Result<()> {
+        let Connected {
+            user,
+            device,
+            connection,
+        } = connected;
+        if !self.presence.set_live(&user, &device, &connection).await? {
+            // A newer connection took over; its own replay releases the held messages.
+            return Ok(());
+        }
+        let routes = self.routes(std::iter::once(&user)).await?;
+        let Some(url) = routes[&user]
+            .iter()
+            .find(|r| r.device == device)
+            .and_then(|r| r.live_socket())
+            .map(|(url, _)| url.to_owned())
+        else {
+            return Ok(());
+        };
+        let held = self.inflight.take_held(&user, &device).await?;
+        tracing::debug!(%user, %device, held = held.len(), "device live");
+        let now = now_ms();
+        let to_send = held
+            .into_iter()
+            .map(|mut pending| {
+                pending.sends = 1;
+                pending.first_sent_ms = now;
+                pending.deadline_ms = self.ack_deadline(now);
+                Send {
+                    pending,
+                    url: url.clone(),
+                    connection: connection.clone(),
+                }
+            })
+            .collect();
+        let mut offline = Offline::default();
+        let mut gone = Vec::new();
+        for (p, outcome) in self.send(to_send).await {
+            match outcome {
+                SendOutcome::Sent | SendOutcome::Busy => {
+                    if outcome == SendOutcome::Sent {
+                        ::metrics::counter!(metrics::DELIVERED).increment(1);
+                    }
+                    self.inflight.resent(&p).await?;
+                }
                 SendOutcome::NotConnected => {
                     offline.store(
                         &p.user,
@@ -199,10 +330,11 @@ impl Core {
                     device: ack.device.clone(),
                     mids: forward,
                 });
+                let payload = event::encode(&event);
                 forwards.push(self.producer.enqueue(
                     &self.offline_topic,
                     ack.user.as_str(),
-                    &event::encode(&event),
+                    &payload,
                 )?);
             }
         }
@@ -265,12 +397,39 @@ impl Core {
             let routes = self.routes(again.iter().map(|p| &p.user)).await?;
             let mut to_send = Vec::new();
             for mut p in again {
-                let url = routes[&p.user]
-                    .iter()
-                    .find(|r| r.device == p.device)
-                    .and_then(|r| r.gateway_url.clone());
-                match url {
-                    None => {
+                let route = routes[&p.user].iter().find(|r| r.device == p.device);
+                match route {
+                    Some(route) if route.live_socket().is_some() => {
+                        let (url, connection) = route.live_socket().expect("checked");
+                        if p.is_held() {
+                            p.first_sent_ms = now;
+                        }
+                        p.sends += 1;
+                        p.deadline_ms = self.ack_deadline(now);
+                        to_send.push(Send {
+                            pending: p,
+                            url: url.to_owned(),
+                            connection: connection.to_owned(),
+                        });
+                    }
+                    Some(route) if route.gateway_url.is_some() && !p.is_held() => {
+                        // Sent to an earlier socket; the device reconnected and is
+                        // replaying. Hold it for the new socket.
+                        p.sends = 0;
+                        p.deadline_ms = self.hold_deadline(now);
+                        self.inflight.resent(&p).await?;
+                    }
+                    Some(route) if route.gateway_url.is_some() => {
+                        // Held past its deadline: the replay never finished.
+                        offline.store(
+                            &p.user,
+                            Some(&p.device),
+                            OfflineReason::AckTimeout,
+                            &p.message,
+                        );
+                        finished.push(p);
+                    }
+                    _ => {
                         offline.store(
                             &p.user,
                             Some(&p.device),
@@ -279,21 +438,24 @@ impl Core {
                         );
                         finished.push(p);
                     }
-                    Some(url) => {
-                        p.sends += 1;
-                        p.deadline_ms = now + self.config.ack_timeout.as_millis() as u64;
-                        to_send.push((p, url));
-                    }
                 }
             }
             for (p, outcome) in self.send(to_send).await {
                 match outcome {
                     SendOutcome::Sent | SendOutcome::Busy => {
-                        ::metrics::counter!(metrics::RETRIED).increment(1);
+                        if p.sends > 1 {
+                            ::metrics::counter!(metrics::RETRIED).increment(1);
+                        }
                         if outcome == SendOutcome::Sent {
                             ::metrics::counter!(metrics::DELIVERED).increment(1);
                         }
-                        tracing::debug!(mid = %p.message.mid, user = %p.user, device = %p.device, sends = p.sends, "sent again");
+                        tracing::debug!(
+                            mid = %p.message.mid,
+                            user = %p.user,
+                            device = %p.device,
+                            sends = p.sends,
+                            "sent again"
+                        );
                         // False when the ack arrived meanwhile: nothing left to do.
                         self.inflight.resent(&p).await?;
                     }
@@ -327,20 +489,22 @@ impl Core {
         Ok(distinct.into_iter().zip(routes).collect())
     }
 
-    /// Hands each delivery to its gateway, one request per gateway.
-    async fn send(&self, deliveries: Vec<(Pending, String)>) -> Vec<(Pending, SendOutcome)> {
+    /// Hands each delivery to its gateway, one request per gateway, addressed to
+    /// the socket it was meant for.
+    async fn send(&self, deliveries: Vec<Send>) -> Vec<(Pending, SendOutcome)> {
         if deliveries.is_empty() {
             return Vec::new();
         }
         let mut batches: HashMap<String, Vec<(usize, SendItem)>> = HashMap::new();
-        for (i, (p, url)) in deliveries.iter().enumerate() {
-            let frame = ServerFrame::Message(MessageFrame::from(&p.message)).to_json();
+        for (i, d) in deliveries.iter().enumerate() {
+            let frame = ServerFrame::Message(MessageFrame::from(&d.pending.message)).to_json();
             let item = SendItem {
-                user: p.user.clone(),
-                device: p.device.clone(),
+                user: d.pending.user.clone(),
+                device: d.pending.device.clone(),
+                connection: Some(d.connection.clone()),
                 frame: RawValue::from_string(frame).expect("server frames are JSON"),
             };
-            batches.entry(url.clone()).or_default().push((i, item));
+            batches.entry(d.url.clone()).or_default().push((i, item));
         }
         let mut outcomes = vec![SendOutcome::NotConnected; deliveries.len()];
         for (i, outcome) in self.gateways.send_all(batches).await {
@@ -348,7 +512,7 @@ impl Core {
         }
         deliveries
             .into_iter()
-            .map(|(p, _)| p)
+            .map(|d| d.pending)
             .zip(outcomes)
             .collect()
     }

@@ -23,13 +23,14 @@ use dak_wire::event::Message;
 use dak_wire::{DeviceId, Mid, UserId};
 use serde::{Deserialize, Serialize};
 
-/// One message to one device, waiting for that device's ack.
+/// One message to one device, waiting for that device's ack — or, with
+/// `sends == 0`, held until the device's socket finished its inbox replay.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     pub user: UserId,
     pub device: DeviceId,
     pub message: Message,
-    /// Times the message was handed to the device's gateway.
+    /// Times the message was handed to the device's gateway; 0 while held.
     pub sends: u32,
     pub first_sent_ms: u64,
     /// When the current send times out without an ack.
@@ -40,6 +41,10 @@ impl Pending {
     fn member(&self) -> String {
         member(&self.user, &self.device, self.message.mid)
     }
+
+    pub fn is_held(&self) -> bool {
+        self.sends == 0
+    }
 }
 
 fn member(user: &UserId, device: &DeviceId, mid: Mid) -> String {
@@ -48,10 +53,12 @@ fn member(user: &UserId, device: &DeviceId, mid: Mid) -> String {
 
 #[async_trait]
 pub trait InFlight: Send + Sync + 'static {
-    /// Records deliveries about to be sent. For each, `true` if it is new;
-    /// `false` if the same mid is already in flight to that device (a duplicate
-    /// event), in which case it must not be sent again.
+    /// Records deliveries about to be sent (or held). For each, `true` if it is
+    /// new; `false` if the same mid is already in flight to that device (a
+    /// duplicate event), in which case it must not be sent again.
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
+    /// Takes the device's held deliveries, in the order they were held.
+    async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>>;
     /// Removes the acked deliveries, returning each one that was in flight.
     async fn ack(
         &self,
@@ -68,7 +75,8 @@ pub trait InFlight: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<Pending>>;
     /// Stores a delivery after it was sent again (new `sends` and deadline), if
-    /// it is still in flight. Returns whether it was.
+    /// it is still in flight. Returns whether it was. With `sends == 0` the
+    /// delivery is held (again) for the device's next live socket.
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool>;
     /// Forgets deliveries that were handed to the offline inbox.
     async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()>;
@@ -86,6 +94,7 @@ pub struct MemoryInFlight {
 struct MemoryState {
     records: HashMap<String, (u64, Pending)>,
     due: BTreeSet<(u64, String)>,
+    held: HashMap<(UserId, DeviceId), Vec<String>>,
 }
 
 #[async_trait]
@@ -100,9 +109,30 @@ impl InFlight for MemoryInFlight {
                     return false;
                 }
                 state.due.insert((d.deadline_ms, key.clone()));
+                if d.is_held() {
+                    let held = state
+                        .held
+                        .entry((d.user.clone(), d.device.clone()))
+                        .or_default();
+                    held.push(key.clone());
+                }
                 state.records.insert(key, (d.deadline_ms, d.clone()));
                 true
             })
+            .collect())
+    }
+
+    async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
+        let mut state = self.state.lock().expect("in-flight lock");
+        let keys = state
+            .held
+            .remove(&(user.clone(), device.clone()))
+            .unwrap_or_default();
+        Ok(keys
+            .iter()
+            .filter_map(|k| state.records.get(k))
+            .map(|(_, p)| p.clone())
+            .filter(Pending::is_held)
             .collect())
     }
 
@@ -189,9 +219,20 @@ pub const SHARDS: u32 = 16;
 const BEGIN: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  if ARGV[4] == '1' then redis.call('RPUSH', KEYS[3], ARGV[1]) end
   return 1
 end
 return 0";
+
+const TAKE_HELD: &str = r"
+local members = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3])
+local out = {}
+for _, m in ipairs(members) do
+  local v = redis.call('HGET', KEYS[1], m)
+  if v then table.insert(out, v) end
+end
+return out";
 
 const ACK: &str = r"
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -219,6 +260,7 @@ const RESENT: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  if ARGV[4] == '1' then redis.call('RPUSH', KEYS[3], ARGV[1]) end
   return 1
 end
 return 0";
@@ -248,6 +290,15 @@ impl RedisInFlight {
     fn keys_for(&self, user: &UserId) -> (String, String) {
         self.shard_keys(shard_of(user))
     }
+
+    /// The device's held list, in the user's shard (same hash tag).
+    fn held_key(&self, user: &UserId, device: &DeviceId) -> String {
+        format!(
+            "{}:{{inflight:{}}}:held:{user}/{device}",
+            self.prefix,
+            shard_of(user)
+        )
+    }
 }
 
 /// FNV-1a: stable across processes and versions, unlike the std hasher.
@@ -261,6 +312,12 @@ fn shard_of(user: &UserId) -> u32 {
 fn eval(script: &str, keys: &(String, String)) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(2).arg(&keys.0).arg(&keys.1);
+    cmd
+}
+
+fn eval3(script: &str, keys: &(String, String), third: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(3).arg(&keys.0).arg(&keys.1).arg(third);
     cmd
 }
 
@@ -280,12 +337,30 @@ impl InFlight for RedisInFlight {
         }
         let mut pipe = redis::pipe();
         for d in deliveries {
-            let mut cmd = eval(BEGIN, &self.keys_for(&d.user));
-            cmd.arg(d.member()).arg(encode(d)).arg(d.deadline_ms);
+            let mut cmd = eval3(
+                BEGIN,
+                &self.keys_for(&d.user),
+                &self.held_key(&d.user, &d.device),
+            );
+            cmd.arg(d.member())
+                .arg(encode(d))
+                .arg(d.deadline_ms)
+                .arg(if d.is_held() { "1" } else { "0" });
             pipe.add_command(cmd);
         }
         let new: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(new.into_iter().map(|n| n == 1).collect())
+    }
+
+    async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
+        let cmd = eval3(
+            TAKE_HELD,
+            &self.keys_for(user),
+            &self.held_key(user, device),
+        );
+        let found: Vec<String> = cmd.query_async(&mut self.conn.clone()).await?;
+        let held: StoreResult<Vec<Pending>> = found.iter().map(|json| decode(json)).collect();
+        Ok(held?.into_iter().filter(Pending::is_held).collect())
     }
 
     async fn ack(

@@ -11,6 +11,13 @@
 //! 3. for each device that is not connected — or when the user has no device
 //!    yet — publishes a `store` event to `dak.offline`.
 //!
+//! A device that connects gets its stored inbox first: its `connected` event
+//! (in the user's stream) makes session ask persistence, through `dak.offline`,
+//! to replay the inbox to that socket. Until persistence answers `replayed`,
+//! messages for the device are *held* in the session store rather than sent, so
+//! nothing new overtakes the replay; `replayed` sends them, then the device is
+//! live.
+//!
 //! An ack removes the in-flight delivery and is counted with its latency. An ack
 //! for a mid that is not in flight (late, or for a stored message) is forwarded to
 //! `dak.offline` as a `drop`, so storage lets go of it.
@@ -22,7 +29,6 @@
 
 mod config;
 mod deliver;
-mod gateways;
 pub mod inflight;
 pub mod standalone;
 

@@ -84,7 +84,17 @@ async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
             replaced: replaced.clone(),
         },
     );
-    let registered = shared.deps.presence.connect(&connection).await;
+    // Registered in presence first, so that by the time session handles the
+    // `connected` event it finds this socket and starts its replay.
+    let registered = match shared.deps.presence.connect(&connection).await {
+        Ok(()) => shared
+            .deps
+            .ingress
+            .connected(&identity, &connection.connection_id)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     ::metrics::gauge!(metrics::CONNECTED_DEVICES).increment(1.0);
     tracing::debug!(user = %identity.user, device = %identity.device, "connected");
 
@@ -100,13 +110,13 @@ async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
     match registered {
         Ok(()) => socket.run().await,
         Err(e) => {
-            tracing::warn!(error = %e, "registering presence failed");
+            tracing::warn!(error = %e, "registering the socket failed");
             let error = WireError {
                 code: ErrorCode::Unavailable,
-                message: "presence store unavailable, reconnect later".into(),
+                message: "cannot register the connection right now, reconnect later".into(),
             };
             let _ = socket.send_refusal(Refusal { error, id: None }).await;
-            socket.close(1011, "presence store unavailable").await;
+            socket.close(1011, "registration failed").await;
         }
     }
 
@@ -140,14 +150,8 @@ enum Step {
 
 impl Socket<'_> {
     async fn run(&mut self) {
-        // Nothing is stored for replay in this build, so the (empty) sync is done.
-        if self
-            .send_text(ServerFrame::SyncDone.to_json())
-            .await
-            .is_err()
-        {
-            return;
-        }
+        // The stored inbox, then `sync.done`, arrive through /send from
+        // persistence; this socket only writes what it is given.
         let config = &self.shared.config;
         let mut ping = tokio::time::interval_at(
             tokio::time::Instant::now() + config.ping_interval,

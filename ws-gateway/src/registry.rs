@@ -48,14 +48,18 @@ impl Registry {
         }
     }
 
-    pub fn get(&self, user: &UserId, device: &DeviceId) -> Option<mpsc::Sender<Utf8Bytes>> {
+    /// The device's socket: its connection id and frame queue.
+    pub fn get(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Option<(String, mpsc::Sender<Utf8Bytes>)> {
         // Borrowed-key lookup would need a (str, str) key; ids are short, cloning is cheap.
         let key = (user.clone(), device.clone());
-        self.sockets
-            .lock()
-            .expect("registry lock")
+        let sockets = self.sockets.lock().expect("registry lock");
+        sockets
             .get(&key)
-            .map(|h| h.frames.clone())
+            .map(|h| (h.connection_id.clone(), h.frames.clone()))
     }
 
     pub fn len(&self) -> usize {

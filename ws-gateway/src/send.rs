@@ -1,5 +1,6 @@
 //! `POST /internal/v1/send`: write a batch of frames to the sockets they are for.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -7,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use dak_runtime::http::ApiError;
 use dak_wire::send::{SendOutcome, SendRequest, SendResponse};
-use dak_wire::ErrorCode;
+use dak_wire::{DeviceId, ErrorCode, UserId};
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::Shared;
@@ -30,16 +31,34 @@ pub(crate) async fn send(
             format!("malformed send request: {e}"),
         )
     })?;
+    // Frames for one device are written in request order: after the first one
+    // that cannot be queued, the rest for that device are refused too, so the
+    // caller can resend the remainder without reordering.
+    let mut stalled: HashSet<(&UserId, &DeviceId)> = HashSet::new();
     let results = request
         .deliveries
-        .into_iter()
-        .map(|item| match shared.registry.get(&item.user, &item.device) {
-            None => SendOutcome::NotConnected,
-            Some(frames) => match frames.try_send(item.frame.get().into()) {
-                Ok(()) => SendOutcome::Sent,
-                Err(TrySendError::Full(_)) => SendOutcome::Busy,
-                Err(TrySendError::Closed(_)) => SendOutcome::NotConnected,
-            },
+        .iter()
+        .map(|item| {
+            if stalled.contains(&(&item.user, &item.device)) {
+                return SendOutcome::Busy;
+            }
+            let outcome = match shared.registry.get(&item.user, &item.device) {
+                None => SendOutcome::NotConnected,
+                Some((connection, _))
+                    if item.connection.as_ref().is_some_and(|c| *c != connection) =>
+                {
+                    SendOutcome::NotConnected
+                }
+                Some((_, frames)) => match frames.try_send(item.frame.get().into()) {
+                    Ok(()) => SendOutcome::Sent,
+                    Err(TrySendError::Full(_)) => SendOutcome::Busy,
+                    Err(TrySendError::Closed(_)) => SendOutcome::NotConnected,
+                },
+            };
+            if outcome == SendOutcome::Busy {
+                stalled.insert((&item.user, &item.device));
+            }
+            outcome
         })
         .collect();
     Ok(Json(SendResponse { results }))

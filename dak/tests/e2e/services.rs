@@ -24,6 +24,7 @@ async fn separate_services_deliver_in_order_with_rest_and_dedup() {
     let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
+    let _persistence = services.start_persistence().await;
     let (mut gateway, _) = services
         .start(
             "ws-gateway",
@@ -77,6 +78,7 @@ async fn separate_services_retry_then_offline_then_forward_a_late_ack() {
     let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
+    let _persistence = services.start_persistence().await;
     let _gateway = services
         .start(
             "ws-gateway",
@@ -133,6 +135,7 @@ async fn killing_session_mid_delivery_loses_nothing() {
     let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let (mut session, _) = services.start("session", &[]).await;
+    let _persistence = services.start_persistence().await;
     let _gateway = services
         .start(
             "ws-gateway",
@@ -175,8 +178,10 @@ async fn killing_session_mid_delivery_loses_nothing() {
     // gone, so every message he has not seen must come from the new session's
     // retries or from its reprocessing of uncommitted offsets.
     drop(bob);
-    let mut bob = Client::connect(public, &token("bob", "phone")).await;
     let _replacement = services.start("session", &[]).await;
+    // The new socket's replay goes through the new session, once the group gave
+    // it the dead member's partitions.
+    let mut bob = Client::connect(public, &token("bob", "phone")).await;
 
     for mid in &received {
         bob.ack(&[mid]).await;
@@ -211,6 +216,7 @@ async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
     let public_b = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
+    let _persistence = services.start_persistence().await;
     let (mut doomed, _) = services
         .start(
             "ws-gateway",

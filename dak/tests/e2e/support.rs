@@ -102,6 +102,7 @@ pub struct Stack {
     pub admin: SocketAddr,
     pub brokers: String,
     pub topic_prefix: String,
+    _data_dir: tempfile::TempDir,
     shutdown: Shutdown,
     supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _metrics: MetricsGuard,
@@ -155,6 +156,8 @@ impl Stack {
             "--redis-prefix".into(),
             redis_prefix.clone(),
         ]);
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        args.extend(["--data-dir".into(), data_dir.path().display().to_string()]);
         if options.redis {
             args.extend(["--redis-url".into(), redis_url()]);
         }
@@ -178,6 +181,7 @@ impl Stack {
             admin: running.admin_addr,
             brokers: running.kafka.brokers.clone(),
             topic_prefix,
+            _data_dir: data_dir,
             shutdown,
             supervisor: Some(supervisor),
             _metrics: guard,
@@ -357,7 +361,17 @@ impl OfflineWatcher {
         Self { consumer }
     }
 
+    /// The next `store` or `drop` (replay requests and push tokens are skipped).
     pub async fn next(&self) -> OfflineEvent {
+        loop {
+            match self.next_event().await {
+                OfflineEvent::Replay { .. } | OfflineEvent::PushToken(_) => continue,
+                event => return event,
+            }
+        }
+    }
+
+    async fn next_event(&self) -> OfflineEvent {
         match self.next_within(PATIENCE).await {
             Some(event) => event,
             None => panic!("nothing on dak.offline within {PATIENCE:?}"),
@@ -457,6 +471,7 @@ pub fn tansu() -> (Process, String) {
 
 /// The environment shared by a set of separate dak service processes.
 pub struct Services {
+    pub data_dir: tempfile::TempDir,
     pub brokers: String,
     pub topic_prefix: String,
     pub redis_prefix: String,
@@ -481,6 +496,7 @@ impl Services {
         .collect();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Self {
+            data_dir: tempfile::tempdir().expect("temp data dir"),
             brokers: brokers.to_owned(),
             topic_prefix,
             redis_prefix,
@@ -508,6 +524,23 @@ impl Services {
 
     pub fn offline(&self) -> OfflineWatcher {
         OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
+    }
+
+    /// Starts persistence with its SQLite inbox in this set's data directory;
+    /// returns the process and its sync API address.
+    pub async fn start_persistence(&self) -> (Process, SocketAddr) {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = self.data_dir.path().display().to_string();
+        let (process, _) = self
+            .start(
+                "persistence",
+                &[
+                    ("DAK_PUBLIC_ADDR", public.to_string()),
+                    ("DAK_DATA_DIR", dir),
+                ],
+            )
+            .await;
+        (process, public)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Talking to gateways: one `POST /internal/v1/send` per gateway per batch.
+//! The client side of the gateways' internal API: one `POST /internal/v1/send`
+//! per gateway per batch. Session delivers through it, persistence replays.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,0 +1,312 @@
+//! persistence: the offline inbox.
+//!
+//! It consumes `dak.offline`, keyed by user, and in that order:
+//!
+//! - `store`: keeps the message for the device (or for the user, when the user
+//!   has no device yet), idempotently by mid, until the device acks it or it
+//!   expires (`DAK_INBOX_TTL`, default 30 days);
+//! - `drop`: the device acked these mids; they go;
+//! - `replay`: a device connected. Because the request comes behind every
+//!   `store` published for the user before it, the inbox is complete: it is sent
+//!   to that socket through its gateway, oldest first, followed by `sync.done`,
+//!   and `replayed` goes back to session on `dak.deliver`, which then releases
+//!   what it held for the device.
+//!
+//! It serves `GET /v1/messages?after=<cursor>&limit=<n>` for background sync over
+//! REST. Offsets are committed only after the inbox write.
+
+mod config;
+pub mod inbox;
+pub mod standalone;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use dak_runtime::auth::Verifier;
+use dak_runtime::gateway::Gateways;
+use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
+use dak_runtime::shutdown::Shutdown;
+use dak_runtime::{metrics, now_ms};
+use dak_wire::event::{self, Connected, DeliverEvent, OfflineEvent};
+use dak_wire::frame::MessageFrame;
+use dak_wire::send::{SendItem, SendOutcome};
+use dak_wire::ServerFrame;
+use serde_json::value::RawValue;
+
+pub use config::Config;
+use inbox::{Inbox, Stored};
+
+/// Consumer group of every persistence instance.
+pub const GROUP: &str = "dak.persistence";
+
+/// Records taken from `dak.offline` per batch.
+const BATCH: usize = 1000;
+
+/// Messages per `/send` while replaying.
+const REPLAY_PAGE: usize = 500;
+
+pub const STORED: &str = "dak_messages_stored_total";
+pub const DROPPED: &str = "dak_messages_dropped_total";
+pub const EXPIRED: &str = "dak_messages_expired_total";
+pub const REPLAYED: &str = "dak_messages_replayed_total";
+pub const SYNCED: &str = "dak_messages_synced_total";
+pub const INBOX_DEPTH: &str = "dak_inbox_depth";
+
+/// Everything persistence needs from outside.
+pub struct Deps {
+    pub inbox: Arc<dyn Inbox>,
+    pub producer: Producer,
+    pub verifier: Verifier,
+    pub internal_token: String,
+}
+
+pub struct Persistence {
+    consumer: EventConsumer,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Config,
+    inbox: Arc<dyn Inbox>,
+    producer: Producer,
+    verifier: Verifier,
+    gateways: Gateways,
+    deliver_topic: String,
+}
+
+impl Persistence {
+    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+        describe();
+        let prefix = kafka.topics.offline.trim_end_matches("dak.offline");
+        let consumer =
+            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.offline])?;
+        let shared = Arc::new(Shared {
+            gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
+            config,
+            inbox: deps.inbox,
+            producer: deps.producer,
+            verifier: deps.verifier,
+            deliver_topic: kafka.topics.deliver.clone(),
+        });
+        Ok(Self { consumer, shared })
+    }
+
+    /// `GET /v1/messages`, for the public address.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/messages", get(sync::messages))
+            .with_state(self.shared.clone())
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!("persistence running");
+        let shared = &self.shared;
+        let consume = self.consumer.run(BATCH, &shutdown, |batch| async move {
+            match shared.handle_batch(&batch).await {
+                Ok(()) => Ok(batch),
+                Err(e) => Err((batch, e)),
+            }
+        });
+        tokio::join!(consume, shared.expiry_loop(&shutdown));
+        shared.producer.flush(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+impl Shared {
+    async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let expires = now + self.config.inbox_ttl.as_millis() as u64;
+        let mut stores = Vec::new();
+        for record in records {
+            let event = match event::decode::<OfflineEvent>(&record.payload) {
+                Ok(event) => event,
+                Err(e) => {
+                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "offline").increment(1);
+                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping offline event");
+                    continue;
+                }
+            };
+            match event {
+                OfflineEvent::Store {
+                    user,
+                    device,
+                    message,
+                    ..
+                } => stores.push(Stored {
+                    user,
+                    device,
+                    seq: record.offset as u64,
+                    message,
+                    expires_at_ms: expires,
+                }),
+                OfflineEvent::Drop(ack) => {
+                    self.store(std::mem::take(&mut stores)).await?;
+                    let tombstone = now + self.config.tombstone_ttl.as_millis() as u64;
+                    let dropped = self
+                        .inbox
+                        .drop_acked(&ack.user, &ack.device, &ack.mids, tombstone)
+                        .await?;
+                    ::metrics::counter!(DROPPED).increment(dropped);
+                }
+                OfflineEvent::Replay {
+                    connected,
+                    gateway_url,
+                } => {
+                    self.store(std::mem::take(&mut stores)).await?;
+                    self.replay(connected, &gateway_url).await?;
+                }
+                OfflineEvent::PushToken(_) => {}
+            }
+        }
+        self.store(stores).await
+    }
+
+    async fn store(&self, stores: Vec<Stored>) -> anyhow::Result<()> {
+        if stores.is_empty() {
+            return Ok(());
+        }
+        let stored = self.inbox.store(&stores).await?;
+        ::metrics::counter!(STORED).increment(stored);
+        Ok(())
+    }
+
+    /// Sends the device's inbox to its socket, then `sync.done`, then tells
+    /// session the socket may go live.
+    async fn replay(&self, connected: Connected, gateway_url: &str) -> anyhow::Result<()> {
+        let Connected {
+            user,
+            device,
+            connection,
+        } = &connected;
+        self.inbox.take_over(user, device).await?;
+        let mut after = None;
+        let mut replayed = 0;
+        loop {
+            let page = self
+                .inbox
+                .page(user, device, after, REPLAY_PAGE, now_ms())
+                .await?;
+            let full = page.len() == REPLAY_PAGE;
+            after = page.last().map(|(seq, _)| *seq).or(after);
+            let frames: Vec<String> = page
+                .iter()
+                .map(|(_, m)| ServerFrame::Message(MessageFrame::from(m)).to_json())
+                .collect();
+            replayed += frames.len();
+            if !self.send_in_order(&connected, gateway_url, frames).await? {
+                tracing::debug!(%user, %device, "socket gone during its replay");
+                return Ok(());
+            }
+            if !full {
+                break;
+            }
+        }
+        if !self
+            .send_in_order(
+                &connected,
+                gateway_url,
+                vec![ServerFrame::SyncDone.to_json()],
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        ::metrics::counter!(REPLAYED).increment(replayed as u64);
+        tracing::debug!(%user, %device, %connection, replayed, "replayed");
+        let event = DeliverEvent::Replayed(connected.clone());
+        let delivery =
+            self.producer
+                .enqueue(&self.deliver_topic, user.as_str(), &event::encode(&event))?;
+        kafka::acknowledged(delivery).await?;
+        Ok(())
+    }
+
+    /// Writes `frames` to the connection in order, waiting while its queue is
+    /// full. False if the socket is gone.
+    async fn send_in_order(
+        &self,
+        to: &Connected,
+        gateway_url: &str,
+        frames: Vec<String>,
+    ) -> anyhow::Result<bool> {
+        let mut rest = frames;
+        let mut waits = 0;
+        while !rest.is_empty() {
+            let items = rest
+                .iter()
+                .map(|frame| SendItem {
+                    user: to.user.clone(),
+                    device: to.device.clone(),
+                    connection: Some(to.connection.clone()),
+                    frame: RawValue::from_string(frame.clone()).expect("server frames are JSON"),
+                })
+                .collect();
+            let outcomes = match self.gateways.send(gateway_url, items).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replay: gateway unreachable");
+                    return Ok(false);
+                }
+            };
+            // The gateway refuses everything after the first frame it could not
+            // queue, so what was sent is a prefix.
+            let sent = outcomes
+                .iter()
+                .take_while(|o| **o == SendOutcome::Sent)
+                .count();
+            if outcomes.get(sent) == Some(&SendOutcome::NotConnected) {
+                return Ok(false);
+            }
+            rest.drain(..sent);
+            if !rest.is_empty() {
+                waits += 1;
+                if waits > 600 {
+                    tracing::warn!(user = %to.user, device = %to.device, "replay: socket not draining, giving up");
+                    return Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn expiry_loop(&self, shutdown: &Shutdown) {
+        let mut tick = tokio::time::interval(self.config.expiry_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.inbox.expire(now_ms()).await {
+                Ok(n) => ::metrics::counter!(EXPIRED).increment(n),
+                Err(e) => tracing::warn!(error = %e, "expiring the inbox failed"),
+            }
+            if let Ok(depth) = self.inbox.depth().await {
+                ::metrics::gauge!(INBOX_DEPTH).set(depth as f64);
+            }
+        }
+    }
+}
+
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge};
+    describe_counter!(STORED, "messages written to an offline inbox");
+    describe_counter!(
+        DROPPED,
+        "stored messages removed because their device acked them"
+    );
+    describe_counter!(EXPIRED, "stored messages removed because their TTL ran out");
+    describe_counter!(
+        REPLAYED,
+        "stored messages replayed to a device that connected"
+    );
+    describe_counter!(SYNCED, "stored messages served by GET /v1/messages");
+    describe_gauge!(
+        INBOX_DEPTH,
+        "messages in the offline inbox, all devices together"
+    );
+}

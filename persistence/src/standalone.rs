@@ -1,0 +1,95 @@
+//! persistence as its own process, against Kafka, with its SQLite inbox.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dak_runtime::admin::Readiness;
+use dak_runtime::auth::Verifier;
+use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs};
+use dak_runtime::process::{self, ConfigError, Started, Tasks};
+use dak_runtime::shutdown::{self, Shutdown};
+
+use crate::inbox::{Inbox, SqliteInbox};
+use crate::{Config, Deps, Persistence};
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "persistence", version, about = "dak's offline inbox")]
+pub struct Args {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(flatten)]
+    pub public: PublicArgs,
+    #[command(flatten)]
+    pub internal: InternalArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub persistence: Config,
+}
+
+/// Where the embedded stores keep their files.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Directory for SQLite files (created if missing).
+    #[arg(long, env = "DAK_DATA_DIR", default_value = "./dak-data")]
+    pub data_dir: PathBuf,
+}
+
+impl DataArgs {
+    /// Opens the SQLite inbox under the data directory.
+    pub fn open_inbox(&self) -> anyhow::Result<Arc<dyn Inbox>> {
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|e| ConfigError(format!("cannot create {}: {e}", self.data_dir.display())))?;
+        Ok(Arc::new(SqliteInbox::open(
+            &self.data_dir.join("inbox.db"),
+        )?))
+    }
+}
+
+/// Readiness: the inbox answers.
+pub fn inbox_check(readiness: &mut Readiness, inbox: &Arc<dyn Inbox>) {
+    let inbox = inbox.clone();
+    readiness.add("inbox", move || {
+        let inbox = inbox.clone();
+        async move { inbox.depth().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+}
+
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
+    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let internal_token = process::internal_token(&args.internal)?;
+    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let inbox = args.data.open_inbox()?;
+    let public = process::bind("the sync API", args.public.public_addr).await?;
+    let admin = process::bind("the admin API", args.process.admin_addr).await?;
+
+    let mut readiness = Readiness::default();
+    process::kafka_check(&mut readiness, &producer);
+    inbox_check(&mut readiness, &inbox);
+    let deps = Deps {
+        inbox,
+        producer: producer.clone(),
+        verifier,
+        internal_token,
+    };
+    let persistence = Persistence::build(args.persistence, &kafka, deps)?;
+
+    let mut tasks = Tasks::new();
+    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    shutdown::spawn(
+        &mut tasks,
+        "sync API",
+        dak_runtime::http::serve(public, persistence.router(), shutdown.clone()),
+    );
+    shutdown::spawn(&mut tasks, "persistence", async move {
+        persistence.run(shutdown).await?;
+        producer.flush(Duration::from_secs(5));
+        Ok(())
+    });
+    Ok(tasks.into())
+}

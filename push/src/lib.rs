@@ -1,0 +1,424 @@
+//! push: wakes devices that have messages waiting in their offline inbox.
+//!
+//! push owns the device push tokens ([`tokens`]) and consumes `dak.offline`
+//! (consumer group `dak.push`, with the topic prefix):
+//!
+//! - `push_token`: a device registered or replaced its FCM token; stored, one
+//!   per (user, device).
+//! - `store`: a message went to a device's inbox (or to the user-level inbox,
+//!   when the user has no device yet: then every token of the user is woken).
+//!   Each target device that is not connected right now gets one FCM HTTP v1
+//!   data message ([`fcm`]) carrying `mid`, `from`, `chat`, `conversation` and
+//!   `ts` — never the body — collapsed per conversation. A token FCM reports as
+//!   invalid is removed.
+//! - `drop` and `replay` are persistence's business and are skipped.
+//!
+//! Offsets are stored only after a batch's notifications were all sent or given
+//! up (at-least-once): after a crash a device may be woken twice for one
+//! message, which the app shrugs off, since it only syncs. When presence cannot
+//! be read, devices are treated as not connected: a spare wake-up is cheaper
+//! than a missed one. An undecodable event is counted in
+//! `dak_events_dropped_total` and skipped.
+
+pub mod fcm;
+pub mod metrics;
+pub mod standalone;
+pub mod tokens;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dak_runtime::kafka::{EventConsumer, KafkaConfig, KafkaError, Record};
+use dak_runtime::presence::Presence;
+use dak_runtime::shutdown::Shutdown;
+use dak_wire::event::{self, Message, OfflineEvent};
+use dak_wire::{ChatKind, DeviceId, UserId};
+use futures_util::StreamExt;
+
+pub use fcm::{FcmError, FcmSender, LogSender, Notification, Outcome, Sender};
+pub use tokens::{DeviceToken, PushTokens, SqliteTokens, TokenStoreError};
+
+/// Consumer group of every push instance.
+pub const GROUP: &str = "dak.push";
+
+/// The token store's file inside the data directory.
+pub const TOKENS_FILE: &str = "push-tokens.db";
+
+/// Records taken from `dak.offline` per batch.
+const BATCH: usize = 500;
+
+/// Notifications of one batch in flight at once.
+const CONCURRENCY: usize = 32;
+
+/// push's own settings.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "push")]
+pub struct Config {
+    /// A Google service-account JSON file allowed to send with FCM. Unset: push
+    /// only logs the notifications it would send.
+    #[arg(long, env = "DAK_FCM_CREDENTIALS")]
+    pub fcm_credentials: Option<PathBuf>,
+    /// The Firebase project to send through; defaults to the `project_id` of the
+    /// credentials.
+    #[arg(long, env = "DAK_FCM_PROJECT_ID")]
+    pub fcm_project_id: Option<String>,
+    /// Where FCM's HTTP v1 API is.
+    #[arg(
+        long,
+        env = "DAK_FCM_BASE_URL",
+        default_value = "https://fcm.googleapis.com"
+    )]
+    pub fcm_base_url: String,
+    /// How long FCM keeps trying to reach an offline device (at most 28 days).
+    /// A day: a device that stays unreachable longer syncs its inbox when it is
+    /// back anyway, and an older wake-up would only be noise.
+    #[arg(long, env = "DAK_PUSH_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub push_ttl: Duration,
+    /// Attempts per notification when FCM is throttling, failing or unreachable.
+    #[arg(long, env = "DAK_PUSH_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub push_max_attempts: u32,
+    /// The first retry's wait; it doubles per attempt, with jitter, up to 30 s.
+    /// A `Retry-After` from FCM waits longer when it says so.
+    #[arg(long, env = "DAK_PUSH_RETRY_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub push_retry_base: Duration,
+}
+
+/// The sender the configuration asks for: FCM with credentials, else a sender
+/// that only logs (with a warning, since no device will be woken).
+pub fn sender(config: &Config) -> Result<Arc<dyn Sender>, FcmError> {
+    if config.fcm_credentials.is_some() {
+        Ok(Arc::new(FcmSender::new(config)?))
+    } else {
+        tracing::warn!("DAK_FCM_CREDENTIALS is not set: push notifications are only logged");
+        Ok(Arc::new(LogSender))
+    }
+}
+
+/// Where the SQLite token store lives under a data directory.
+pub fn tokens_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(TOKENS_FILE)
+}
+
+/// What push works with.
+pub struct Deps {
+    pub tokens: Arc<dyn PushTokens>,
+    pub presence: Arc<dyn Presence>,
+    pub sender: Arc<dyn Sender>,
+}
+
+pub struct Push {
+    consumer: EventConsumer,
+    deps: Deps,
+    ttl: Duration,
+}
+
+/// One notification for one device, with whom it is for so a dead token can be
+/// removed.
+struct Wake {
+    user: UserId,
+    device: DeviceId,
+    notification: Notification,
+}
+
+impl Push {
+    pub fn build(config: &Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+        metrics::describe();
+        let consumer = EventConsumer::new(kafka, &group_name(kafka), &[&kafka.topics.offline])?;
+        Ok(Self {
+            consumer,
+            deps,
+            ttl: config.push_ttl,
+        })
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!("push running");
+        let this = &self;
+        self.consumer
+            .run(BATCH, &shutdown, |batch| async move {
+                match this.handle_batch(&batch).await {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err((batch, e)),
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Applies the batch's token registrations in order, works out who to wake
+    /// for each stored message, then sends every notification, concurrently, and
+    /// returns once they all finished.
+    async fn handle_batch(&self, batch: &[Record]) -> anyhow::Result<()> {
+        let events: Vec<OfflineEvent> = batch
+            .iter()
+            .filter_map(|record| match event::decode(&record.payload) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    ::metrics::counter!(dak_runtime::metrics::DROPPED_EVENTS, "topic" => "offline")
+                        .increment(1);
+                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping offline event");
+                    None
+                }
+            })
+            .collect();
+        let connected = self.connected_devices(&events).await;
+
+        let mut wakes = Vec::new();
+        for event in &events {
+            match event {
+                OfflineEvent::PushToken(token) => {
+                    self.deps.tokens.upsert(token).await?;
+                    tracing::debug!(user = %token.user, device = %token.device, "push token registered");
+                }
+                OfflineEvent::Store {
+                    user,
+                    device,
+                    message,
+                    ..
+                } => {
+                    self.plan(user, device.as_ref(), message, &connected, &mut wakes)
+                        .await?;
+                }
+                OfflineEvent::Drop(_) | OfflineEvent::Replay { .. } => {}
+            }
+        }
+
+        // A message stored twice (session retried its hand-over) wakes once.
+        let mut seen = HashSet::new();
+        wakes.retain(|w| {
+            seen.insert((
+                w.notification.token.clone(),
+                w.notification.data["mid"].clone(),
+            ))
+        });
+        futures_util::stream::iter(wakes)
+            .map(|wake| self.wake(wake))
+            .buffer_unordered(CONCURRENCY)
+            .collect::<()>()
+            .await;
+        Ok(())
+    }
+
+    /// The (user, device) pairs with a socket on a live gateway right now, for the
+    /// users the batch stores messages for.
+    async fn connected_devices(&self, events: &[OfflineEvent]) -> HashSet<(UserId, DeviceId)> {
+        let mut users: Vec<UserId> = events
+            .iter()
+            .filter_map(|e| match e {
+                OfflineEvent::Store { user, .. } => Some(user.clone()),
+                _ => None,
+            })
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        if users.is_empty() {
+            return HashSet::new();
+        }
+        match self.deps.presence.routes(&users).await {
+            Ok(routes) => users
+                .iter()
+                .zip(routes)
+                .flat_map(|(user, routes)| {
+                    routes
+                        .into_iter()
+                        .filter(|r| r.gateway_url.is_some() && false)
+                        .map(move |r| (user.clone(), r.device))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading presence failed, pushing to every device");
+                HashSet::new()
+            }
+        }
+    }
+
+    /// Adds a notification for each device `message` waits for that is offline
+    /// and has a token.
+    async fn plan(
+        &self,
+        user: &UserId,
+        device: Option<&DeviceId>,
+        message: &Message,
+        connected: &HashSet<(UserId, DeviceId)>,
+        wakes: &mut Vec<Wake>,
+    ) -> anyhow::Result<()> {
+        let is_connected = |device: &DeviceId| connected.contains(&(user.clone(), device.clone()));
+        let targets = match device {
+            Some(device) if is_connected(device) => {
+                skipped("connected", message);
+                return Ok(());
+            }
+            Some(device) => self
+                .deps
+                .tokens
+                .for_device(user, device)
+                .await?
+                .into_iter()
+                .collect(),
+            // The user-level inbox: whichever device comes first takes it over,
+            // so wake them all.
+            None => self.deps.tokens.for_user(user).await?,
+        };
+        if targets.is_empty() {
+            skipped("no_token", message);
+        }
+        for target in targets {
+            if is_connected(&target.device) {
+                skipped("connected", message);
+                continue;
+            }
+            wakes.push(Wake {
+                user: user.clone(),
+                device: target.device.clone(),
+                notification: notification(user, message, target, self.ttl),
+            });
+        }
+        Ok(())
+    }
+
+    async fn wake(&self, wake: Wake) {
+        let n = &wake.notification;
+        match self.deps.sender.send(n).await {
+            Outcome::Sent => {
+                ::metrics::counter!(metrics::SENT).increment(1);
+                tracing::debug!(mid = %n.data["mid"], user = %wake.user, device = %wake.device, "pushed");
+            }
+            Outcome::Failed(reason) => {
+                ::metrics::counter!(metrics::FAILURES, "reason" => reason).increment(1);
+            }
+            Outcome::InvalidToken => {
+                ::metrics::counter!(metrics::FAILURES, "reason" => "invalid_token").increment(1);
+                match self
+                    .deps
+                    .tokens
+                    .remove(&wake.user, &wake.device, &n.token)
+                    .await
+                {
+                    Ok(true) => {
+                        ::metrics::counter!(metrics::TOKENS_REMOVED).increment(1);
+                        tracing::info!(user = %wake.user, device = %wake.device, token = %n.short_token(), "removed an invalid push token");
+                    }
+                    // The device registered a new token meanwhile.
+                    Ok(false) => {}
+                    // FCM will say so again on the next message.
+                    Err(e) => {
+                        tracing::warn!(user = %wake.user, device = %wake.device, error = %e, "removing an invalid push token")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn skipped(reason: &'static str, message: &Message) {
+    ::metrics::counter!(metrics::SKIPPED, "reason" => reason).increment(1);
+    tracing::debug!(mid = %message.mid, reason, "not pushing");
+}
+
+/// The consumer group, namespaced by the topic prefix so test runs and
+/// deployments sharing a cluster do not share offsets.
+fn group_name(config: &KafkaConfig) -> String {
+    let prefix = config.topics.offline.trim_end_matches("dak.offline");
+    format!("{prefix}{GROUP}")
+}
+
+fn notification(
+    recipient: &UserId,
+    message: &Message,
+    target: DeviceToken,
+    ttl: Duration,
+) -> Notification {
+    let chat = match message.chat {
+        ChatKind::Direct => "direct",
+        ChatKind::Group => "group",
+    };
+    let conversation = conversation(recipient, message);
+    Notification {
+        token: target.token,
+        platform: target.platform,
+        collapse_key: format!("{chat}:{conversation}"),
+        data: [
+            ("mid", message.mid.to_string()),
+            ("from", message.from.to_string()),
+            ("chat", chat.to_owned()),
+            ("conversation", conversation.to_owned()),
+            ("ts", message.ts.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        ttl,
+    }
+}
+
+/// The conversation as the recipient sees it: the group, or the other person
+/// of a direct chat (the peer, when a user's own message reaches their other
+/// devices).
+fn conversation<'m>(recipient: &UserId, message: &'m Message) -> &'m str {
+    match message.chat {
+        ChatKind::Group => &message.to,
+        ChatKind::Direct if message.from == *recipient => &message.to,
+        ChatKind::Direct => message.from.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dak_wire::event::Platform;
+    use dak_wire::{ClientId, Mid};
+
+    fn message(from: &str, to: &str, chat: ChatKind) -> Message {
+        Message {
+            mid: Mid::parse("01JD0000000000000000000000").unwrap(),
+            id: ClientId::parse("c-1").unwrap(),
+            from: UserId::parse(from).unwrap(),
+            from_device: DeviceId::default_device(),
+            to: to.into(),
+            chat,
+            body: serde_json::value::RawValue::from_string(r#"{"secret":"x"}"#.into()).unwrap(),
+            ts: 1732380000123,
+        }
+    }
+
+    fn token() -> DeviceToken {
+        DeviceToken {
+            device: DeviceId::parse("phone").unwrap(),
+            token: "tok".into(),
+            platform: Platform::Ios,
+        }
+    }
+
+    #[test]
+    fn conversations_are_seen_from_the_recipient() {
+        let bob = UserId::parse("bob").unwrap();
+        let alice = UserId::parse("alice").unwrap();
+        let direct = message("alice", "bob", ChatKind::Direct);
+        assert_eq!(conversation(&bob, &direct), "alice");
+        assert_eq!(
+            conversation(&alice, &direct),
+            "bob",
+            "alice's other devices"
+        );
+        let group = message("alice", "team-7", ChatKind::Group);
+        assert_eq!(conversation(&bob, &group), "team-7");
+    }
+
+    #[test]
+    fn notifications_carry_ids_and_never_the_body() {
+        let bob = UserId::parse("bob").unwrap();
+        let m = message("alice", "bob", ChatKind::Direct);
+        let n = notification(&bob, &m, token(), Duration::from_secs(60));
+        assert_eq!(n.collapse_key, "direct:alice");
+        assert_eq!(n.token, "tok");
+        assert_eq!(
+            n.data.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["chat", "conversation", "from", "mid", "ts"]
+        );
+        assert_eq!(n.data["mid"], "01JD0000000000000000000000");
+        assert_eq!(n.data["ts"], "1732380000123");
+        assert!(!n.data.values().any(|v| v.contains("secret")));
+    }
+}

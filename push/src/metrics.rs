@@ -1,0 +1,25 @@
+//! The names of push's metrics. Label values are bounded: the `reason` of a
+//! failure is one of `invalid_token`, `rejected`, `unreachable`, `throttled`,
+//! `server_error`; the `reason` of a skip is `connected` or `no_token`.
+
+pub const SENT: &str = "dak_push_sent_total";
+pub const FAILURES: &str = "dak_push_failures_total";
+pub const SKIPPED: &str = "dak_push_skipped_total";
+pub const TOKENS_REMOVED: &str = "dak_push_tokens_removed_total";
+
+pub(crate) fn describe() {
+    use ::metrics::describe_counter;
+    describe_counter!(
+        SENT,
+        "notifications accepted by FCM (or logged, without credentials)"
+    );
+    describe_counter!(FAILURES, "notifications not sent, by reason");
+    describe_counter!(
+        SKIPPED,
+        "offline messages not pushed to a device, by reason (connected, no_token)"
+    );
+    describe_counter!(
+        TOKENS_REMOVED,
+        "push tokens removed because FCM reported them invalid"
+    );
+}

@@ -1,0 +1,321 @@
+//! The whole push service: `dak.offline` on librdkafka's mock cluster, presence
+//! in Redis, tokens in SQLite, and FcmSender against the fake Google.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dak_runtime::config::KafkaArgs;
+use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
+use dak_runtime::presence::{Connection, Gateway, Presence, RedisPresence};
+use dak_runtime::shutdown::Shutdown;
+use dak_wire::event::{self, Message, OfflineEvent, OfflineReason, Platform, PushToken};
+use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
+use push::{Deps, FcmSender, Push, PushTokens, SqliteTokens};
+use serde_json::value::RawValue;
+
+use crate::fake_fcm::{FakeFcm, SendRequest};
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn device(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+fn message(from: &str, to: &str, chat: ChatKind) -> Message {
+    Message {
+        mid: Mid::from_ulid(ulid::Ulid::new()),
+        id: ClientId::parse(format!("c-{}", ulid::Ulid::new())).unwrap(),
+        from: user(from),
+        from_device: DeviceId::default_device(),
+        to: to.into(),
+        chat,
+        body: RawValue::from_string(r#"{"cipher":"c2VjcmV0"}"#.into()).unwrap(),
+        ts: 1732380000123,
+    }
+}
+
+/// A running push service and everything around it.
+struct Harness {
+    fake: FakeFcm,
+    tokens: Arc<SqliteTokens>,
+    presence: Arc<RedisPresence>,
+    producer: Producer,
+    kafka: KafkaConfig,
+    shutdown: Shutdown,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+    _cluster: EmbeddedKafka,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        dak_runtime::telemetry::init_for_tests();
+        let cluster = EmbeddedKafka::start().unwrap();
+        let args = KafkaArgs {
+            brokers: None,
+            topic_prefix: format!("p{}.", ulid::Ulid::new()),
+            partitions: 2,
+            replication: 1,
+            linger_ms: 1,
+            fetch_wait_ms: 10,
+        };
+        let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
+        cluster
+            .create_topics(&kafka.topics, kafka.partitions)
+            .unwrap();
+        let producer = Producer::new(&kafka).unwrap();
+
+        let fake = FakeFcm::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config(&fake, dir.path());
+        let tokens = Arc::new(SqliteTokens::open(push::tokens_path(dir.path())).unwrap());
+        let redis_url =
+            std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let redis = dak_runtime::redis::connect(&redis_url)
+            .await
+            .expect("Redis for presence (DAK_TEST_REDIS_URL)");
+        let presence = Arc::new(RedisPresence::new(
+            redis,
+            &format!("push-test-{}", ulid::Ulid::new()),
+        ));
+        let deps = Deps {
+            tokens: tokens.clone(),
+            presence: presence.clone(),
+            sender: Arc::new(FcmSender::new(&config).unwrap()),
+        };
+        let service = Push::build(&config, &kafka, deps).unwrap();
+        let shutdown = Shutdown::new();
+        let running = tokio::spawn(service.run(shutdown.clone()));
+        Self {
+            fake,
+            tokens,
+            presence,
+            producer,
+            kafka,
+            shutdown,
+            running,
+            _dir: dir,
+            _cluster: cluster,
+        }
+    }
+
+    async fn publish(&self, key: &UserId, event: &OfflineEvent) {
+        self.producer
+            .send(
+                &self.kafka.topics.offline,
+                key.as_str(),
+                &event::encode(event),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn register(&self, u: &str, d: &str, token: &str, platform: Platform) {
+        let registration = PushToken {
+            user: user(u),
+            device: device(d),
+            token: token.into(),
+            platform,
+        };
+        self.publish(&user(u), &OfflineEvent::PushToken(registration))
+            .await;
+    }
+
+    async fn store(&self, u: &str, d: Option<&str>, message: &Message) {
+        let event = OfflineEvent::Store {
+            user: user(u),
+            device: d.map(device),
+            reason: OfflineReason::NotConnected,
+            message: message.clone(),
+        };
+        self.publish(&user(u), &event).await;
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+fn pushes_of<'a>(sends: &'a [SendRequest], mid: &Mid) -> Vec<&'a SendRequest> {
+    let mid = mid.to_string();
+    sends.iter().filter(|s| s.data("mid") == mid).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_devices_are_woken_once_per_message_and_connected_ones_not_at_all() {
+    let h = Harness::start().await;
+
+    // bob's laptop has a socket on a live gateway; his phone does not.
+    let gateway = Gateway::new("http://127.0.0.1:1".into());
+    h.presence
+        .heartbeat(&gateway, Duration::from_secs(120))
+        .await
+        .unwrap();
+    h.presence
+        .connect(&Connection {
+            user: user("bob"),
+            device: device("laptop"),
+            gateway_id: gateway.id.clone(),
+            connection_id: "conn-1".into(),
+        })
+        .await
+        .unwrap();
+
+    h.publish(
+        &user("bob"),
+        &OfflineEvent::Drop(dak_wire::event::Ack {
+            user: user("bob"),
+            device: device("phone"),
+            mids: vec![],
+        }),
+    )
+    .await;
+    h.producer
+        .send(&h.kafka.topics.offline, "bob", b"{not an event")
+        .await
+        .unwrap();
+    h.register("bob", "phone", "tok-bob-phone", Platform::Android)
+        .await;
+    h.register("bob", "laptop", "tok-bob-laptop", Platform::Web)
+        .await;
+    h.register("carol", "phone", "tok-carol-phone", Platform::Android)
+        .await;
+    h.register("carol", "tablet", "tok-carol-tablet", Platform::Ios)
+        .await;
+
+    let to_phone = message("alice", "bob", ChatKind::Direct);
+    let to_laptop = message("alice", "bob", ChatKind::Direct);
+    let to_watch = message("alice", "bob", ChatKind::Direct);
+    let group = message("alice", "team-7", ChatKind::Group);
+    let last = message("alice", "bob", ChatKind::Direct);
+    h.store("bob", Some("phone"), &to_phone).await;
+    h.store("bob", Some("laptop"), &to_laptop).await;
+    // A device with no token is skipped.
+    h.store("bob", Some("watch"), &to_watch).await;
+    // carol's user-level inbox: every device of hers is woken.
+    h.store("carol", None, &group).await;
+    // The user-level inbox skips a connected device as well.
+    h.store("bob", None, &last).await;
+
+    // Events of one user are handled in order, so once `last` was pushed,
+    // everything published for bob before it was handled too.
+    let sends = h
+        .fake
+        .wait_for_sends("the pushes for bob and carol", |sends| {
+            !pushes_of(sends, &last.mid).is_empty() && pushes_of(sends, &group.mid).len() >= 2
+        })
+        .await;
+
+    let phone = pushes_of(&sends, &to_phone.mid);
+    assert_eq!(phone.len(), 1, "one push per message: {phone:#?}");
+    assert_eq!(phone[0].token(), "tok-bob-phone");
+    assert_eq!(phone[0].data("from"), "alice");
+    assert_eq!(phone[0].data("chat"), "direct");
+    assert_eq!(phone[0].data("conversation"), "alice");
+    assert_eq!(phone[0].data("ts"), "1732380000123");
+    assert_eq!(
+        phone[0].message()["android"]["collapse_key"],
+        "direct:alice"
+    );
+    assert!(phone[0].message().get("notification").is_none());
+    assert!(
+        !phone[0].body.to_string().contains("c2VjcmV0"),
+        "the body never goes to Google"
+    );
+
+    assert!(
+        pushes_of(&sends, &to_laptop.mid).is_empty(),
+        "the laptop is connected"
+    );
+    assert!(
+        pushes_of(&sends, &to_watch.mid).is_empty(),
+        "the watch has no token"
+    );
+
+    let mut carol: Vec<&str> = pushes_of(&sends, &group.mid)
+        .iter()
+        .map(|s| s.token())
+        .collect();
+    carol.sort_unstable();
+    assert_eq!(carol, ["tok-carol-phone", "tok-carol-tablet"]);
+    let to_carol = pushes_of(&sends, &group.mid)[0];
+    assert_eq!(to_carol.data("chat"), "group");
+    assert_eq!(to_carol.data("conversation"), "team-7");
+    assert_eq!(
+        to_carol.message()["android"]["collapse_key"],
+        "group:team-7"
+    );
+
+    let last_pushes: Vec<&str> = pushes_of(&sends, &last.mid)
+        .iter()
+        .map(|s| s.token())
+        .collect();
+    assert_eq!(last_pushes, ["tok-bob-phone"], "not the connected laptop");
+    assert!(
+        sends.iter().all(|s| s.token() != "tok-bob-laptop"),
+        "nothing ever went to the connected laptop"
+    );
+
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_token_is_forgotten_and_a_new_one_used() {
+    let h = Harness::start().await;
+    h.fake.unregister("tok-dave-old");
+    h.register("dave", "phone", "tok-dave-old", Platform::Android)
+        .await;
+    let first = message("alice", "dave", ChatKind::Direct);
+    h.store("dave", Some("phone"), &first).await;
+
+    let sends = h
+        .fake
+        .wait_for_sends("the push to the dead token", |sends| {
+            !pushes_of(sends, &first.mid).is_empty()
+        })
+        .await;
+    assert_eq!(pushes_of(&sends, &first.mid)[0].token(), "tok-dave-old");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h
+        .tokens
+        .for_device(&user("dave"), &device("phone"))
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the dead token was not removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // With the token gone, nothing is sent until the app registers a new one.
+    let unreachable = message("alice", "dave", ChatKind::Direct);
+    h.store("dave", Some("phone"), &unreachable).await;
+    h.register("dave", "phone", "tok-dave-new", Platform::Android)
+        .await;
+    let second = message("alice", "dave", ChatKind::Direct);
+    h.store("dave", Some("phone"), &second).await;
+
+    let sends = h
+        .fake
+        .wait_for_sends("the push to the new token", |sends| {
+            !pushes_of(sends, &second.mid).is_empty()
+        })
+        .await;
+    assert!(pushes_of(&sends, &unreachable.mid).is_empty());
+    let second_pushes: Vec<&str> = pushes_of(&sends, &second.mid)
+        .iter()
+        .map(|s| s.token())
+        .collect();
+    assert_eq!(second_pushes, ["tok-dave-new"]);
+    assert_eq!(
+        pushes_of(&sends, &first.mid).len(),
+        1,
+        "an invalid token is not retried"
+    );
+
+    h.stop().await;
+}
