@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use dak_wire::event::{self, Ack, Connected, InboundEvent, Message};
+use dak_wire::event::{self, Ack, Connected, InboundEvent, Message, PushToken};
 use dak_wire::frame::Outgoing;
 use dak_wire::{ClientId, Mid};
 use rdkafka::producer::DeliveryFuture;
@@ -128,6 +128,17 @@ impl Ingress {
         let delivery =
             self.producer
                 .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
+        kafka::acknowledged(delivery).await?;
+        Ok(())
+    }
+
+    /// Queues a device's push-token registration and waits for Kafka.
+    pub async fn push_token(&self, token: PushToken) -> Result<(), IngressError> {
+        let key = token.user.to_string();
+        let event = InboundEvent::PushToken(token);
+        let delivery = self
+            .producer
+            .enqueue(&self.topic, &key, &event::encode(&event))?;
         kafka::acknowledged(delivery).await?;
         Ok(())
     }

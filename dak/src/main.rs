@@ -14,7 +14,7 @@ struct Cli {
 enum Command {
     /// Run every service in this process, on embedded defaults unless
     /// DAK_KAFKA_BROKERS / DAK_REDIS_URL say otherwise.
-    Up(dak::up::UpArgs),
+    Up(Box<dak::up::UpArgs>),
     /// Mint a client token (HS256, DAK_JWT_SECRET).
     Token(dak::token::TokenArgs),
     /// Run ws-gateway on its own.
@@ -27,6 +27,8 @@ enum Command {
     Session(session::standalone::Args),
     /// Run persistence on its own.
     Persistence(persistence::standalone::Args),
+    /// Run push on its own.
+    Push(push::standalone::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +36,7 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |shutdown| async move {
-                let running = dak::up::start(args, dak::up::Bus::FromArgs, shutdown).await?;
+                let running = dak::up::start(*args, dak::up::Bus::FromArgs, shutdown).await?;
                 if let Some(secret) = &running.jwt_secret {
                     println!("DAK_JWT_SECRET={secret}");
                     println!("(generated for this run; set DAK_JWT_SECRET to keep tokens valid across restarts)");
@@ -87,6 +89,10 @@ fn main() -> ExitCode {
         Command::Persistence(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| persistence::standalone::start(args, s))
+        }
+        Command::Push(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| push::standalone::start(args, s))
         }
     }
 }

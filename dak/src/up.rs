@@ -39,6 +39,8 @@ pub struct UpArgs {
     pub persistence: persistence::Config,
     #[command(flatten)]
     pub data: persistence::standalone::DataArgs,
+    #[command(flatten)]
+    pub push: push::Config,
 }
 
 /// Where the event bus comes from.
@@ -112,6 +114,11 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
 
     let inbox = args.data.open_inbox()?;
     persistence::standalone::inbox_check(&mut readiness, &inbox);
+    let tokens: Arc<dyn push::tokens::PushTokens> = Arc::new(push::tokens::SqliteTokens::open(
+        push::tokens_path(&args.data.data_dir),
+    )?);
+    push::standalone::tokens_check(&mut readiness, &tokens);
+    let sender = push::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
 
     let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), dedup);
     let limits = args.gateway.limits.limits();
@@ -127,7 +134,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         },
         shutdown.clone(),
     );
-    let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits);
+    let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits, presence.clone());
     let persistence = persistence::Persistence::build(
         args.persistence,
         &kafka,
@@ -144,7 +151,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         &kafka,
         session::Deps {
             inflight,
-            presence,
+            presence: presence.clone(),
             producer: producer.clone(),
             internal_token,
         },
@@ -152,6 +159,16 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    let push = push::Push::build(
+        &args.push,
+        &kafka,
+        push::Deps {
+            tokens,
+            presence: presence.clone(),
+            sender,
+        },
+    )?;
+
     let public_router = ws
         .public_router()
         .merge(rest.router())
@@ -170,6 +187,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "session", session.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "persistence", persistence.run(shutdown.clone()));
+    shutdown::spawn(&mut tasks, "push", push.run(shutdown.clone()));
     let flush_on = shutdown.clone();
     shutdown::spawn(&mut tasks, "producer", async move {
         flush_on.cancelled().await;

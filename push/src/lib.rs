@@ -223,7 +223,7 @@ impl Push {
                 .flat_map(|(user, routes)| {
                     routes
                         .into_iter()
-                        .filter(|r| r.gateway_url.is_some() && false)
+                        .filter(|r| r.gateway_url.is_some())
                         .map(move |r| (user.clone(), r.device))
                 })
                 .collect(),

@@ -6,6 +6,9 @@
 //!   each one as `accepted` (with its mid, after Kafka acknowledged it) or
 //!   `rejected` (with the error code), so one bad message does not sink the batch.
 //! - `POST /v1/acks`: `{"mids":[…]}`, 202 once the ack is durable.
+//! - `PUT /v1/devices/{device}/push-token`: `{"token":"…","platform":"android"|"ios"|"web"}`
+//!   for the token's own device; the device becomes known (it gets its own
+//!   inbox from then on) and the token travels through Kafka to push. 202.
 //!
 //! Both take `Authorization: Bearer <jwt>`; the token names the sender.
 
@@ -13,15 +16,18 @@ pub mod standalone;
 
 use std::sync::Arc;
 
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::routing::{post, put};
 use axum::{Json, Router};
 use dak_runtime::auth::{Identity, Verifier};
 use dak_runtime::http::ApiError;
 use dak_runtime::ingress::Ingress;
+use dak_runtime::presence::Presence;
+use dak_wire::event::{Platform, PushToken};
 use dak_wire::frame::{parse_mids, Outgoing};
-use dak_wire::{ChatKind, ErrorCode, Limits, Mid, WireError};
+use dak_wire::{ChatKind, DeviceId, ErrorCode, Limits, Mid, WireError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -37,15 +43,22 @@ struct Shared {
     verifier: Verifier,
     ingress: Ingress,
     limits: Limits,
+    presence: Arc<dyn Presence>,
 }
 
 impl RestGateway {
-    pub fn new(verifier: Verifier, ingress: Ingress, limits: Limits) -> Self {
+    pub fn new(
+        verifier: Verifier,
+        ingress: Ingress,
+        limits: Limits,
+        presence: Arc<dyn Presence>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 verifier,
                 ingress,
                 limits,
+                presence,
             }),
         }
     }
@@ -55,6 +68,7 @@ impl RestGateway {
         Router::new()
             .route("/v1/messages", post(send_messages))
             .route("/v1/acks", post(send_acks))
+            .route("/v1/devices/{device}/push-token", put(register_push_token))
             .layer(axum::extract::DefaultBodyLimit::max(body_limit))
             .with_state(self.shared.clone())
     }
@@ -213,5 +227,77 @@ async fn send_acks(
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "acked": count })),
+    ))
+}
+
+/// Longest push token accepted; FCM registration tokens are far shorter.
+const MAX_TOKEN_LEN: usize = 4096;
+
+#[derive(Deserialize)]
+struct PushTokenBody {
+    token: Option<String>,
+    platform: Option<String>,
+}
+
+async fn register_push_token(
+    State(shared): State<Arc<Shared>>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let device = DeviceId::parse(device)?;
+    if device != identity.device {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "a device registers its own push token: the path must name the device of your token",
+        ));
+    }
+    let request: PushTokenBody = parse_json(&body)?;
+    let token = request
+        .token
+        .filter(|t| {
+            !t.is_empty() && t.len() <= MAX_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("`token` must be 1 to {MAX_TOKEN_LEN} printable characters without spaces"),
+            )
+        })?;
+    let platform = match request.platform.as_deref() {
+        Some("android") => Platform::Android,
+        Some("ios") => Platform::Ios,
+        Some("web") => Platform::Web,
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "`platform` must be `android`, `ios` or `web`",
+            ))
+        }
+    };
+    shared
+        .presence
+        .register_device(&identity.user, &device)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "registering a device failed");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "the device registry is unavailable, retry later",
+            )
+        })?;
+    shared
+        .ingress
+        .push_token(PushToken {
+            user: identity.user,
+            device: device.clone(),
+            token,
+            platform,
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "device": device })),
     ))
 }

@@ -40,7 +40,8 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         kafka.topics.inbound.clone(),
         process::redis_dedup(&redis, &args.store),
     );
-    let gateway = RestGateway::new(verifier, ingress, args.limits.limits());
+    let presence = process::redis_presence(&redis, &args.store);
+    let gateway = RestGateway::new(verifier, ingress, args.limits.limits(), presence);
 
     let mut readiness = Readiness::default();
     process::kafka_check(&mut readiness, &producer);

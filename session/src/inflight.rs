@@ -191,6 +191,13 @@ impl InFlight for MemoryInFlight {
         };
         state.due.remove(&(score, key.clone()));
         state.due.insert((delivery.deadline_ms, key.clone()));
+        if delivery.is_held() {
+            let held = state
+                .held
+                .entry((delivery.user.clone(), delivery.device.clone()))
+                .or_default();
+            held.push(key.clone());
+        }
         state
             .records
             .insert(key, (delivery.deadline_ms, delivery.clone()));
@@ -404,10 +411,12 @@ impl InFlight for RedisInFlight {
     }
 
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
-        let mut cmd = eval(RESENT, &self.keys_for(&delivery.user));
+        let held_key = self.held_key(&delivery.user, &delivery.device);
+        let mut cmd = eval3(RESENT, &self.keys_for(&delivery.user), &held_key);
         cmd.arg(delivery.member())
             .arg(encode(delivery))
-            .arg(delivery.deadline_ms);
+            .arg(delivery.deadline_ms)
+            .arg(if delivery.is_held() { "1" } else { "0" });
         let updated: i64 = cmd.query_async(&mut self.conn.clone()).await?;
         Ok(updated == 1)
     }

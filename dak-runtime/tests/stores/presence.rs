@@ -22,15 +22,28 @@ fn conn(u: &str, d: &str, gateway: &Gateway, id: &str) -> Connection {
     }
 }
 
-fn route(d: &str, url: Option<&str>) -> DeviceRoute {
-    DeviceRoute {
-        device: device(d),
-        gateway_url: url.map(str::to_owned),
-    }
+/// A route as the tests compare it: device, gateway URL, and whether it is live.
+fn route(d: &str, url: Option<&str>) -> (DeviceId, Option<String>, bool) {
+    (device(d), url.map(str::to_owned), false)
 }
 
-async fn routes(store: &dyn Presence, u: &str) -> Vec<DeviceRoute> {
-    store.routes(&[user(u)]).await.unwrap().remove(0)
+fn live(d: &str, url: &str) -> (DeviceId, Option<String>, bool) {
+    (device(d), Some(url.to_owned()), true)
+}
+
+fn view(r: &DeviceRoute) -> (DeviceId, Option<String>, bool) {
+    (r.device.clone(), r.gateway_url.clone(), r.live)
+}
+
+async fn routes(store: &dyn Presence, u: &str) -> Vec<(DeviceId, Option<String>, bool)> {
+    store
+        .routes(&[user(u)])
+        .await
+        .unwrap()
+        .remove(0)
+        .iter()
+        .map(view)
+        .collect()
 }
 
 /// The suite every presence store passes.
@@ -69,8 +82,22 @@ async fn contract(store: &dyn Presence) {
         route("tablet", Some("http://gw2"))
     );
 
-    // A reconnect replaces the entry; the old connection's late disconnect does
-    // not remove the new one.
+    // A socket goes live when its replay is done; only the current connection can.
+    assert!(!store
+        .set_live(&user("bob"), &device("phone"), "not-c1")
+        .await
+        .unwrap());
+    assert!(store
+        .set_live(&user("bob"), &device("phone"), "c1")
+        .await
+        .unwrap());
+    assert_eq!(routes(store, "bob").await[0], live("phone", "http://gw1"));
+    let raw = store.routes(&[user("bob")]).await.unwrap().remove(0);
+    assert_eq!(raw[0].live_socket(), Some(("http://gw1", "c1")));
+    assert_eq!(raw[1].live_socket(), None, "connected but not live");
+
+    // A reconnect replaces the entry (not live again until its own replay); the
+    // old connection's late disconnect does not remove the new one.
     store
         .connect(&conn("bob", "phone", &gw2, "c3"))
         .await
@@ -98,6 +125,18 @@ async fn contract(store: &dyn Presence) {
         vec![route("phone", None), route("tablet", None)]
     );
 
+    // A device can become known without a socket (a push-token registration).
+    store
+        .register_device(&user("bob"), &device("watch"))
+        .await
+        .unwrap();
+    assert_eq!(routes(store, "bob").await.len(), 3);
+    store
+        .register_device(&user("newbie"), &device("phone"))
+        .await
+        .unwrap();
+    assert_eq!(routes(store, "newbie").await, vec![route("phone", None)]);
+
     // Several users in one call, answered in order.
     store
         .connect(&conn("carol", "web", &gw1, "c4"))
@@ -108,9 +147,12 @@ async fn contract(store: &dyn Presence) {
         .await
         .unwrap();
     assert_eq!(many.len(), 3);
-    assert_eq!(many[0], vec![route("web", Some("http://gw1"))]);
+    assert_eq!(
+        many[0].iter().map(view).collect::<Vec<_>>(),
+        vec![route("web", Some("http://gw1"))]
+    );
     assert!(many[1].is_empty());
-    assert_eq!(many[2].len(), 2);
+    assert_eq!(many[2].len(), 3);
     assert_eq!(store.routes(&[]).await.unwrap().len(), 0);
 }
 
@@ -130,7 +172,7 @@ async fn expiry_contract(store: &dyn Presence) {
         vec![route("phone", Some("http://doomed"))]
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while routes(store, "dave").await[0].gateway_url.is_some() {
+    while routes(store, "dave").await[0].1.is_some() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "presence outlived the heartbeat"

@@ -7,5 +7,6 @@
 
 mod bad_input;
 mod in_process;
+mod offline;
 mod services;
 mod support;

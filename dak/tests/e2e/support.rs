@@ -249,6 +249,27 @@ impl Client {
         client
     }
 
+    /// Connects without waiting for anything: the stored inbox and `sync.done`
+    /// are the caller's to read.
+    pub async fn connect_raw(addr: SocketAddr, token: &str) -> Client {
+        Client::try_connect(addr, token)
+            .await
+            .expect("websocket upgrade")
+    }
+
+    /// Reads the replay: every message up to `sync.done`.
+    pub async fn replay(&mut self) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            match frame["type"].as_str() {
+                Some("sync.done") => return messages,
+                Some("message") => messages.push(frame),
+                _ => panic!("unexpected frame during replay: {frame}"),
+            }
+        }
+    }
+
     pub async fn try_connect(
         addr: SocketAddr,
         token: &str,
@@ -625,4 +646,86 @@ async fn converse(client: &mut Client, me: &str, peer: &str, n: usize) {
         received, expected,
         "{me} received out of order or lost messages"
     );
+}
+
+/// Registers a push token for `user`'s `device`, which makes the device known.
+pub async fn register_device(public: SocketAddr, user: &str, device: &str) {
+    let response = reqwest::Client::new()
+        .put(format!("http://{public}/v1/devices/{device}/push-token"))
+        .bearer_auth(token(user, device))
+        .json(&json!({"token": format!("fcm-{user}-{device}"), "platform": "android"}))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(response.status().as_u16(), 202);
+}
+
+/// `GET /v1/messages` as `user`'s `device`: (status, body).
+pub async fn rest_sync(public: SocketAddr, user: &str, device: &str, query: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{public}/v1/messages{query}"))
+        .bearer_auth(token(user, device))
+        .send()
+        .await
+        .expect("REST request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Every stored message of the device, paging with `limit`.
+pub async fn rest_sync_all(
+    public: SocketAddr,
+    user: &str,
+    device: &str,
+    limit: usize,
+) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut query = format!("?limit={limit}");
+    loop {
+        let (status, page) = rest_sync(public, user, device, &query).await;
+        assert_eq!(status, 200, "{page}");
+        all.extend(page["messages"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => query = format!("?limit={limit}&after={next}"),
+            None => return all,
+        }
+    }
+}
+
+/// Waits until the device's inbox holds `n` messages, and returns them.
+pub async fn wait_for_inbox(public: SocketAddr, user: &str, device: &str, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let all = rest_sync_all(public, user, device, 500).await;
+        if all.len() == n {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user}/{device} inbox has {} messages, expected {n}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `body.seq` of each message frame.
+pub fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["body"]["seq"].as_u64().expect("a seq body"))
+        .collect()
+}
+
+/// Sends `range` as messages with `{"seq": n}` bodies and waits for every `accepted`.
+pub async fn send_seq(client: &mut Client, to: &str, range: std::ops::Range<u64>) {
+    let n = range.end - range.start;
+    for seq in range {
+        client
+            .send_message(&format!("m-{seq}"), to, json!({ "seq": seq }))
+            .await;
+    }
+    for _ in 0..n {
+        client.expect("accepted").await;
+    }
 }

@@ -103,6 +103,7 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
                 routed.push(d.message.mid);
             }
             DeliverEvent::Ack(a) => acks.push(a),
+            other => panic!("nothing else was sent: {other:?}"),
         }
     }
     assert_eq!(

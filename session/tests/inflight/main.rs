@@ -130,6 +130,65 @@ async fn contract(store: &dyn InFlight) {
     assert_eq!(mids(&last), vec![a_elsewhere.message.mid]);
 }
 
+/// Deliveries held while their device replays come back in order, once.
+async fn held_contract(store: &dyn InFlight) {
+    let mut held: Vec<Pending> = (0..3).map(|_| delivery("frank", "phone", 9_000)).collect();
+    for h in &mut held {
+        h.sends = 0;
+    }
+    let sent = delivery("frank", "phone", 9_000);
+    let other_device = {
+        let mut d = delivery("frank", "tablet", 9_000);
+        d.sends = 0;
+        d
+    };
+    store
+        .begin(&[
+            held[0].clone(),
+            sent.clone(),
+            held[1].clone(),
+            other_device.clone(),
+            held[2].clone(),
+        ])
+        .await
+        .unwrap();
+    let user = UserId::parse("frank").unwrap();
+    let taken = store
+        .take_held(&user, &DeviceId::parse("phone").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(mids(&taken), mids(&held));
+    assert_eq!(
+        taken.iter().map(|p| p.message.mid).collect::<Vec<_>>(),
+        held.iter().map(|p| p.message.mid).collect::<Vec<_>>(),
+        "in the order they were held"
+    );
+    assert!(store
+        .take_held(&user, &DeviceId::parse("phone").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Sent, then held again (the device reconnected): it comes back with the next take.
+    let mut rehold = sent.clone();
+    rehold.sends = 0;
+    assert!(store.resent(&rehold).await.unwrap());
+    let taken = store
+        .take_held(&user, &DeviceId::parse("phone").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(mids(&taken), vec![sent.message.mid]);
+    // A held entry that was sent meanwhile (by the retry loop) is not taken.
+    let mut tablet_sent = other_device.clone();
+    tablet_sent.sends = 1;
+    store.resent(&tablet_sent).await.unwrap();
+    assert!(store
+        .take_held(&user, &DeviceId::parse("tablet").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 async fn claim_limit_contract(store: &dyn InFlight) {
     let many: Vec<Pending> = (0..50)
         .map(|i| delivery(&format!("user{i}"), "phone", 100))
@@ -163,6 +222,7 @@ fn prefix() -> String {
 #[tokio::test]
 async fn memory_inflight_keeps_the_contract() {
     contract(&MemoryInFlight::default()).await;
+    held_contract(&MemoryInFlight::default()).await;
     claim_limit_contract(&MemoryInFlight::default()).await;
 }
 
@@ -172,5 +232,6 @@ async fn redis_inflight_keeps_the_contract() {
         .await
         .expect("Redis (scripts/test starts one)");
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }

@@ -1,0 +1,188 @@
+//! Contract tests for the offline inbox: every implementation passes the same
+//! suite. SQLite always runs; ScyllaDB runs when `DAK_SCYLLA_NODES` is set.
+
+use dak_wire::{ChatKind, ClientId, DeviceId, Message, Mid, UserId};
+use persistence::inbox::{Inbox, SqliteInbox, Stored};
+use serde_json::value::RawValue;
+
+const FAR: u64 = u64::MAX / 4;
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn device(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+fn message(to: &str, seq: u64) -> Message {
+    Message {
+        mid: Mid::from_ulid(ulid::Ulid::new()),
+        id: ClientId::parse(format!("c-{seq}")).unwrap(),
+        from: user("alice"),
+        from_device: device("phone"),
+        to: to.into(),
+        chat: ChatKind::Direct,
+        body: RawValue::from_string(format!(r#"{{"n":{seq}}}"#)).unwrap(),
+        ts: seq,
+    }
+}
+
+fn stored(to: &str, dev: Option<&str>, seq: u64, expires_at_ms: u64) -> Stored {
+    Stored {
+        user: user(to),
+        device: dev.map(device),
+        seq,
+        message: message(to, seq),
+        expires_at_ms,
+    }
+}
+
+fn mids(page: &[(u64, Message)]) -> Vec<Mid> {
+    page.iter().map(|(_, m)| m.mid).collect()
+}
+
+/// The suite every inbox passes. `unique` makes user names no other run uses.
+pub async fn contract(inbox: &dyn Inbox, unique: &str) {
+    let bob = format!("bob{unique}");
+    let carol = format!("carol{unique}");
+    let phone = device("phone");
+
+    // Stored in order, served oldest first, paged by position.
+    let items: Vec<Stored> = (10..20)
+        .map(|seq| stored(&bob, Some("phone"), seq, FAR))
+        .collect();
+    assert_eq!(inbox.store(&items).await.unwrap(), 10);
+    let all = inbox.page(&user(&bob), &phone, None, 100, 0).await.unwrap();
+    assert_eq!(
+        mids(&all),
+        items.iter().map(|s| s.message.mid).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        all[0].1.body.get(),
+        r#"{"n":10}"#,
+        "the body comes back as stored"
+    );
+    let first = inbox.page(&user(&bob), &phone, None, 4, 0).await.unwrap();
+    assert_eq!(first.len(), 4);
+    let rest = inbox
+        .page(&user(&bob), &phone, Some(first[3].0), 100, 0)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 6);
+    assert_eq!(rest[0].1.mid, items[4].message.mid);
+
+    // Storing the same messages again (Kafka redelivery) changes nothing.
+    assert_eq!(inbox.store(&items[..3]).await.unwrap(), 0);
+    assert_eq!(
+        inbox
+            .page(&user(&bob), &phone, None, 100, 0)
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+
+    // Another device of the same user has its own inbox.
+    assert!(inbox
+        .page(&user(&bob), &device("tablet"), None, 100, 0)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Acks drop exactly what they name, and only for that device.
+    let acked = [items[0].message.mid, items[1].message.mid];
+    assert_eq!(
+        inbox
+            .drop_acked(&user(&bob), &phone, &acked, FAR)
+            .await
+            .unwrap(),
+        2
+    );
+    let left = inbox.page(&user(&bob), &phone, None, 100, 0).await.unwrap();
+    assert_eq!(left.len(), 8);
+    assert_eq!(left[0].1.mid, items[2].message.mid);
+    // A store that arrives after the drop of its mid stays dropped.
+    assert_eq!(inbox.store(&items[..1]).await.unwrap(), 0);
+    assert_eq!(
+        inbox
+            .page(&user(&bob), &phone, None, 100, 0)
+            .await
+            .unwrap()
+            .len(),
+        8
+    );
+
+    // Expired messages are not served, and expiry deletes them.
+    let short = stored(&carol, Some("web"), 5, 1_000);
+    let long = stored(&carol, Some("web"), 6, FAR);
+    inbox.store(&[short.clone(), long.clone()]).await.unwrap();
+    let page = inbox
+        .page(&user(&carol), &device("web"), None, 100, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(mids(&page), vec![long.message.mid]);
+    assert!(inbox.expire(2_000).await.unwrap() >= 1);
+    let page = inbox
+        .page(&user(&carol), &device("web"), None, 100, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        mids(&page),
+        vec![long.message.mid],
+        "the expired message is gone for good"
+    );
+
+    // The user-level inbox goes to the first device that takes it over, in order.
+    let dave = format!("dave{unique}");
+    let waiting: Vec<Stored> = (1..=3).map(|seq| stored(&dave, None, seq, FAR)).collect();
+    inbox.store(&waiting).await.unwrap();
+    assert_eq!(
+        inbox
+            .take_over(&user(&dave), &device("first"))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        inbox
+            .take_over(&user(&dave), &device("second"))
+            .await
+            .unwrap(),
+        0
+    );
+    let page = inbox
+        .page(&user(&dave), &device("first"), None, 100, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        mids(&page),
+        waiting.iter().map(|s| s.message.mid).collect::<Vec<_>>()
+    );
+
+    assert!(inbox.depth().await.unwrap() >= 8 + 1 + 3);
+}
+
+#[tokio::test]
+async fn sqlite_inbox_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = SqliteInbox::open(&dir.path().join("inbox.db")).unwrap();
+    contract(&inbox, "").await;
+}
+
+#[tokio::test]
+async fn sqlite_inbox_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inbox.db");
+    let item = stored("erin", Some("phone"), 1, FAR);
+    {
+        let inbox = SqliteInbox::open(&path).unwrap();
+        inbox.store(std::slice::from_ref(&item)).await.unwrap();
+    }
+    let inbox = SqliteInbox::open(&path).unwrap();
+    let page = inbox
+        .page(&user("erin"), &device("phone"), None, 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(mids(&page), vec![item.message.mid]);
+}
