@@ -14,6 +14,7 @@ pub async fn serve(
     router: Router,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let router = router.layer(axum::middleware::map_response(json_body_limit));
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
@@ -63,4 +64,17 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({"error": {"code": self.0.code, "message": self.0.message}});
         (status, Json(body)).into_response()
     }
+}
+
+/// axum answers an oversize body with a plain-text 413; clients get the same
+/// JSON error shape as for every other refusal.
+async fn json_body_limit(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return ApiError::new(ErrorCode::TooLarge, "request body too large").into_response();
+    }
+    response
 }

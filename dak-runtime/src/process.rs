@@ -88,6 +88,22 @@ where
     }
 }
 
+/// Parses the command line. Help and version exit 0; bad settings print why and
+/// exit 64 (EX_USAGE).
+pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
+    match T::try_parse() {
+        Ok(args) => Ok(args),
+        Err(e) => {
+            let _ = e.print();
+            Err(if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
 /// Binds `addr`, naming it in the error.
 pub async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)

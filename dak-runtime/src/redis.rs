@@ -5,15 +5,28 @@ use redis::aio::ConnectionManager;
 
 pub use redis::aio::ConnectionManager as Connection;
 
-/// Connects to `url` and checks the server answers.
+/// Connects to `url` and checks the server answers, giving up after 10 s so a
+/// service with a wrong `DAK_REDIS_URL` exits instead of hanging at start-up.
 pub async fn connect(url: &str) -> Result<ConnectionManager, redis::RedisError> {
     let client = redis::Client::open(url)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(std::time::Duration::from_secs(5))
-        .set_response_timeout(std::time::Duration::from_secs(5));
-    let mut conn = ConnectionManager::new_with_config(client, config).await?;
-    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-    Ok(conn)
+        .set_response_timeout(std::time::Duration::from_secs(5))
+        .set_number_of_retries(2);
+    let connecting = async {
+        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(conn)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "no answer from Redis within 10 s",
+                url.to_owned(),
+            )))
+        })
 }
 
 /// Readiness: the server answers PING.

@@ -32,7 +32,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli: Cli = match dak_runtime::process::parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match cli.command {
         Command::Up(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |shutdown| async move {

@@ -1,7 +1,8 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = persistence::standalone::Args::parse();
+    let args: persistence::standalone::Args = match dak_runtime::process::parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let process = args.process.clone();
     dak_runtime::process::main(&process, |shutdown| {
         persistence::standalone::start(args, shutdown)

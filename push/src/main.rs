@@ -1,7 +1,8 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = push::standalone::Args::parse();
+    let args: push::standalone::Args = match dak_runtime::process::parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let process = args.process.clone();
     dak_runtime::process::main(&process, |shutdown| push::standalone::start(args, shutdown))
 }

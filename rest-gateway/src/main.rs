@@ -1,7 +1,8 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = rest_gateway::standalone::Args::parse();
+    let args: rest_gateway::standalone::Args = match dak_runtime::process::parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let process = args.process.clone();
     dak_runtime::process::main(&process, |shutdown| {
         rest_gateway::standalone::start(args, shutdown)

@@ -287,6 +287,19 @@ async fn rest_refuses_bad_input_clearly() {
         .collect();
     assert_eq!(rejected, [("bad-1", "bad_request"), ("spoof", "forbidden")]);
 
+    // A body past the batch limit gets the JSON error shape too.
+    let huge = http
+        .post(&url)
+        .bearer_auth(&alice)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 11 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    let body: Value = huge.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large");
+
     let acks = format!("http://{}/v1/acks", stack.public);
     let bad_ack = http
         .post(&acks)
