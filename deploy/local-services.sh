@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Runs dak's four services as separate processes on this machine, against a
+# Runs dak's six services as separate processes on this machine, against a
 # Kafka broker (Tansu) and Redis, the way a distributed deployment runs them.
+# persistence and push keep their SQLite files under deploy/data/.
 # Ctrl-C stops everything this script started. See deploy/README.md.
 #
 # Script settings (all optional):
 #   DAK_KAFKA_BROKERS   use this Kafka instead of a local Tansu on 127.0.0.1:9092
 #   DAK_REDIS_URL       use this Redis instead of a local one on 127.0.0.1:6379
 #   DAK_JWT_SECRET      client token secret (default: dev-secret)
-#   DAK_INTERNAL_TOKEN  gateway <-> session token (default: dev-internal-token)
+#   DAK_INTERNAL_TOKEN  token of the gateways' internal API, used by session and
+#                       persistence (default: dev-internal-token)
+#   DAK_DATA_DIR        where persistence and push keep their SQLite files
+#                       (default: deploy/data)
+#   DAK_FCM_CREDENTIALS a Google service-account file: push sends real FCM
+#                       notifications. Unset: push only logs them.
 #   DAK_BIN             run this dak binary instead of building target/release/dak
 #   DAK_TANSU_BIN       the tansu binary (default: tansu on PATH or ~/.cargo/bin)
 # Every other DAK_ variable in the environment (DAK_TOPIC_PREFIX,
@@ -17,14 +23,22 @@ cd "$(dirname "$0")/.."
 
 LOGS=deploy/logs
 mkdir -p "$LOGS"
+DATA=${DAK_DATA_DIR:-deploy/data}
+mkdir -p "$DATA"
+if [ "$DATA" = deploy/data ] && ! [ -e "$DATA/.gitignore" ]; then
+  printf '%s\n' '# SQLite files written by deploy/local-services.sh; all ignored.' '*' >"$DATA/.gitignore"
+fi
 
 WS_PUBLIC=127.0.0.1:8080
 WS_INTERNAL=127.0.0.1:8081
 REST_PUBLIC=127.0.0.1:8082
+PERSISTENCE_PUBLIC=127.0.0.1:8083
 ADMIN_ROUTER=127.0.0.1:9191
 ADMIN_SESSION=127.0.0.1:9192
 ADMIN_WS=127.0.0.1:9193
 ADMIN_REST=127.0.0.1:9194
+ADMIN_PERSISTENCE=127.0.0.1:9195
+ADMIN_PUSH=127.0.0.1:9196
 
 LOCAL_KAFKA_PORT=9092
 LOCAL_REDIS_PORT=6379
@@ -44,7 +58,8 @@ stop_all() {
   if [ ${#STARTED[@]} -gt 0 ]; then
     log ""
     log "stopping"
-    # Newest first: gateways before session and router, the broker last.
+    # Newest first: gateways before push, persistence, session and router, the
+    # broker last.
     local i entry name pid
     for (( i=${#STARTED[@]}-1; i>=0; i-- )); do
       entry=${STARTED[i]}
@@ -197,6 +212,22 @@ wait_ready message-router $ADMIN_ROUTER
 spawn session env DAK_ADMIN_ADDR=$ADMIN_SESSION "$BIN" session
 wait_ready session $ADMIN_SESSION
 
+# Before the gateways: every new socket waits for persistence's replay and
+# its sync.done before it gets messages.
+spawn persistence env DAK_ADMIN_ADDR=$ADMIN_PERSISTENCE \
+  DAK_PUBLIC_ADDR=$PERSISTENCE_PUBLIC DAK_DATA_DIR="$DATA" "$BIN" persistence
+wait_ready persistence $ADMIN_PERSISTENCE
+
+if [ -n "${DAK_FCM_CREDENTIALS:-}" ]; then
+  PUSH_MODE="FCM ($DAK_FCM_CREDENTIALS)"
+  log "push: sending through FCM with $DAK_FCM_CREDENTIALS"
+else
+  PUSH_MODE="log only ($LOGS/push.log)"
+  log "push: DAK_FCM_CREDENTIALS is not set, notifications are only logged ($LOGS/push.log)"
+fi
+spawn push env DAK_ADMIN_ADDR=$ADMIN_PUSH DAK_DATA_DIR="$DATA" "$BIN" push
+wait_ready push $ADMIN_PUSH
+
 spawn ws-gateway env DAK_ADMIN_ADDR=$ADMIN_WS \
   DAK_PUBLIC_ADDR=$WS_PUBLIC DAK_INTERNAL_ADDR=$WS_INTERNAL "$BIN" ws-gateway
 wait_ready ws-gateway $ADMIN_WS
@@ -206,20 +237,26 @@ wait_ready rest-gateway $ADMIN_REST
 
 cat >&2 <<EOF
 
-dak is running as four services:
+dak is running as six services:
   ws-gateway      ws://$WS_PUBLIC/v1/ws   (internal http://$WS_INTERNAL)   admin http://$ADMIN_WS
-  rest-gateway    http://$REST_PUBLIC/v1/messages, /v1/acks              admin http://$ADMIN_REST
+  rest-gateway    http://$REST_PUBLIC: POST /v1/messages, POST /v1/acks,
+                  PUT /v1/devices/{device}/push-token                    admin http://$ADMIN_REST
+  persistence     http://$PERSISTENCE_PUBLIC: GET /v1/messages           admin http://$ADMIN_PERSISTENCE
+  push            notifications: $PUSH_MODE
+                                                                          admin http://$ADMIN_PUSH
   message-router                                                          admin http://$ADMIN_ROUTER
   session                                                                 admin http://$ADMIN_SESSION
 
 Connect:
   export DAK_JWT_SECRET=$DAK_JWT_SECRET
   ALICE=\$($BIN token --user alice --device phone)
+  BOB=\$($BIN token --user bob --device phone)
   websocat -H "Authorization: Bearer \$ALICE" ws://$WS_PUBLIC/v1/ws
   curl -s -X POST http://$REST_PUBLIC/v1/messages -H "Authorization: Bearer \$ALICE" \\
     -d '{"messages":[{"id":"c-1","to":"bob","body":{"text":"hi"}}]}'
+  curl -s -H "Authorization: Bearer \$BOB" 'http://$PERSISTENCE_PUBLIC/v1/messages?limit=100'
 
-Logs: $LOGS/. Ctrl-C stops everything this script started.
+Data: $DATA/. Logs: $LOGS/. Ctrl-C stops everything this script started.
 EOF
 
 # Until Ctrl-C, or until a service dies.

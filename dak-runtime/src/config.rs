@@ -65,6 +65,34 @@ pub struct StoreArgs {
     pub presence_ttl: Duration,
 }
 
+/// ScyllaDB, the distributed engine for the inbox and push tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScyllaArgs {
+    /// `host:port[,host:port…]`. Unset: the SQLite files under `DAK_DATA_DIR`.
+    #[arg(long, env = "DAK_SCYLLA_NODES")]
+    pub scylla_nodes: Option<String>,
+    /// Keyspace, created with its tables at start-up if missing.
+    #[arg(long, env = "DAK_SCYLLA_KEYSPACE", default_value = "dak")]
+    pub scylla_keyspace: String,
+    /// Replication factor of a keyspace created at start-up.
+    #[arg(long, env = "DAK_SCYLLA_REPLICATION", default_value_t = 1)]
+    pub scylla_replication: u32,
+}
+
+impl ScyllaArgs {
+    /// The configured nodes, if ScyllaDB is in use.
+    pub fn nodes(&self) -> Option<Vec<String>> {
+        let nodes: Vec<String> = self
+            .scylla_nodes
+            .as_deref()?
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        (!nodes.is_empty()).then_some(nodes)
+    }
+}
+
 /// Client authentication.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthArgs {

@@ -41,6 +41,8 @@ pub struct UpArgs {
     pub data: persistence::standalone::DataArgs,
     #[command(flatten)]
     pub push: push::Config,
+    #[command(flatten)]
+    pub scylla: config::ScyllaArgs,
 }
 
 /// Where the event bus comes from.
@@ -112,11 +114,9 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         .clone()
         .unwrap_or_else(|| format!("http://{internal_addr}"));
 
-    let inbox = args.data.open_inbox()?;
+    let inbox = args.data.open_inbox(&args.scylla).await?;
     persistence::standalone::inbox_check(&mut readiness, &inbox);
-    let tokens: Arc<dyn push::tokens::PushTokens> = Arc::new(push::tokens::SqliteTokens::open(
-        push::tokens_path(&args.data.data_dir),
-    )?);
+    let tokens = push::standalone::open_tokens(&args.data.data_dir, &args.scylla).await?;
     push::standalone::tokens_check(&mut readiness, &tokens);
     let sender = push::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
 

@@ -23,6 +23,8 @@ pub enum InboxError {
     Corrupt(String),
     #[error("inbox task failed: {0}")]
     Task(String),
+    #[error("scylla: {0}")]
+    Scylla(String),
 }
 
 pub type InboxResult<T> = Result<T, InboxError>;
@@ -32,7 +34,10 @@ pub type InboxResult<T> = Result<T, InboxError>;
 pub struct Stored {
     pub user: UserId,
     pub device: Option<DeviceId>,
-    /// Position in the user's offline stream: the inbox's order.
+    /// Position in the user's offline stream (the Kafka offset of the `store`
+    /// event). ScyllaDB orders by it; SQLite keeps a counter of its own instead,
+    /// because `dak up` keeps its SQLite files across restarts while the embedded
+    /// Kafka starts over at offset 0.
     pub seq: u64,
     pub message: Message,
     pub expires_at_ms: u64,
@@ -102,7 +107,13 @@ impl SqliteInbox {
                  until INTEGER NOT NULL,
                  PRIMARY KEY (user, device, mid)
              ) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS dropped_expiry ON dropped (until);",
+             CREATE INDEX IF NOT EXISTS dropped_expiry ON dropped (until);
+             CREATE TABLE IF NOT EXISTS inbox_seq (
+                 id INTEGER PRIMARY KEY CHECK (id = 0),
+                 next INTEGER NOT NULL
+             );
+             INSERT OR IGNORE INTO inbox_seq (id, next)
+                 VALUES (0, (SELECT COALESCE(MAX(seq), 0) + 1 FROM inbox));",
         )?;
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
@@ -128,7 +139,7 @@ impl SqliteInbox {
 #[async_trait]
 impl Inbox for SqliteInbox {
     async fn store(&self, items: &[Stored]) -> InboxResult<u64> {
-        let rows: Vec<(String, String, String, u64, String, u64)> = items
+        let rows: Vec<(String, String, String, String, u64)> = items
             .iter()
             .map(|s| {
                 (
@@ -137,7 +148,6 @@ impl Inbox for SqliteInbox {
                         .as_ref()
                         .map_or(USER_LEVEL.to_owned(), |d| d.to_string()),
                     s.message.mid.to_string(),
-                    s.seq,
                     serde_json::to_string(&s.message).expect("messages serialize"),
                     s.expires_at_ms,
                 )
@@ -146,16 +156,20 @@ impl Inbox for SqliteInbox {
         self.with(move |db| {
             let tx = db.transaction()?;
             let mut stored = 0;
+            let mut next: i64 = tx.query_row("SELECT next FROM inbox_seq WHERE id = 0", [], |r| r.get(0))?;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR IGNORE INTO inbox (user, device, mid, seq, message, expires_at)
                      SELECT ?1, ?2, ?3, ?4, ?5, ?6
                      WHERE NOT EXISTS (SELECT 1 FROM dropped WHERE user = ?1 AND device = ?2 AND mid = ?3)",
                 )?;
-                for (user, device, mid, seq, message, expires) in &rows {
-                    stored += insert.execute(params![user, device, mid, seq, message, expires])? as u64;
+                for (user, device, mid, message, expires) in &rows {
+                    let inserted = insert.execute(params![user, device, mid, next, message, expires])?;
+                    stored += inserted as u64;
+                    next += inserted as i64;
                 }
             }
+            tx.execute("UPDATE inbox_seq SET next = ?1 WHERE id = 0", params![next])?;
             tx.commit()?;
             Ok(stored)
         })

@@ -17,6 +17,7 @@
 
 mod config;
 pub mod inbox;
+pub mod scylla;
 pub mod standalone;
 mod sync;
 
@@ -151,6 +152,7 @@ impl Shared {
                         .drop_acked(&ack.user, &ack.device, &ack.mids, tombstone)
                         .await?;
                     ::metrics::counter!(DROPPED).increment(dropped);
+                    ::metrics::gauge!(INBOX_DEPTH).decrement(dropped as f64);
                 }
                 OfflineEvent::Replay {
                     connected,
@@ -171,6 +173,8 @@ impl Shared {
         }
         let stored = self.inbox.store(&stores).await?;
         ::metrics::counter!(STORED).increment(stored);
+        // Kept current between the exact counts of the expiry loop.
+        ::metrics::gauge!(INBOX_DEPTH).increment(stored as f64);
         Ok(())
     }
 

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
-use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs};
+use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, ScyllaArgs};
 use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::inbox::{Inbox, SqliteInbox};
+use crate::scylla::ScyllaInbox;
 use crate::{Config, Deps, Persistence};
 
 #[derive(Debug, clap::Parser)]
@@ -29,6 +30,8 @@ pub struct Args {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
+    pub scylla: ScyllaArgs,
+    #[command(flatten)]
     pub persistence: Config,
 }
 
@@ -41,8 +44,15 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    /// Opens the SQLite inbox under the data directory.
-    pub fn open_inbox(&self) -> anyhow::Result<Arc<dyn Inbox>> {
+    /// Opens the inbox: ScyllaDB when `DAK_SCYLLA_NODES` is set, else the SQLite
+    /// file under the data directory.
+    pub async fn open_inbox(&self, scylla: &ScyllaArgs) -> anyhow::Result<Arc<dyn Inbox>> {
+        if let Some(nodes) = scylla.nodes() {
+            let inbox =
+                ScyllaInbox::connect(&nodes, &scylla.scylla_keyspace, scylla.scylla_replication)
+                    .await?;
+            return Ok(Arc::new(inbox));
+        }
         std::fs::create_dir_all(&self.data_dir)
             .map_err(|e| ConfigError(format!("cannot create {}: {e}", self.data_dir.display())))?;
         Ok(Arc::new(SqliteInbox::open(
@@ -64,7 +74,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
-    let inbox = args.data.open_inbox()?;
+    let inbox = args.data.open_inbox(&args.scylla).await?;
     let public = process::bind("the sync API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 

@@ -22,6 +22,7 @@
 
 pub mod fcm;
 pub mod metrics;
+pub mod scylla;
 pub mod standalone;
 pub mod tokens;
 

@@ -1,14 +1,15 @@
-//! push as its own process, against Kafka and Redis, with its token store in a
-//! SQLite file under the data directory.
+//! push as its own process, against Kafka and Redis, with its token store in
+//! ScyllaDB or in a SQLite file under the data directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dak_runtime::admin::Readiness;
-use dak_runtime::config::{KafkaArgs, ProcessArgs, StoreArgs};
+use dak_runtime::config::{KafkaArgs, ProcessArgs, ScyllaArgs, StoreArgs};
 use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 
+use crate::scylla::ScyllaTokens;
 use crate::{Config, Deps, Push, PushTokens, SqliteTokens};
 
 #[derive(Debug, clap::Parser)]
@@ -24,24 +25,42 @@ pub struct Args {
     #[arg(long, env = "DAK_DATA_DIR", default_value = "./dak-data")]
     pub data_dir: PathBuf,
     #[command(flatten)]
+    pub scylla: ScyllaArgs,
+    #[command(flatten)]
     pub push: Config,
 }
 
-pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let sender = crate::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
-    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+/// Opens the push-token store: ScyllaDB when `DAK_SCYLLA_NODES` is set, else
+/// the SQLite file under `data_dir` (created if missing).
+pub async fn open_tokens(
+    data_dir: &Path,
+    scylla: &ScyllaArgs,
+) -> anyhow::Result<Arc<dyn PushTokens>> {
+    if let Some(nodes) = scylla.nodes() {
+        let tokens =
+            ScyllaTokens::connect(&nodes, &scylla.scylla_keyspace, scylla.scylla_replication)
+                .await?;
+        return Ok(Arc::new(tokens));
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| {
         ConfigError(format!(
             "cannot create the data directory {}: {e}",
-            args.data_dir.display()
+            data_dir.display()
         ))
     })?;
-    let path = crate::tokens_path(&args.data_dir);
-    let tokens: Arc<dyn PushTokens> = Arc::new(SqliteTokens::open(&path).map_err(|e| {
+    let path = crate::tokens_path(data_dir);
+    let tokens = SqliteTokens::open(&path).map_err(|e| {
         ConfigError(format!(
             "cannot open the push-token store {}: {e}",
             path.display()
         ))
-    })?);
+    })?;
+    Ok(Arc::new(tokens))
+}
+
+pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
+    let sender = crate::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
+    let tokens = open_tokens(&args.data_dir, &args.scylla).await?;
     let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;

@@ -26,6 +26,8 @@ pub enum TokenStoreError {
     Corrupt(String),
     #[error("token store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("scylla: {0}")]
+    Scylla(String),
 }
 
 pub type TokenResult<T> = Result<T, TokenStoreError>;

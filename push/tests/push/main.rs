@@ -5,6 +5,7 @@
 
 mod fake_fcm;
 mod fcm;
+mod scylla_tokens;
 mod service;
 mod tokens;
 
