@@ -161,15 +161,20 @@ async fn a_token_moves_with_its_phone(store: &dyn PushTokens) {
     );
 }
 
+/// The suite every push-token store passes, starting empty.
+pub(crate) async fn contract(store: &dyn PushTokens) {
+    assert_eq!(store.count().await.unwrap(), 0);
+    upsert_replaces_the_devices_token(store).await;
+    for_user_lists_every_device_of_that_user_only(store).await;
+    remove_spares_a_newer_registration(store).await;
+    a_token_moves_with_its_phone(store).await;
+}
+
 #[tokio::test]
 async fn sqlite_tokens_keep_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteTokens::open(dir.path().join("push-tokens.db")).unwrap();
-    assert_eq!(store.count().await.unwrap(), 0);
-    upsert_replaces_the_devices_token(&store).await;
-    for_user_lists_every_device_of_that_user_only(&store).await;
-    remove_spares_a_newer_registration(&store).await;
-    a_token_moves_with_its_phone(&store).await;
+    contract(&store).await;
 }
 
 #[tokio::test]
