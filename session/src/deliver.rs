@@ -277,25 +277,7 @@ impl Core {
             .collect();
         let mut offline = Offline::default();
         let mut gone = Vec::new();
-        for (p, outcome) in self.send(to_send).await {
-            match outcome {
-                SendOutcome::Sent | SendOutcome::Busy => {
-                    if outcome == SendOutcome::Sent {
-                        ::metrics::counter!(metrics::DELIVERED).increment(1);
-                    }
-                    self.inflight.resent(&p).await?;
-                }
-                SendOutcome::NotConnected => {
-                    offline.store(
-                        &p.user,
-                        Some(&p.device),
-                        OfflineReason::NotConnected,
-                        &p.message,
-                    );
-                    gone.push(p);
-                }
-            }
-        }
+        self.send_tracked(to_send, &mut offline, &mut gone).await?;
         self.publish(offline).await?;
         self.inflight.remove(&gone).await?;
         Ok(())
@@ -440,41 +422,48 @@ impl Core {
                     }
                 }
             }
-            for (p, outcome) in self.send(to_send).await {
-                match outcome {
-                    SendOutcome::Sent | SendOutcome::Busy => {
-                        if p.sends > 1 {
-                            ::metrics::counter!(metrics::RETRIED).increment(1);
-                        }
-                        if outcome == SendOutcome::Sent {
-                            ::metrics::counter!(metrics::DELIVERED).increment(1);
-                        }
-                        tracing::debug!(
-                            mid = %p.message.mid,
-                            user = %p.user,
-                            device = %p.device,
-                            sends = p.sends,
-                            "sent again"
-                        );
-                        // False when the ack arrived meanwhile: nothing left to do.
-                        self.inflight.resent(&p).await?;
-                    }
-                    SendOutcome::NotConnected => {
-                        offline.store(
-                            &p.user,
-                            Some(&p.device),
-                            OfflineReason::NotConnected,
-                            &p.message,
-                        );
-                        finished.push(p);
-                    }
-                }
-            }
+            self.send_tracked(to_send, &mut offline, &mut finished)
+                .await?;
             // Published before the records go: a crash in between only repeats the
             // hand-over, which storage takes idempotently by mid.
             self.publish(offline).await?;
             self.inflight.remove(&finished).await?;
         }
+    }
+
+    /// Sends deliveries already recorded in flight and records each new send; a
+    /// device found gone goes to `offline` and its delivery to `finished`.
+    async fn send_tracked(
+        &self,
+        to_send: Vec<Send>,
+        offline: &mut Offline,
+        finished: &mut Vec<Pending>,
+    ) -> anyhow::Result<()> {
+        for (p, outcome) in self.send(to_send).await {
+            match outcome {
+                SendOutcome::Sent | SendOutcome::Busy => {
+                    if p.sends > 1 {
+                        ::metrics::counter!(metrics::RETRIED).increment(1);
+                    }
+                    if outcome == SendOutcome::Sent {
+                        ::metrics::counter!(metrics::DELIVERED).increment(1);
+                    }
+                    tracing::debug!(mid = %p.message.mid, user = %p.user, device = %p.device, sends = p.sends, "sent");
+                    // False when the ack arrived meanwhile: nothing left to do.
+                    self.inflight.resent(&p).await?;
+                }
+                SendOutcome::NotConnected => {
+                    offline.store(
+                        &p.user,
+                        Some(&p.device),
+                        OfflineReason::NotConnected,
+                        &p.message,
+                    );
+                    finished.push(p);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Presence for each distinct user, in one store round trip.
