@@ -45,6 +45,11 @@ pub struct KafkaArgs {
     /// cluster waits it out, so it bounds each hop's latency there.
     #[arg(long, env = "DAK_KAFKA_FETCH_WAIT_MS", default_value_t = 10)]
     pub fetch_wait_ms: u32,
+    /// Consumer `session.timeout.ms`: how long a consumer that died without
+    /// leaving its group (a crashed instance) keeps its partitions before the
+    /// group hands them to the survivors.
+    #[arg(long, env = "DAK_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
 }
 
 /// The session store: presence, in-flight deliveries, outbox dedup.

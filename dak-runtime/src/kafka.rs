@@ -65,6 +65,7 @@ pub struct KafkaConfig {
     pub replication: i32,
     pub linger_ms: u32,
     pub fetch_wait_ms: u32,
+    pub session_timeout_ms: u32,
 }
 
 impl KafkaConfig {
@@ -76,6 +77,7 @@ impl KafkaConfig {
             replication: args.replication,
             linger_ms: args.linger_ms,
             fetch_wait_ms: args.fetch_wait_ms,
+            session_timeout_ms: args.session_timeout_ms,
         }
     }
 
@@ -231,7 +233,7 @@ impl EventConsumer {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", "1000")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .create_with_context(LagReporter {

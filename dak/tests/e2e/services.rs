@@ -129,6 +129,9 @@ async fn killing_session_mid_delivery_loses_nothing() {
             ("DAK_ACK_TIMEOUT", "1s"),
             ("DAK_DELIVERY_RETRIES", "20"),
             ("DAK_WS_RATE_LIMIT", "0"),
+            // The dead instance's partitions move after this (6 s is the
+            // broker's minimum).
+            ("DAK_KAFKA_SESSION_TIMEOUT_MS", "6000"),
         ],
     );
     let public = format!("127.0.0.1:{}", crate::support::free_port());
@@ -180,8 +183,12 @@ async fn killing_session_mid_delivery_loses_nothing() {
     drop(bob);
     let _replacement = services.start("session", &[]).await;
     // The new socket's replay goes through the new session, once the group gave
-    // it the dead member's partitions.
-    let mut bob = Client::connect(public, &token("bob", "phone")).await;
+    // it the dead member's partitions: the session timeout plus a rebalance,
+    // which on this 2-core machine under a parallel test load has taken over
+    // 45 s. The wait is bounded by that protocol, not by a guess.
+    let mut bob = Client::connect_raw(public, &token("bob", "phone")).await;
+    let first = bob.recv_within(Duration::from_secs(120)).await.expect("sync.done after the failover");
+    assert_eq!(first["type"], "sync.done", "{first}");
 
     for mid in &received {
         bob.ack(&[mid]).await;

@@ -36,6 +36,7 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
         replication: 1,
         linger_ms: 1,
         fetch_wait_ms: 10,
+        session_timeout_ms: 10_000,
     };
     let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
     cluster

@@ -60,6 +60,7 @@ impl Harness {
             replication: 1,
             linger_ms: 1,
             fetch_wait_ms: 10,
+            session_timeout_ms: 10_000,
         };
         let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
         cluster
