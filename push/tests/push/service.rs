@@ -45,7 +45,8 @@ struct Harness {
     kafka: KafkaConfig,
     shutdown: Shutdown,
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+    config: push::Config,
+    dir: tempfile::TempDir,
     _cluster: EmbeddedKafka,
 }
 
@@ -81,14 +82,8 @@ impl Harness {
             redis,
             &format!("push-test-{}", ulid::Ulid::new()),
         ));
-        let deps = Deps {
-            tokens: tokens.clone(),
-            presence: presence.clone(),
-            sender: Arc::new(FcmSender::new(&config).unwrap()),
-        };
-        let service = Push::build(&config, &kafka, deps).unwrap();
         let shutdown = Shutdown::new();
-        let running = tokio::spawn(service.run(shutdown.clone()));
+        let running = spawn(&config, &kafka, &tokens, &presence, &shutdown);
         Self {
             fake,
             tokens,
@@ -97,7 +92,8 @@ impl Harness {
             kafka,
             shutdown,
             running,
-            _dir: dir,
+            config,
+            dir,
             _cluster: cluster,
         }
     }
@@ -134,10 +130,43 @@ impl Harness {
         self.publish(&user(u), &event).await;
     }
 
+    /// Kills the service mid-stream (its task is aborted, nothing is flushed or
+    /// committed) and starts a new one on the same topic, store and group.
+    async fn crash_and_restart(&mut self) {
+        self.running.abort();
+        let _ = (&mut self.running).await;
+        self.shutdown = Shutdown::new();
+        let tokens = Arc::new(SqliteTokens::open(push::tokens_path(self.dir.path())).unwrap());
+        self.running = spawn(
+            &self.config,
+            &self.kafka,
+            &tokens,
+            &self.presence,
+            &self.shutdown,
+        );
+        self.tokens = tokens;
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.running.await.unwrap().unwrap();
     }
+}
+
+fn spawn(
+    config: &push::Config,
+    kafka: &KafkaConfig,
+    tokens: &Arc<SqliteTokens>,
+    presence: &Arc<RedisPresence>,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let deps = Deps {
+        tokens: tokens.clone(),
+        presence: presence.clone(),
+        sender: Arc::new(FcmSender::new(config).unwrap()),
+    };
+    let service = Push::build(config, kafka, deps).unwrap();
+    tokio::spawn(service.run(shutdown.clone()))
 }
 
 fn pushes_of<'a>(sends: &'a [SendRequest], mid: &Mid) -> Vec<&'a SendRequest> {
@@ -318,5 +347,42 @@ async fn an_unregistered_token_is_forgotten_and_a_new_one_used() {
         "an invalid token is not retried"
     );
 
+    h.stop().await;
+}
+
+/// push crashes while a stream of messages is being pushed; the instance that
+/// replaces it picks up from the committed offsets, so every message is pushed
+/// (a few may be pushed twice: the crash came before their offsets were stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_stream_loses_no_push() {
+    let mut h = Harness::start().await;
+    h.register("erin", "phone", "tok-erin", Platform::Android)
+        .await;
+    let messages: Vec<Message> = (0..100)
+        .map(|_| message("alice", "erin", ChatKind::Direct))
+        .collect();
+    for m in &messages[..50] {
+        h.store("erin", Some("phone"), m).await;
+    }
+    h.fake
+        .wait_for_sends("the first pushes", |sends| sends.len() >= 10)
+        .await;
+    h.crash_and_restart().await;
+    for m in &messages[50..] {
+        h.store("erin", Some("phone"), m).await;
+    }
+    let sends = h
+        .fake
+        .wait_for_sends("a push for every message", |sends| {
+            messages
+                .iter()
+                .all(|m| !pushes_of(sends, &m.mid).is_empty())
+        })
+        .await;
+    for m in &messages {
+        assert!(pushes_of(&sends, &m.mid)
+            .iter()
+            .all(|s| s.token() == "tok-erin"));
+    }
     h.stop().await;
 }
