@@ -6,6 +6,11 @@
 //! `dak.inbound` through [`dak_runtime::ingress`]; `accepted` is written only after
 //! Kafka acknowledged the record.
 //!
+//! A new socket is registered in presence as not yet live and announced with a
+//! `connected` event; the stored inbox and then `sync.done` reach it through
+//! `/send` from persistence, and only after that does session deliver to it
+//! directly (see the session crate).
+//!
 //! Session delivers to sockets through the internal `POST /internal/v1/send`
 //! (bearer `DAK_INTERNAL_TOKEN`, on its own address), a batch of pre-encoded
 //! frames with one result per delivery.
