@@ -29,6 +29,8 @@ enum Command {
     Persistence(persistence::standalone::Args),
     /// Run push on its own.
     Push(push::standalone::Args),
+    /// Drive a running dak with simulated devices and report throughput and latency.
+    Bench(dak_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +99,37 @@ fn main() -> ExitCode {
         Command::Push(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| push::standalone::start(args, s))
+        }
+        Command::Bench(args) => {
+            if let Err(e) = args.validate() {
+                eprintln!("error: {e}");
+                return ExitCode::from(64);
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(dak_bench::run(args)) {
+                Ok(report) => {
+                    eprintln!("{}", report.summary());
+                    println!("{}", report.json());
+                    if report.failed() {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 //! process against a Tansu broker and Redis.
 
 mod bad_input;
+mod bench;
 mod in_process;
 mod offline;
 mod services;

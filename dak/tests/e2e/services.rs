@@ -187,7 +187,10 @@ async fn killing_session_mid_delivery_loses_nothing() {
     // which on this 2-core machine under a parallel test load has taken over
     // 45 s. The wait is bounded by that protocol, not by a guess.
     let mut bob = Client::connect_raw(public, &token("bob", "phone")).await;
-    let first = bob.recv_within(Duration::from_secs(120)).await.expect("sync.done after the failover");
+    let first = bob
+        .recv_within(Duration::from_secs(120))
+        .await
+        .expect("sync.done after the failover");
     assert_eq!(first["type"], "sync.done", "{first}");
 
     for mid in &received {

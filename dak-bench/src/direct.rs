@@ -1,0 +1,450 @@
+//! The `direct` scenario, and the sending device that `offline` reuses.
+//!
+//! Device `i` sends to device `i^1` and acks what it receives. Each device keeps
+//! what it needs to account for every message: the seqs it got `accepted` for,
+//! and how often it received each seq from its peer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{ack_frame, message_frame, Frame, Target, Ws};
+use crate::measure::{max_ms, quantile_ms, Counters, Errors, Latency, Progress};
+use crate::{BenchArgs, Report};
+
+/// In open loop (`--rate`), the most messages one device keeps unanswered; a
+/// tick that finds the device at the cap is skipped, which shows as a lower
+/// `sent` rate than asked for.
+const OPEN_LOOP_CAP: usize = 256;
+
+/// Where a run is; devices watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Sending,
+    Draining,
+    Done,
+}
+
+/// What every device task shares.
+pub(crate) struct Shared {
+    pub counters: Arc<Counters>,
+    pub delivery: Latency,
+    pub accept: Latency,
+    pub errors: Errors,
+    pub window: usize,
+    /// Per device, in open loop.
+    pub period: Option<Duration>,
+}
+
+impl Shared {
+    pub fn new(args: &BenchArgs, senders: usize) -> Self {
+        let period =
+            (args.rate > 0).then(|| Duration::from_secs_f64(senders as f64 / args.rate as f64));
+        Self {
+            counters: Arc::default(),
+            delivery: Latency::new(),
+            accept: Latency::new(),
+            errors: Errors::default(),
+            window: args.window,
+            period,
+        }
+    }
+}
+
+/// What one device saw, for the accounting at the end.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub index: usize,
+    pub sent: u64,
+    /// Seqs answered `accepted`.
+    pub accepted: Vec<u64>,
+    pub rejected: u64,
+    /// Times each seq from the peer arrived, indexed by seq.
+    pub received: Vec<u32>,
+    pub out_of_order: u64,
+}
+
+/// Accounting for one sender's messages against what its recipient got.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Tally {
+    /// Distinct seqs that arrived.
+    pub delivered: u64,
+    /// Accepted seqs that never arrived.
+    pub lost: u64,
+    /// Copies beyond the first.
+    pub duplicates: u64,
+}
+
+impl Tally {
+    /// `received[seq]` is how often `seq` arrived.
+    pub fn add(&mut self, accepted: &[u64], received: &[u32]) {
+        for &seq in accepted {
+            if received.get(seq as usize).copied().unwrap_or(0) == 0 {
+                self.lost += 1;
+            }
+        }
+        for &count in received {
+            if count > 0 {
+                self.delivered += 1;
+                self.duplicates += u64::from(count - 1);
+            }
+        }
+    }
+}
+
+/// Connects devices `indices` (bounded concurrency), each to `sync.done`.
+pub(crate) async fn connect_all(
+    target: &Target,
+    indices: Vec<usize>,
+    concurrency: usize,
+    counters: &Counters,
+    errors: &Errors,
+) -> Vec<(usize, Ws, Vec<Frame>)> {
+    let mut connected = Vec::with_capacity(indices.len());
+    let mut attempts = futures_util::stream::iter(indices)
+        .map(|i| async move { (i, target.connect(i).await) })
+        .buffer_unordered(concurrency);
+    while let Some((i, result)) = attempts.next().await {
+        match result {
+            Ok((ws, replayed)) => {
+                Counters::add(&counters.connected, 1);
+                connected.push((i, ws, replayed));
+            }
+            Err(e) => errors.push(format!("device {i}: {e:#}")),
+        }
+    }
+    connected
+}
+
+pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
+    let shared = Arc::new(Shared::new(args, args.devices));
+    let _progress = Progress::start(shared.counters.clone(), "direct");
+    let sockets = connect_all(
+        target,
+        (0..args.devices).collect(),
+        args.connect_concurrency,
+        &shared.counters,
+        &shared.errors,
+    )
+    .await;
+    if sockets.len() < args.devices {
+        anyhow::bail!(
+            "only {} of {} devices connected: {:?}",
+            sockets.len(),
+            args.devices,
+            shared.errors.take()
+        );
+    }
+    let (phase, watching) = watch::channel(Phase::Sending);
+    let start = Instant::now();
+    let mut devices = JoinSet::new();
+    for (i, ws, replayed) in sockets {
+        let peer = Some(target.user(i ^ 1));
+        devices.spawn(device(
+            shared.clone(),
+            i,
+            args.devices,
+            peer,
+            ws,
+            replayed,
+            watching.clone(),
+        ));
+    }
+    let sending = drive(args, &shared, &phase, |c| {
+        Counters::get(&c.delivered) >= Counters::get(&c.accepted)
+    })
+    .await;
+    let elapsed = start.elapsed();
+    let mut outcomes = Vec::with_capacity(args.devices);
+    while let Some(outcome) = devices.join_next().await {
+        outcomes.push(outcome?);
+    }
+    outcomes.sort_by_key(|o| o.index);
+
+    let mut report = account(&shared, &outcomes, sending);
+    let mut tally = Tally::default();
+    for sender in &outcomes {
+        tally.add(&sender.accepted, &outcomes[sender.index ^ 1].received);
+    }
+    let Tally {
+        delivered,
+        lost,
+        duplicates,
+    } = tally;
+    let histogram = shared.delivery.merged();
+    report.scenario = "direct".into();
+    report.delivered = delivered;
+    report.lost = lost;
+    report.duplicates = duplicates;
+    report.out_of_order = outcomes.iter().map(|o| o.out_of_order).sum();
+    report.delivered_per_s = delivered as f64 / elapsed.as_secs_f64();
+    report.latency = Some("delivery".into());
+    report.p50_ms = quantile_ms(&histogram, 0.5);
+    report.p99_ms = quantile_ms(&histogram, 0.99);
+    report.p999_ms = quantile_ms(&histogram, 0.999);
+    report.max_ms = max_ms(&histogram);
+    report.connections = Some(outcomes.len() as u64);
+    report.gateway_rss_bytes = args.gateway_pid.and_then(crate::rss_bytes);
+    report.errors = shared.errors.take();
+    Ok(report)
+}
+
+/// Lets the devices send for `--duration`, then waits (up to the drain
+/// timeout) until every message is answered and `settled` holds, then ends
+/// the run. Returns how long sending lasted.
+pub(crate) async fn drive(
+    args: &BenchArgs,
+    shared: &Shared,
+    phase: &watch::Sender<Phase>,
+    settled: impl Fn(&Counters) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    tokio::time::sleep(args.duration).await;
+    phase.send_replace(Phase::Draining);
+    let sending = start.elapsed();
+    let deadline = Instant::now() + args.drain_timeout;
+    let counters = &shared.counters;
+    while Instant::now() < deadline && !(counters.unanswered() == 0 && settled(counters)) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    phase.send_replace(Phase::Done);
+    sending
+}
+
+/// The sender-side totals of a run, common to `direct` and `offline`.
+pub(crate) fn account(shared: &Shared, outcomes: &[Outcome], sending: Duration) -> Report {
+    let accept = shared.accept.merged();
+    let sent: u64 = outcomes.iter().map(|o| o.sent).sum();
+    let accepted: u64 = outcomes.iter().map(|o| o.accepted.len() as u64).sum();
+    let rejected: u64 = outcomes.iter().map(|o| o.rejected).sum();
+    Report {
+        duration_s: sending.as_secs_f64(),
+        sent,
+        accepted,
+        rejected,
+        unanswered: sent - accepted - rejected,
+        accept_p50_ms: quantile_ms(&accept, 0.5),
+        accept_p99_ms: quantile_ms(&accept, 0.99),
+        ..Report::default()
+    }
+}
+
+/// One simulated device: sends to `peer` (if any) while its phase is
+/// `Sending`, acks and records whatever arrives, until the phase is `Done`.
+pub(crate) async fn device(
+    shared: Arc<Shared>,
+    index: usize,
+    devices: usize,
+    peer: Option<String>,
+    mut ws: Ws,
+    replayed: Vec<Frame>,
+    mut phase: watch::Receiver<Phase>,
+) -> Outcome {
+    let mut state = DeviceState {
+        shared: &shared,
+        outcome: Outcome {
+            index,
+            ..Outcome::default()
+        },
+        outstanding: HashMap::new(),
+        acks: Vec::new(),
+        max_seen: None,
+    };
+    for frame in replayed {
+        state.on_frame(frame);
+    }
+    let mut ticker = shared.period.map(|period| {
+        // Spread the devices' ticks over one period so the total rate is smooth.
+        let offset = period.mul_f64(index as f64 / devices as f64);
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut next_seq = 0u64;
+    let result: anyhow::Result<()> = async {
+        loop {
+            let sending = peer.is_some() && *phase.borrow() == Phase::Sending;
+            if sending && ticker.is_none() && state.outstanding.len() < shared.window {
+                let to = peer.as_deref().expect("sending has a peer");
+                while state.outstanding.len() < shared.window {
+                    ws.feed(message_frame(to, next_seq)).await?;
+                    state.sent(next_seq);
+                    next_seq += 1;
+                }
+                ws.flush().await?;
+            }
+            tokio::select! {
+                biased;
+                next = ws.next() => {
+                    state.on_message(next)?;
+                    // Take whatever else is already here, then ack it all at once.
+                    while let Some(next) = ws.next().now_or_never() {
+                        state.on_message(next)?;
+                    }
+                    for batch in std::mem::take(&mut state.acks).chunks(500) {
+                        ws.feed(ack_frame(batch)).await?;
+                    }
+                    ws.flush().await?;
+                }
+                _ = tick(&mut ticker), if sending => {
+                    if state.outstanding.len() < OPEN_LOOP_CAP {
+                        let to = peer.as_deref().expect("sending has a peer");
+                        ws.send(message_frame(to, next_seq)).await?;
+                        state.sent(next_seq);
+                        next_seq += 1;
+                    }
+                }
+                changed = phase.changed() => {
+                    if changed.is_err() || *phase.borrow() == Phase::Done {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            let _ = ws.close(None).await;
+        }
+        Err(e) => shared.errors.push(format!("device {index}: {e:#}")),
+    }
+    state.outcome
+}
+
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+struct DeviceState<'a> {
+    shared: &'a Shared,
+    outcome: Outcome,
+    /// Seq → when it was sent, until answered.
+    outstanding: HashMap<u64, Instant>,
+    acks: Vec<String>,
+    max_seen: Option<u64>,
+}
+
+impl DeviceState<'_> {
+    fn sent(&mut self, seq: u64) {
+        self.outstanding.insert(seq, Instant::now());
+        self.outcome.sent += 1;
+        Counters::add(&self.shared.counters.sent, 1);
+    }
+
+    fn on_message(
+        &mut self,
+        next: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> anyhow::Result<()> {
+        match next {
+            None => anyhow::bail!("the server closed the socket"),
+            Some(Err(e)) => anyhow::bail!("socket failed: {e}"),
+            Some(Ok(Message::Close(close))) => {
+                anyhow::bail!("the server closed the socket: {close:?}")
+            }
+            Some(Ok(message)) => {
+                if let Some(frame) = Frame::parse(&message) {
+                    self.on_frame(frame);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let shared = self.shared;
+        let index = self.outcome.index;
+        match frame.kind.as_str() {
+            "accepted" => {
+                let Some(seq) = frame.id.as_deref().and_then(|id| id.parse::<u64>().ok()) else {
+                    return;
+                };
+                if let Some(sent) = self.outstanding.remove(&seq) {
+                    shared.accept.record(index, sent.elapsed());
+                    self.outcome.accepted.push(seq);
+                    Counters::add(&shared.counters.accepted, 1);
+                }
+            }
+            "error" => {
+                let seq = frame.id.as_deref().and_then(|id| id.parse::<u64>().ok());
+                if seq.is_some_and(|seq| self.outstanding.remove(&seq).is_some()) {
+                    self.outcome.rejected += 1;
+                    Counters::add(&shared.counters.rejected, 1);
+                }
+                shared.errors.push(format!(
+                    "device {index}: error frame {}: {}",
+                    frame.code.unwrap_or_default(),
+                    frame.message.unwrap_or_default()
+                ));
+            }
+            "message" => {
+                if let Some(mid) = frame.mid {
+                    self.acks.push(mid);
+                }
+                let Some(probe) = frame.body else {
+                    shared.errors.push(format!(
+                        "device {index}: a message without a bench body from {:?}",
+                        frame.from
+                    ));
+                    return;
+                };
+                let seq = probe.seq as usize;
+                if self.outcome.received.len() <= seq {
+                    self.outcome.received.resize(seq + 1, 0);
+                }
+                self.outcome.received[seq] += 1;
+                if self.outcome.received[seq] == 1 {
+                    Counters::add(&shared.counters.delivered, 1);
+                    let now = crate::measure::now_ns();
+                    shared.delivery.record(
+                        index,
+                        Duration::from_nanos(now.saturating_sub(probe.sent_ns)),
+                    );
+                    if self.max_seen.is_some_and(|max| probe.seq < max) {
+                        self.outcome.out_of_order += 1;
+                    }
+                    self.max_seen = self.max_seen.max(Some(probe.seq));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn a_missing_message_is_lost_and_a_second_copy_is_a_duplicate() {
+        let mut tally = Tally::default();
+        // 0..4 accepted; 2 never arrived, 3 arrived twice.
+        tally.add(&[0, 1, 2, 3], &[1, 1, 0, 2]);
+        assert_eq!(
+            tally,
+            Tally {
+                delivered: 3,
+                lost: 1,
+                duplicates: 1
+            }
+        );
+    }
+
+    #[test]
+    fn messages_beyond_what_arrived_are_lost() {
+        let mut tally = Tally::default();
+        tally.add(&[0, 1, 2], &[1]);
+        assert_eq!(tally.lost, 2);
+        assert_eq!(tally.delivered, 1);
+    }
+}

@@ -1,0 +1,73 @@
+//! `dak bench` against an in-process stack: what it reports must add up.
+
+use std::time::Duration;
+
+use clap::Parser;
+use dak_bench::{BenchArgs, Scenario};
+
+use crate::support::{Options, Stack, SECRET};
+
+#[derive(Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn args(stack: &Stack, scenario: Scenario, devices: usize, duration: Duration) -> BenchArgs {
+    let mut args = BenchCli::try_parse_from(["bench", "--secret", SECRET])
+        .expect("bench arguments parse")
+        .bench;
+    args.url = format!("http://{}", stack.public);
+    args.scenario = scenario;
+    args.devices = devices;
+    args.duration = duration;
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_accounts_for_every_message_it_sends() {
+    let stack = Stack::start(Options {
+        extra: vec!["--rate-limit".into(), "0".into()],
+        ..Options::default()
+    })
+    .await;
+
+    let direct = dak_bench::run(args(&stack, Scenario::Direct, 10, Duration::from_secs(3)))
+        .await
+        .expect("direct bench runs");
+    eprintln!("{}", direct.summary());
+    assert!(direct.sent > 0, "{}", direct.json());
+    assert_eq!(direct.accepted, direct.sent, "{}", direct.json());
+    assert_eq!(direct.delivered, direct.sent, "{}", direct.json());
+    assert_eq!(direct.lost, 0, "{}", direct.json());
+    assert_eq!(direct.duplicates, 0, "{}", direct.json());
+    assert_eq!(direct.out_of_order, 0, "{}", direct.json());
+    assert!(direct.p50_ms > 0.0 && direct.p50_ms <= direct.p99_ms);
+    assert!(direct.p99_ms <= direct.p999_ms && direct.p999_ms <= direct.max_ms);
+    assert_eq!(direct.connections, Some(10));
+    assert!(!direct.failed());
+
+    let offline = dak_bench::run(args(&stack, Scenario::Offline, 4, Duration::from_secs(2)))
+        .await
+        .expect("offline bench runs");
+    eprintln!("{}", offline.summary());
+    assert!(offline.sent > 0, "{}", offline.json());
+    assert_eq!(offline.accepted, offline.sent, "{}", offline.json());
+    assert_eq!(offline.delivered, offline.sent, "{}", offline.json());
+    assert_eq!(offline.lost, 0, "{}", offline.json());
+    assert_eq!(offline.duplicates, 0, "{}", offline.json());
+    assert!(offline.sync_pages.unwrap() > 0);
+    assert!(offline.sync_page_p50_ms.unwrap() <= offline.sync_page_p99_ms.unwrap());
+
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bench_refuses_the_group_scenario() {
+    let mut args = BenchCli::try_parse_from(["bench", "--secret", SECRET])
+        .unwrap()
+        .bench;
+    args.scenario = Scenario::Group;
+    let error = dak_bench::run(args).await.unwrap_err().to_string();
+    assert!(error.contains("groups are not built yet"), "{error}");
+}
