@@ -694,7 +694,18 @@ pub async fn rest_sync_all(
 
 /// Waits until the device's inbox holds `n` messages, and returns them.
 pub async fn wait_for_inbox(public: SocketAddr, user: &str, device: &str, n: usize) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    wait_for_inbox_within(public, user, device, n, PATIENCE).await
+}
+
+/// [`wait_for_inbox`] with a bound of the caller's.
+pub async fn wait_for_inbox_within(
+    public: SocketAddr,
+    user: &str,
+    device: &str,
+    n: usize,
+    patience: Duration,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         let all = rest_sync_all(public, user, device, 500).await;
         if all.len() == n {
