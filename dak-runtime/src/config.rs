@@ -87,15 +87,19 @@ pub struct ScyllaArgs {
 impl ScyllaArgs {
     /// The configured nodes, if ScyllaDB is in use.
     pub fn nodes(&self) -> Option<Vec<String>> {
-        let nodes: Vec<String> = self
-            .scylla_nodes
-            .as_deref()?
-            .split(',')
-            .map(|n| n.trim().to_owned())
-            .filter(|n| !n.is_empty())
-            .collect();
-        (!nodes.is_empty()).then_some(nodes)
+        scylla_nodes(self.scylla_nodes.as_deref()?)
     }
+}
+
+/// The nodes of a `DAK_SCYLLA_NODES` value (`host:port[,host:port…]`), if any.
+pub fn scylla_nodes(list: &str) -> Option<Vec<String>> {
+    let nodes: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
 }
 
 /// Client authentication.

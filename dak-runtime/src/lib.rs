@@ -12,6 +12,7 @@
 //!   user has; in process or in Redis.
 //! - [`dedup`]: the (sender, client id) → mid map that makes outbox retries safe.
 //! - [`http`]: serving an axum router until shutdown.
+//! - [`scylla`]: a ScyllaDB session and keyspace for the stores kept there.
 
 pub mod admin;
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod presence;
 pub mod process;
 pub mod redis;
+pub mod scylla;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -51,7 +51,6 @@ use dak_runtime::now_ms;
 use dak_wire::{DeviceId, Message, Mid, UserId};
 use futures_util::{stream, StreamExt};
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
@@ -164,8 +163,9 @@ impl ScyllaInbox {
         keyspace: &str,
         replication_factor: u32,
     ) -> Result<Self, InboxError> {
-        let session = open_session(nodes).await?;
-        create_keyspace(&session, keyspace, replication_factor).await?;
+        let session = dak_runtime::scylla::connect(nodes, keyspace, replication_factor)
+            .await
+            .map_err(InboxError::Scylla)?;
         for table in SCHEMA {
             session
                 .query_unpaged(table.replace("{ks}", keyspace), ())
@@ -926,56 +926,6 @@ impl Statements {
             )
             .await?,
         })
-    }
-}
-
-async fn open_session(nodes: &[String]) -> InboxResult<Session> {
-    if nodes.is_empty() {
-        return Err(InboxError::Scylla("no ScyllaDB node given".into()));
-    }
-    SessionBuilder::new()
-        .known_nodes(nodes)
-        .build()
-        .await
-        .map_err(|e| InboxError::Scylla(format!("connecting to {}: {e}", nodes.join(","))))
-}
-
-/// Creates the keyspace if missing, with tablets disabled (counters need it).
-async fn create_keyspace(
-    session: &Session,
-    keyspace: &str,
-    replication_factor: u32,
-) -> InboxResult<()> {
-    let valid = !keyspace.is_empty()
-        && keyspace.len() <= 48
-        && keyspace
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !valid {
-        return Err(InboxError::Scylla(format!(
-            "keyspace name `{keyspace}` is not 1..48 of A-Z a-z 0-9 _"
-        )));
-    }
-    if replication_factor == 0 {
-        return Err(InboxError::Scylla(
-            "replication factor must be at least 1".into(),
-        ));
-    }
-    let create = format!(
-        "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = \
-         {{'class': 'NetworkTopologyStrategy', 'replication_factor': {replication_factor}}}"
-    );
-    let without_tablets = format!("{create} AND tablets = {{'enabled': false}}");
-    match session.query_unpaged(without_tablets, ()).await {
-        Ok(_) => Ok(()),
-        // A server that predates tablets (ScyllaDB before 6.0) does not know the
-        // option, and needs none.
-        Err(first) => match session.query_unpaged(create, ()).await {
-            Ok(_) => Ok(()),
-            Err(second) => Err(InboxError::Scylla(format!(
-                "creating keyspace {keyspace}: {second} (with tablets disabled: {first})"
-            ))),
-        },
     }
 }
 

@@ -30,7 +30,6 @@ use dak_wire::event::{Platform, PushToken};
 use dak_wire::{DeviceId, UserId};
 use futures_util::StreamExt;
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{Counter, CqlValue, Row};
@@ -85,8 +84,9 @@ impl ScyllaTokens {
         keyspace: &str,
         replication_factor: u32,
     ) -> TokenResult<Self> {
-        let session = open_session(nodes).await?;
-        create_keyspace(&session, keyspace, replication_factor).await?;
+        let session = dak_runtime::scylla::connect(nodes, keyspace, replication_factor)
+            .await
+            .map_err(TokenStoreError::Scylla)?;
         for table in SCHEMA {
             session
                 .query_unpaged(table.replace("{ks}", keyspace), ())
@@ -414,58 +414,7 @@ impl Statements {
     }
 }
 
-async fn open_session(nodes: &[String]) -> TokenResult<Session> {
-    if nodes.is_empty() {
-        return Err(scylla_error("no ScyllaDB node given"));
-    }
-    SessionBuilder::new()
-        .known_nodes(nodes)
-        .build()
-        .await
-        .map_err(|e| scylla_error(format!("connecting to {}: {e}", nodes.join(","))))
-}
-
-/// Creates the keyspace if missing, with tablets disabled (counters and
-/// lightweight transactions need it).
-async fn create_keyspace(
-    session: &Session,
-    keyspace: &str,
-    replication_factor: u32,
-) -> TokenResult<()> {
-    let valid = !keyspace.is_empty()
-        && keyspace.len() <= 48
-        && keyspace
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !valid {
-        return Err(scylla_error(format!(
-            "keyspace name `{keyspace}` is not 1..48 of A-Z a-z 0-9 _"
-        )));
-    }
-    if replication_factor == 0 {
-        return Err(scylla_error("replication factor must be at least 1"));
-    }
-    let create = format!(
-        "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = \
-         {{'class': 'NetworkTopologyStrategy', 'replication_factor': {replication_factor}}}"
-    );
-    let without_tablets = format!("{create} AND tablets = {{'enabled': false}}");
-    match session.query_unpaged(without_tablets, ()).await {
-        Ok(_) => Ok(()),
-        // A server that predates tablets (ScyllaDB before 6.0) does not know the
-        // option, and needs none.
-        Err(first) => match session.query_unpaged(create, ()).await {
-            Ok(_) => Ok(()),
-            Err(second) => Err(scylla_error(format!(
-                "creating keyspace {keyspace}: {second} (with tablets disabled: {first})"
-            ))),
-        },
-    }
-}
-
-/// [`TokenStoreError`] has no variant for a database other than SQLite yet;
-/// until it has, a ScyllaDB failure travels as `Corrupt` with a `scylla:`
-/// prefix. This is the one place to change when the variant exists.
+/// A ScyllaDB failure as the token store reports it.
 fn scylla_error(e: impl Display) -> TokenStoreError {
     TokenStoreError::Scylla(e.to_string())
 }

@@ -209,14 +209,7 @@ async fn sqlite_inbox_survives_reopening() {
 
 /// The cluster named by `DAK_SCYLLA_NODES` (comma-separated `host:port`), if any.
 fn scylla_nodes() -> Option<Vec<String>> {
-    let nodes: Vec<String> = std::env::var("DAK_SCYLLA_NODES")
-        .ok()?
-        .split(',')
-        .map(str::trim)
-        .filter(|node| !node.is_empty())
-        .map(String::from)
-        .collect();
-    (!nodes.is_empty()).then_some(nodes)
+    dak_runtime::config::scylla_nodes(&std::env::var("DAK_SCYLLA_NODES").ok()?)
 }
 
 #[tokio::test]
