@@ -19,25 +19,11 @@ async fn redis(prefix: &str) -> RedisPresence {
 async fn separate_services_deliver_in_order_with_rest_and_dedup() {
     let (_broker, brokers) = tansu();
     let services = Services::new(&brokers, &[("DAK_WS_RATE_LIMIT", "0")]);
-    let public = format!("127.0.0.1:{}", crate::support::free_port());
-    let rest_public = format!("127.0.0.1:{}", crate::support::free_port());
-    let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
     let _persistence = services.start_persistence().await;
-    let (mut gateway, _) = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public.clone()),
-                ("DAK_INTERNAL_ADDR", internal),
-            ],
-        )
-        .await;
-    let _rest = services
-        .start("rest-gateway", &[("DAK_PUBLIC_ADDR", rest_public.clone())])
-        .await;
-    let public = public.parse().unwrap();
+    let (mut gateway, public) = services.start_ws_gateway().await;
+    let (_rest, rest_public) = services.start_rest_gateway().await;
 
     let alice = Client::connect(public, &token("alice", "phone")).await;
     let bob = Client::connect(public, &token("bob", "phone")).await;
@@ -46,7 +32,7 @@ async fn separate_services_deliver_in_order_with_rest_and_dedup() {
     // REST reaches the socket; the same client id sent twice is delivered once.
     for _ in 0..2 {
         let (status, answer) = rest_send(
-            rest_public.parse().unwrap(),
+            rest_public,
             &token("alice", "tablet"),
             json!({"messages": [{"id": "rest-1", "to": "bob", "body": "via REST"}]}),
         )
@@ -74,21 +60,10 @@ async fn separate_services_retry_then_offline_then_forward_a_late_ack() {
         &brokers,
         &[("DAK_ACK_TIMEOUT", "400ms"), ("DAK_DELIVERY_RETRIES", "2")],
     );
-    let public = format!("127.0.0.1:{}", crate::support::free_port());
-    let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
     let _persistence = services.start_persistence().await;
-    let _gateway = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public.clone()),
-                ("DAK_INTERNAL_ADDR", internal),
-            ],
-        )
-        .await;
-    let public = public.parse().unwrap();
+    let (_gateway, public) = services.start_ws_gateway().await;
     let offline = services.offline();
 
     let mut alice = Client::connect(public, &token("alice", "phone")).await;
@@ -134,21 +109,10 @@ async fn killing_session_mid_delivery_loses_nothing() {
             ("DAK_KAFKA_SESSION_TIMEOUT_MS", "6000"),
         ],
     );
-    let public = format!("127.0.0.1:{}", crate::support::free_port());
-    let internal = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let (mut session, _) = services.start("session", &[]).await;
     let _persistence = services.start_persistence().await;
-    let _gateway = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public.clone()),
-                ("DAK_INTERNAL_ADDR", internal),
-            ],
-        )
-        .await;
-    let public = public.parse().unwrap();
+    let (_gateway, public) = services.start_ws_gateway().await;
     let mut alice = Client::connect(public, &token("alice", "phone")).await;
     let mut bob = Client::connect(public, &token("bob", "phone")).await;
 
@@ -222,38 +186,14 @@ async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
     let presence = redis(&services.redis_prefix).await;
     let bob_id: dak_wire::UserId = "bob".parse().unwrap();
 
-    let public_a = format!("127.0.0.1:{}", crate::support::free_port());
-    let public_b = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
     let _persistence = services.start_persistence().await;
-    let (mut doomed, _) = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public_a.clone()),
-                (
-                    "DAK_INTERNAL_ADDR",
-                    format!("127.0.0.1:{}", crate::support::free_port()),
-                ),
-            ],
-        )
-        .await;
-    let _survivor = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public_b.clone()),
-                (
-                    "DAK_INTERNAL_ADDR",
-                    format!("127.0.0.1:{}", crate::support::free_port()),
-                ),
-            ],
-        )
-        .await;
+    let (mut doomed, public_a) = services.start_ws_gateway().await;
+    let (_survivor, public_b) = services.start_ws_gateway().await;
 
     let offline = services.offline();
-    let bob = Client::connect(public_a.parse().unwrap(), &token("bob", "phone")).await;
+    let bob = Client::connect(public_a, &token("bob", "phone")).await;
     let routes = presence
         .routes(std::slice::from_ref(&bob_id))
         .await
@@ -281,7 +221,7 @@ async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let mut alice = Client::connect(public_b.parse().unwrap(), &token("alice", "phone")).await;
+    let mut alice = Client::connect(public_b, &token("alice", "phone")).await;
     alice
         .send_message("c-1", "bob", json!("while you were out"))
         .await;
@@ -309,27 +249,11 @@ async fn restarting_persistence_mid_stream_loses_nothing() {
             ("DAK_KAFKA_SESSION_TIMEOUT_MS", "6000"),
         ],
     );
-    let public = format!("127.0.0.1:{}", crate::support::free_port());
-    let rest_public = format!("127.0.0.1:{}", crate::support::free_port());
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
     let (mut persistence, sync) = services.start_persistence().await;
-    let _gateway = services
-        .start(
-            "ws-gateway",
-            &[
-                ("DAK_PUBLIC_ADDR", public.clone()),
-                (
-                    "DAK_INTERNAL_ADDR",
-                    format!("127.0.0.1:{}", crate::support::free_port()),
-                ),
-            ],
-        )
-        .await;
-    let _rest = services
-        .start("rest-gateway", &[("DAK_PUBLIC_ADDR", rest_public.clone())])
-        .await;
-    let (public, rest_public) = (public.parse().unwrap(), rest_public.parse().unwrap());
+    let (_gateway, public) = services.start_ws_gateway().await;
+    let (_rest, rest_public) = services.start_rest_gateway().await;
 
     register_device(rest_public, "bob", "phone").await;
     let mut alice = Client::connect(public, &token("alice", "phone")).await;

@@ -547,6 +547,32 @@ impl Services {
         OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
     }
 
+    /// Starts a ws-gateway on free public and internal ports; returns the
+    /// process and its public address.
+    pub async fn start_ws_gateway(&self) -> (Process, SocketAddr) {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let internal = format!("127.0.0.1:{}", free_port());
+        let (process, _) = self
+            .start(
+                "ws-gateway",
+                &[
+                    ("DAK_PUBLIC_ADDR", public.to_string()),
+                    ("DAK_INTERNAL_ADDR", internal),
+                ],
+            )
+            .await;
+        (process, public)
+    }
+
+    /// Starts a rest-gateway on a free port; returns the process and its address.
+    pub async fn start_rest_gateway(&self) -> (Process, SocketAddr) {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (process, _) = self
+            .start("rest-gateway", &[("DAK_PUBLIC_ADDR", public.to_string())])
+            .await;
+        (process, public)
+    }
+
     /// Starts persistence with its SQLite inbox in this set's data directory;
     /// returns the process and its sync API address.
     pub async fn start_persistence(&self) -> (Process, SocketAddr) {
