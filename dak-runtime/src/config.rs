@@ -149,6 +149,10 @@ pub struct LimitArgs {
     /// Largest WebSocket frame, bytes.
     #[arg(long, env = "DAK_MAX_FRAME_BYTES", default_value_t = 96 * 1024)]
     pub max_frame_bytes: usize,
+    /// Most members of a group. The gateways refuse a larger member list at once;
+    /// group-router refuses an add that would make the group larger.
+    #[arg(long, env = "DAK_GROUP_MAX_MEMBERS", default_value_t = 1024)]
+    pub group_max_members: usize,
 }
 
 impl LimitArgs {
@@ -156,6 +160,7 @@ impl LimitArgs {
         dak_wire::Limits {
             max_body_bytes: self.max_body_bytes,
             max_frame_bytes: self.max_frame_bytes,
+            max_group_members: self.group_max_members,
         }
     }
 }

@@ -8,9 +8,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use dak_wire::event::{self, Ack, Connected, InboundEvent, Message, PushToken};
-use dak_wire::frame::Outgoing;
-use dak_wire::{ClientId, Mid};
+use dak_wire::event::{self, Ack, Connected, InboundEvent, Message, Notice, PushToken};
+use dak_wire::frame::{GroupRequest, Outgoing, ReceiptRequest};
+use dak_wire::group::GroupCommand;
+use dak_wire::{ChatKind, ClientId, Mid};
 use rdkafka::producer::DeliveryFuture;
 
 use crate::auth::Identity;
@@ -47,7 +48,8 @@ pub struct Pending {
     accepted: Accepted,
     from: Identity,
     delivery: Option<DeliveryFuture>,
-    dedup: Arc<dyn Dedup>,
+    /// Set when the mid was reserved in the dedup store and is to be confirmed.
+    dedup: Option<Arc<dyn Dedup>>,
 }
 
 impl Ingress {
@@ -73,48 +75,174 @@ impl Ingress {
         from: &Identity,
         message: Outgoing,
     ) -> Result<Pending, IngressError> {
-        let fresh = self.next_mid();
-        let fresh_ts = fresh.timestamp_ms();
-        let (mid, ts, produce) = match self
-            .dedup
-            .reserve(&from.user, &message.id, fresh, fresh_ts)
-            .await?
-        {
-            Reservation::New => (fresh, fresh_ts, true),
-            Reservation::Existing { mid, ts, confirmed } => {
-                ::metrics::counter!(metrics::DUPLICATES).increment(1);
-                tracing::debug!(%mid, id = %message.id, confirmed, "outbox retry");
-                (mid, ts, !confirmed)
-            }
-        };
-        let delivery = if produce {
-            let event = InboundEvent::Message(Message {
+        let Outgoing {
+            id,
+            to,
+            chat,
+            body,
+            ephemeral,
+        } = message;
+        self.submit_once(from, id, |id, mid, ts| {
+            InboundEvent::Message(Message {
                 mid,
-                id: message.id.clone(),
+                id,
                 from: from.user.clone(),
                 from_device: from.device.clone(),
-                to: message.to.to_string(),
-                chat: message.chat,
-                body: message.body,
+                to,
+                chat,
+                body: Some(body),
+                ephemeral,
+                notice: None,
                 ts,
-            });
-            let payload = event::encode(&event);
-            Some(
-                self.producer
-                    .enqueue(&self.topic, from.user.as_str(), &payload)?,
-            )
-        } else {
-            None
-        };
+            })
+        })
+        .await
+    }
+
+    /// Queues a group command with the same mid rules as a message: a command
+    /// sent again under the same client id keeps its mid.
+    pub async fn submit_group(
+        &self,
+        from: &Identity,
+        request: GroupRequest,
+    ) -> Result<Pending, IngressError> {
+        let GroupRequest { id, group, op } = request;
+        self.submit_once(from, id, |id, mid, ts| {
+            InboundEvent::Group(GroupCommand {
+                mid,
+                id,
+                from: from.user.clone(),
+                from_device: from.device.clone(),
+                group,
+                op,
+                ts,
+            })
+        })
+        .await
+    }
+
+    /// Queues a group command that carries no client id (a REST call): it gets a
+    /// fresh mid, and its client id is that mid. Group commands are idempotent
+    /// by their effect, so a repeated call changes nothing twice.
+    pub fn submit_group_fresh(
+        &self,
+        from: &Identity,
+        group: dak_wire::GroupId,
+        op: dak_wire::group::GroupOp,
+    ) -> Result<Pending, IngressError> {
+        let mid = self.next_mid();
+        let id = ClientId::parse(mid.to_string()).expect("a mid is a valid client id");
+        self.enqueue(from, &id, mid, None, |id, mid, ts| {
+            InboundEvent::Group(GroupCommand {
+                mid,
+                id,
+                from: from.user.clone(),
+                from_device: from.device.clone(),
+                group,
+                op,
+                ts,
+            })
+        })
+    }
+
+    /// Queues a read receipt. Its mid follows from what it reports, so sending it
+    /// again is harmless and needs no dedup entry.
+    pub fn receipt(
+        &self,
+        from: &Identity,
+        request: &ReceiptRequest,
+    ) -> Result<Pending, IngressError> {
+        let message = Message::receipt(
+            request.mid,
+            &request.to,
+            &from.user,
+            &from.device,
+            request.state,
+            crate::now_ms(),
+        );
+        let id = request.id.clone().unwrap_or_else(|| message.id.clone());
+        self.enqueue(from, &id, message.mid, None, |_, _, _| {
+            InboundEvent::Message(message)
+        })
+    }
+
+    /// Queues a typing notice, without waiting for Kafka: it is worth nothing
+    /// late, and nothing is lost if it never arrives.
+    pub fn typing(&self, from: &Identity, to: String, chat: ChatKind) -> Result<(), IngressError> {
+        let mid = self.next_mid();
+        let event = InboundEvent::Message(Message {
+            mid,
+            id: ClientId::parse("typing").expect("a valid client id"),
+            from: from.user.clone(),
+            from_device: from.device.clone(),
+            to,
+            chat,
+            body: None,
+            ephemeral: true,
+            notice: Some(Notice::Typing),
+            ts: mid.timestamp_ms(),
+        });
+        // Dropped with the future: nobody waits for typing to be durable.
+        let _unawaited =
+            self.producer
+                .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
+        Ok(())
+    }
+
+    /// Reserves (sender, client id) → mid in the dedup store and, unless an
+    /// earlier submit already made it durable, queues the event built for it.
+    async fn submit_once(
+        &self,
+        from: &Identity,
+        id: ClientId,
+        build: impl FnOnce(ClientId, Mid, u64) -> InboundEvent,
+    ) -> Result<Pending, IngressError> {
+        let fresh = self.next_mid();
+        let fresh_ts = fresh.timestamp_ms();
+        match self.dedup.reserve(&from.user, &id, fresh, fresh_ts).await? {
+            Reservation::New => self.enqueue(from, &id, fresh, Some(fresh_ts), build),
+            Reservation::Existing { mid, ts, confirmed } => {
+                ::metrics::counter!(metrics::DUPLICATES).increment(1);
+                tracing::debug!(%mid, %id, confirmed, "outbox retry");
+                if confirmed {
+                    Ok(Pending {
+                        accepted: Accepted { id, mid, ts },
+                        from: from.clone(),
+                        delivery: None,
+                        dedup: None,
+                    })
+                } else {
+                    self.enqueue(from, &id, mid, Some(ts), build)
+                }
+            }
+        }
+    }
+
+    /// Queues the event for `mid` on `dak.inbound`, keyed by the sender. With a
+    /// `reserved` ts the mid came from the dedup store and is confirmed there
+    /// once Kafka has it; without one, the mid's own time is the ts.
+    fn enqueue(
+        &self,
+        from: &Identity,
+        id: &ClientId,
+        mid: Mid,
+        reserved: Option<u64>,
+        build: impl FnOnce(ClientId, Mid, u64) -> InboundEvent,
+    ) -> Result<Pending, IngressError> {
+        let ts = reserved.unwrap_or_else(|| mid.timestamp_ms());
+        let payload = event::encode(&build(id.clone(), mid, ts));
+        let delivery = self
+            .producer
+            .enqueue(&self.topic, from.user.as_str(), &payload)?;
         Ok(Pending {
             accepted: Accepted {
-                id: message.id,
+                id: id.clone(),
                 mid,
                 ts,
             },
             from: from.clone(),
-            delivery,
-            dedup: self.dedup.clone(),
+            delivery: Some(delivery),
+            dedup: reserved.map(|_| self.dedup.clone()),
         })
     }
 
@@ -169,9 +297,9 @@ impl Pending {
         if let Some(delivery) = self.delivery {
             kafka::acknowledged(delivery).await?;
             let a = &self.accepted;
-            self.dedup
-                .confirm(&self.from.user, &a.id, a.mid, a.ts)
-                .await?;
+            if let Some(dedup) = &self.dedup {
+                dedup.confirm(&self.from.user, &a.id, a.mid, a.ts).await?;
+            }
             ::metrics::counter!(metrics::ACCEPTED).increment(1);
             tracing::debug!(mid = %a.mid, id = %a.id, "accepted");
         }

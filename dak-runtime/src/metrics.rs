@@ -15,6 +15,8 @@ pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
+pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
+pub const RECEIPTS: &str = "dak_receipts_total";
 
 pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -36,6 +38,14 @@ pub(crate) fn describe() {
     describe_counter!(
         DUPLICATES,
         "client messages recognised as outbox retries of an earlier send"
+    );
+    describe_counter!(
+        EPHEMERAL,
+        "ephemeral messages and typing written to a connected device's socket"
+    );
+    describe_counter!(
+        RECEIPTS,
+        "delivered receipts sent back to senders when a device acked (session) or synced (persistence)"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");

@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::group::{GroupCommand, SystemEvent};
 use crate::id::{ChatKind, ClientId, DeviceId, Mid, UserId};
-use crate::WireError;
+use crate::{ErrorCode, WireError};
 
 /// The event format version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -30,10 +31,162 @@ pub struct Message {
     /// A user id for direct chats.
     pub to: String,
     pub chat: ChatKind,
-    /// Opaque to the server: relayed exactly as the client sent it.
-    pub body: Box<RawValue>,
+    /// Opaque to the server: relayed exactly as the client sent it. Absent only
+    /// in what the server writes itself (a [`Notice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Box<RawValue>>,
+    /// Reaches connected devices only: never retried, stored or pushed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
+    /// Set when the server, not a user, wrote this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<Notice>,
     /// When the server accepted the message, in milliseconds since the Unix epoch.
     pub ts: u64,
+}
+
+/// Messages the server writes. Each travels and is stored like any message, but
+/// reaches the client as its own kind of frame (see [`crate::frame::server_frame`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notice {
+    /// A group changed: a `message` frame with `system` and no body.
+    Group(SystemEvent),
+    /// `from` (on `from_device`) received or read the message `mid`: a `receipt`
+    /// frame. Its own mid (the `rid`) is derived from what it reports, so the
+    /// same receipt produced twice is one delivery.
+    Receipt { mid: Mid, state: ReceiptState },
+    /// `from` is typing: a `typing` frame, always ephemeral.
+    Typing,
+    /// The server could not apply the sender's message or group command `mid`
+    /// (this message's own mid): a `rejected` frame to the sending device.
+    Rejected { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptState {
+    Delivered,
+    Read,
+}
+
+impl ReceiptState {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReceiptState::Delivered => "delivered",
+            ReceiptState::Read => "read",
+        }
+    }
+}
+
+impl Message {
+    /// A message a user wrote and a recipient can acknowledge with a receipt:
+    /// not a notice, not ephemeral.
+    pub fn is_from_user(&self) -> bool {
+        self.notice.is_none() && !self.ephemeral
+    }
+
+    /// The receipt `by` (on `device`) sends, at `ts`, for `of` — a message that
+    /// `by` received from `of.from` — or `None` when `of` takes no receipt
+    /// (a notice, an ephemeral message, or the sender's own message on another
+    /// of its devices). In a group the receipt goes to the sender only.
+    pub fn receipt_for(
+        of: &Message,
+        by: &UserId,
+        device: &DeviceId,
+        state: ReceiptState,
+        ts: u64,
+    ) -> Option<Delivery> {
+        if !of.is_from_user() || by == &of.from {
+            return None;
+        }
+        Some(Delivery {
+            recipient: of.from.clone(),
+            device: None,
+            message: Message::receipt(of.mid, &of.from, by, device, state, ts),
+        })
+    }
+
+    /// A receipt from `by` to `to` about message `mid`.
+    pub fn receipt(
+        mid: Mid,
+        to: &UserId,
+        by: &UserId,
+        device: &DeviceId,
+        state: ReceiptState,
+        ts: u64,
+    ) -> Message {
+        Message {
+            mid: receipt_mid(mid, by, device, state),
+            id: ClientId::parse("receipt").expect("a valid client id"),
+            from: by.clone(),
+            from_device: device.clone(),
+            to: to.to_string(),
+            chat: ChatKind::Direct,
+            body: None,
+            ephemeral: false,
+            notice: Some(Notice::Receipt { mid, state }),
+            ts,
+        }
+    }
+
+    /// Tells the sending device that its message or command `mid` was refused.
+    pub fn rejection(
+        mid: Mid,
+        id: &ClientId,
+        to: &UserId,
+        device: &DeviceId,
+        error: &WireError,
+        ts: u64,
+    ) -> Delivery {
+        Delivery {
+            recipient: to.clone(),
+            device: Some(device.clone()),
+            message: Message {
+                mid,
+                id: id.clone(),
+                from: to.clone(),
+                from_device: DeviceId::default_device(),
+                to: to.to_string(),
+                chat: ChatKind::Direct,
+                body: None,
+                ephemeral: false,
+                notice: Some(Notice::Rejected {
+                    code: error.code,
+                    message: error.message.clone(),
+                }),
+                ts,
+            },
+        }
+    }
+}
+
+/// The mid of a receipt: the reported message's timestamp (so receipts sort
+/// near what they report) and 80 bits of an FNV-1a hash of what they report.
+/// Deterministic, so a receipt produced twice (a redelivered ack, or both
+/// session and persistence seeing it) is deduplicated like any repeated mid.
+fn receipt_mid(mid: Mid, by: &UserId, device: &DeviceId, state: ReceiptState) -> Mid {
+    fn fnv1a(seed: u64, parts: &[&[u8]]) -> u64 {
+        let mut h = seed;
+        for part in parts {
+            for b in part.iter().chain(std::iter::once(&0xffu8)) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+    let text = mid.to_string();
+    let parts: [&[u8]; 4] = [
+        text.as_bytes(),
+        by.as_str().as_bytes(),
+        device.as_str().as_bytes(),
+        state.as_str().as_bytes(),
+    ];
+    let high = fnv1a(0xcbf2_9ce4_8422_2325, &parts);
+    let low = fnv1a(0x8422_2325_cbf2_9ce4, &parts);
+    let random = (u128::from(high & 0xffff) << 64) | u128::from(low);
+    Mid::from_ulid(ulid::Ulid::from_parts(mid.timestamp_ms(), random))
 }
 
 /// An ack from one device for mids it has stored.
@@ -80,6 +233,8 @@ pub enum InboundEvent {
     /// A device connected: its stored inbox is to be replayed before anything new.
     Connected(Connected),
     PushToken(PushToken),
+    /// Create or change a group.
+    Group(GroupCommand),
 }
 
 /// `dak.deliver`, keyed by the recipient user: deliveries and acks for that user
@@ -96,11 +251,24 @@ pub enum DeliverEvent {
     Replayed(Connected),
 }
 
-/// One message to every device of `recipient`.
+/// One message to every device of `recipient` (or to one of them).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
     pub recipient: UserId,
+    /// Only this device: a rejection goes to the device that sent the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
     pub message: Message,
+}
+
+/// `dak.group`, keyed by the group: its messages and the commands that change
+/// it, in one ordered stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupEvent {
+    /// A message (or typing) with `chat: group` and the group id in `to`.
+    Message(Message),
+    Command(GroupCommand),
 }
 
 /// Why a message went to the offline inbox.
@@ -194,7 +362,9 @@ mod tests {
             from_device: DeviceId::parse("phone").unwrap(),
             to: "bob".into(),
             chat: ChatKind::Direct,
-            body: RawValue::from_string(r#"{"cipher":"AAEC"}"#.into()).unwrap(),
+            body: Some(RawValue::from_string(r#"{"cipher":"AAEC"}"#.into()).unwrap()),
+            ephemeral: false,
+            notice: None,
             ts: 1732380000123,
         }
     }
@@ -204,6 +374,7 @@ mod tests {
         let m = message();
         let bytes = encode(&DeliverEvent::Message(Delivery {
             recipient: UserId::parse("bob").unwrap(),
+            device: None,
             message: m.clone(),
         }));
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -212,7 +383,7 @@ mod tests {
             panic!("expected a delivery");
         };
         assert_eq!(d.message.mid, m.mid);
-        assert_eq!(d.message.body.get(), r#"{"cipher":"AAEC"}"#);
+        assert_eq!(d.message.body.unwrap().get(), r#"{"cipher":"AAEC"}"#);
     }
 
     #[test]
@@ -231,6 +402,47 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_receipt_has_one_mid_per_what_it_reports() {
+        let m = message();
+        let bob = UserId::parse("bob").unwrap();
+        let phone = DeviceId::parse("phone").unwrap();
+        let tablet = DeviceId::parse("tablet").unwrap();
+        let receipt = |device: &DeviceId, state, ts| {
+            Message::receipt_for(&m, &bob, device, state, ts)
+                .expect("a user message takes receipts")
+        };
+        let first = receipt(&phone, ReceiptState::Delivered, 10);
+        assert_eq!(first.recipient, m.from, "receipts go back to the sender");
+        assert_eq!(
+            first.message.mid,
+            receipt(&phone, ReceiptState::Delivered, 99).message.mid,
+            "the same receipt produced twice keeps its mid"
+        );
+        assert_ne!(
+            first.message.mid,
+            receipt(&tablet, ReceiptState::Delivered, 10).message.mid
+        );
+        assert_ne!(
+            first.message.mid,
+            receipt(&phone, ReceiptState::Read, 10).message.mid
+        );
+        assert_ne!(first.message.mid, m.mid);
+        assert_eq!(first.message.mid.timestamp_ms(), m.mid.timestamp_ms());
+
+        // No receipts for receipts, for your own messages, or for ephemeral ones.
+        assert!(
+            Message::receipt_for(&first.message, &m.from, &phone, ReceiptState::Delivered, 1)
+                .is_none()
+        );
+        assert!(Message::receipt_for(&m, &m.from, &tablet, ReceiptState::Delivered, 1).is_none());
+        let typing = Message {
+            ephemeral: true,
+            ..m.clone()
+        };
+        assert!(Message::receipt_for(&typing, &bob, &phone, ReceiptState::Read, 1).is_none());
     }
 
     #[test]

@@ -8,8 +8,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::Message;
-use crate::id::{ChatKind, ClientId, Mid, UserId};
+use crate::event::{Message, Notice, ReceiptState};
+use crate::group::{self, GroupOp, SystemEvent};
+use crate::id::{ChatKind, ClientId, DeviceId, GroupId, Mid, UserId};
 use crate::{ErrorCode, WireError};
 
 /// Size limits on client input. Both are configurable; these are DESIGN's defaults.
@@ -19,6 +20,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The largest WebSocket frame, in bytes.
     pub max_frame_bytes: usize,
+    /// The most members a group may have.
+    pub max_group_members: usize,
 }
 
 impl Default for Limits {
@@ -26,6 +29,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 64 * 1024,
             max_frame_bytes: 96 * 1024,
+            max_group_members: 1024,
         }
     }
 }
@@ -37,9 +41,30 @@ pub const MAX_ACK_MIDS: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub id: ClientId,
-    pub to: UserId,
+    /// A user id for a direct chat, a group id for a group chat.
+    pub to: String,
     pub chat: ChatKind,
     pub body: Box<RawValue>,
+    pub ephemeral: bool,
+}
+
+/// A group command as a client submits it, before the server gives it a mid.
+#[derive(Debug, Clone)]
+pub struct GroupRequest {
+    pub id: ClientId,
+    pub group: GroupId,
+    pub op: GroupOp,
+}
+
+/// A read receipt as a client submits it.
+#[derive(Debug, Clone)]
+pub struct ReceiptRequest {
+    /// When set, the server answers `accepted` with this id once it is durable.
+    pub id: Option<ClientId>,
+    pub mid: Mid,
+    /// The sender of the message that was read.
+    pub to: UserId,
+    pub state: ReceiptState,
 }
 
 /// What a client may send.
@@ -47,6 +72,9 @@ pub struct Outgoing {
 pub enum ClientFrame {
     Message(Outgoing),
     Ack { mids: Vec<Mid> },
+    Receipt(ReceiptRequest),
+    Typing { to: String, chat: ChatKind },
+    Group(GroupRequest),
     Ping,
 }
 
@@ -62,6 +90,13 @@ struct RawFrame<'a> {
     body: Option<&'a RawValue>,
     from: Option<String>,
     mids: Option<Vec<String>>,
+    ephemeral: Option<bool>,
+    mid: Option<String>,
+    state: Option<String>,
+    group: Option<String>,
+    name: Option<String>,
+    members: Option<Vec<String>>,
+    user: Option<String>,
 }
 
 /// A refused frame: the error and, when it could be read, the client's message id
@@ -107,8 +142,55 @@ impl ClientFrame {
                         ));
                     }
                 }
-                let message = Outgoing::from_fields(raw.id, raw.to, raw.chat, raw.body, limits)?;
+                let mut message =
+                    Outgoing::from_fields(raw.id, raw.to, raw.chat, raw.body, limits)?;
+                message.ephemeral = raw.ephemeral.unwrap_or(false);
                 Ok(ClientFrame::Message(message))
+            }
+            "receipt" => Ok(ClientFrame::Receipt(ReceiptRequest::from_fields(
+                raw.id, raw.mid, raw.to, raw.state,
+            )?)),
+            "typing" => {
+                let chat = raw.chat.unwrap_or(ChatKind::Direct);
+                let to = recipient(raw.to, chat)?;
+                Ok(ClientFrame::Typing { to, chat })
+            }
+            "group.create" | "group.add" | "group.remove" | "group.leave" | "group.rename" => {
+                let id = ClientId::parse(
+                    raw.id
+                        .ok_or_else(|| WireError::bad_request("field `id` is missing"))?,
+                )?;
+                let group = GroupId::parse(
+                    raw.group
+                        .ok_or_else(|| WireError::bad_request("field `group` is missing"))?,
+                )?;
+                let op = match &kind["group.".len()..] {
+                    "create" => GroupOp::Create {
+                        name: group_name(raw.name)?,
+                        members: members(raw.members.unwrap_or_default(), limits)?,
+                    },
+                    "add" => GroupOp::Add {
+                        members: members(
+                            raw.members.ok_or_else(|| {
+                                WireError::bad_request("field `members` is missing")
+                            })?,
+                            limits,
+                        )?,
+                    },
+                    "remove" => GroupOp::Remove {
+                        user: UserId::parse(
+                            raw.user
+                                .ok_or_else(|| WireError::bad_request("field `user` is missing"))?,
+                        )?,
+                    },
+                    "leave" => GroupOp::Remove {
+                        user: sender.clone(),
+                    },
+                    _ => GroupOp::Rename {
+                        name: group_name(raw.name)?,
+                    },
+                };
+                Ok(ClientFrame::Group(GroupRequest { id, group, op }))
             }
             "ack" => {
                 let mids = raw
@@ -139,13 +221,8 @@ impl Outgoing {
     ) -> Result<Self, WireError> {
         let id =
             ClientId::parse(id.ok_or_else(|| WireError::bad_request("field `id` is missing"))?)?;
-        let to = UserId::parse(to.ok_or_else(|| WireError::bad_request("field `to` is missing"))?)?;
         let chat = chat.unwrap_or(ChatKind::Direct);
-        if chat == ChatKind::Group {
-            return Err(WireError::bad_request(
-                "group chats are not available on this server yet",
-            ));
-        }
+        let to = recipient(to, chat)?;
         // serde reads `"body": null` as an absent field.
         let body = body.ok_or_else(|| WireError::bad_request("field `body` is missing or null"))?;
         if body.get().len() > limits.max_body_bytes {
@@ -160,8 +237,77 @@ impl Outgoing {
             to,
             chat,
             body: body.to_owned(),
+            ephemeral: false,
         })
     }
+}
+
+impl ReceiptRequest {
+    /// Builds a receipt from the fields shared by the WebSocket frame and the
+    /// REST body. Clients send `read`; `delivered` is the server's to send.
+    pub fn from_fields(
+        id: Option<String>,
+        mid: Option<String>,
+        to: Option<String>,
+        state: Option<String>,
+    ) -> Result<Self, WireError> {
+        let id = id.map(ClientId::parse).transpose()?;
+        let mid =
+            Mid::parse(&mid.ok_or_else(|| WireError::bad_request("field `mid` is missing"))?)?;
+        let to = UserId::parse(to.ok_or_else(|| WireError::bad_request("field `to` is missing"))?)?;
+        let state = match state.as_deref() {
+            Some("read") => ReceiptState::Read,
+            Some("delivered") => {
+                return Err(WireError::bad_request(
+                    "`delivered` receipts are sent by the server when a device acks; clients send `read`",
+                ))
+            }
+            Some(other) => {
+                return Err(WireError::bad_request(format!(
+                    "unknown receipt state `{}`; clients send `read`",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+            None => return Err(WireError::bad_request("field `state` is missing")),
+        };
+        Ok(Self { id, mid, to, state })
+    }
+}
+
+/// The `to` of a message or typing frame: a user id for a direct chat, a group
+/// id for a group chat.
+fn recipient(to: Option<String>, chat: ChatKind) -> Result<String, WireError> {
+    let to = to.ok_or_else(|| WireError::bad_request("field `to` is missing"))?;
+    match chat {
+        ChatKind::Direct => UserId::parse(to).map(String::from),
+        ChatKind::Group => GroupId::parse(to).map(String::from),
+    }
+}
+
+/// A group name from a request: required, checked.
+pub fn group_name(name: Option<String>) -> Result<String, WireError> {
+    let name = name.ok_or_else(|| WireError::bad_request("field `name` is missing"))?;
+    group::check_name(&name)?;
+    Ok(name)
+}
+
+/// The members named in a create or add, each checked, with the group size limit
+/// applied to the list itself (the group's own size is group-router's to check).
+pub fn members(members: Vec<String>, limits: &Limits) -> Result<Vec<UserId>, WireError> {
+    if members.len() > limits.max_group_members {
+        return Err(WireError::too_large(format!(
+            "{} members in one request, a group holds at most {}",
+            members.len(),
+            limits.max_group_members
+        )));
+    }
+    let mut users = members
+        .into_iter()
+        .map(UserId::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    users.sort_unstable();
+    users.dedup();
+    Ok(users)
 }
 
 /// Parses a batch of mids from an ack, with the batch limit applied.
@@ -188,6 +334,29 @@ pub enum ServerFrame<'a> {
         ts: u64,
     },
     Message(MessageFrame<'a>),
+    /// `by` (on `device`) received or read `mid`. Acked by its `rid`.
+    Receipt {
+        rid: Mid,
+        mid: Mid,
+        by: &'a UserId,
+        device: &'a DeviceId,
+        state: ReceiptState,
+        ts: u64,
+    },
+    Typing {
+        from: &'a UserId,
+        to: &'a str,
+        chat: ChatKind,
+    },
+    /// The server could not apply the message or group command `mid` the client
+    /// sent as `id`. Acked by `mid`.
+    Rejected {
+        mid: Mid,
+        id: &'a ClientId,
+        code: ErrorCode,
+        message: &'a str,
+        ts: u64,
+    },
     #[serde(rename = "sync.done")]
     SyncDone,
     Error {
@@ -207,20 +376,55 @@ pub struct MessageFrame<'a> {
     pub from: &'a UserId,
     pub to: &'a str,
     pub chat: ChatKind,
-    pub body: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<&'a RawValue>,
+    /// What changed, in a group's system message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<&'a SystemEvent>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
     pub ts: u64,
 }
 
-impl<'a> From<&'a Message> for MessageFrame<'a> {
+impl<'a> From<&'a Message> for ServerFrame<'a> {
+    /// How a client sees a message: a message frame, or the frame of the notice
+    /// the server wrote.
     fn from(m: &'a Message) -> Self {
-        MessageFrame {
-            mid: m.mid,
-            id: &m.id,
-            from: &m.from,
-            to: m.to.as_str(),
-            chat: m.chat,
-            body: &m.body,
-            ts: m.ts,
+        match &m.notice {
+            None | Some(Notice::Group(_)) => ServerFrame::Message(MessageFrame {
+                mid: m.mid,
+                id: &m.id,
+                from: &m.from,
+                to: m.to.as_str(),
+                chat: m.chat,
+                body: m.body.as_deref(),
+                system: match &m.notice {
+                    Some(Notice::Group(event)) => Some(event),
+                    _ => None,
+                },
+                ephemeral: m.ephemeral,
+                ts: m.ts,
+            }),
+            Some(Notice::Receipt { mid, state }) => ServerFrame::Receipt {
+                rid: m.mid,
+                mid: *mid,
+                by: &m.from,
+                device: &m.from_device,
+                state: *state,
+                ts: m.ts,
+            },
+            Some(Notice::Typing) => ServerFrame::Typing {
+                from: &m.from,
+                to: m.to.as_str(),
+                chat: m.chat,
+            },
+            Some(Notice::Rejected { code, message }) => ServerFrame::Rejected {
+                mid: m.mid,
+                id: &m.id,
+                code: *code,
+                message,
+                ts: m.ts,
+            },
         }
     }
 }
@@ -265,7 +469,7 @@ mod tests {
             panic!("expected a message");
         };
         assert_eq!(m.id.as_str(), "c-17");
-        assert_eq!(m.to.as_str(), "bob");
+        assert_eq!(m.to, "bob");
         assert_eq!(m.chat, ChatKind::Direct);
         assert_eq!(m.body.get(), r#"{"text":"hi", "n": [1, 2]}"#);
     }
@@ -376,6 +580,7 @@ mod tests {
         let limits = Limits {
             max_body_bytes: 10,
             max_frame_bytes: 100,
+            ..Limits::default()
         };
         let body = format!(
             r#"{{"type":"message","id":"c","to":"bob","body":"{}"}}"#,
@@ -414,6 +619,190 @@ mod tests {
     }
 
     #[test]
+    fn group_chats_receipts_and_typing_parse() {
+        let ClientFrame::Message(m) = parse(
+            r#"{"type":"message","id":"c-18","to":"team-7","chat":"group","body":"hi","ephemeral":true}"#,
+        )
+        .unwrap() else {
+            panic!("expected a message");
+        };
+        assert_eq!(
+            (m.to.as_str(), m.chat, m.ephemeral),
+            ("team-7", ChatKind::Group, true)
+        );
+
+        let mid = Mid::from_ulid(ulid::Ulid::new());
+        let ClientFrame::Receipt(r) = parse(&format!(
+            r#"{{"type":"receipt","mid":"{mid}","to":"bob","state":"read"}}"#
+        ))
+        .unwrap() else {
+            panic!("expected a receipt");
+        };
+        assert_eq!(
+            (r.mid, r.to.as_str(), r.state, r.id),
+            (mid, "bob", ReceiptState::Read, None)
+        );
+        for (state, message) in [
+            ("delivered", "`delivered` receipts are sent by the server when a device acks; clients send `read`"),
+            ("seen", "unknown receipt state `seen`; clients send `read`"),
+        ] {
+            let text = format!(r#"{{"type":"receipt","mid":"{mid}","to":"bob","state":"{state}"}}"#);
+            assert_eq!(refusal(&text).error.message, message);
+        }
+
+        let ClientFrame::Typing { to, chat } =
+            parse(r#"{"type":"typing","to":"team-7","chat":"group"}"#).unwrap()
+        else {
+            panic!("expected typing");
+        };
+        assert_eq!((to.as_str(), chat), ("team-7", ChatKind::Group));
+        assert_eq!(
+            refusal(r#"{"type":"typing"}"#).error.message,
+            "field `to` is missing"
+        );
+    }
+
+    #[test]
+    fn group_commands_parse_and_are_checked() {
+        let ClientFrame::Group(g) = parse(
+            r#"{"type":"group.create","id":"c-1","group":"team-7","name":"Team 7","members":["carol","bob","bob"]}"#,
+        )
+        .unwrap() else {
+            panic!("expected a group command");
+        };
+        assert_eq!(g.group.as_str(), "team-7");
+        let bob = UserId::parse("bob").unwrap();
+        let carol = UserId::parse("carol").unwrap();
+        assert_eq!(
+            g.op,
+            GroupOp::Create {
+                name: "Team 7".into(),
+                members: vec![bob.clone(), carol]
+            },
+            "members sorted, each once"
+        );
+        let ClientFrame::Group(g) =
+            parse(r#"{"type":"group.leave","id":"c-2","group":"team-7"}"#).unwrap()
+        else {
+            panic!("expected a group command");
+        };
+        assert_eq!(
+            g.op,
+            GroupOp::Remove { user: alice() },
+            "leaving removes yourself"
+        );
+        let ClientFrame::Group(g) =
+            parse(r#"{"type":"group.remove","id":"c-3","group":"team-7","user":"bob"}"#).unwrap()
+        else {
+            panic!("expected a group command");
+        };
+        assert_eq!(g.op, GroupOp::Remove { user: bob });
+
+        let limits = Limits {
+            max_group_members: 2,
+            ..Limits::default()
+        };
+        let text = r#"{"type":"group.add","id":"c","group":"g","members":["a","b","c"]}"#;
+        assert_eq!(
+            ClientFrame::parse(text, &alice(), &limits)
+                .unwrap_err()
+                .error
+                .code,
+            ErrorCode::TooLarge
+        );
+        let cases = [
+            (
+                r#"{"type":"group.add","id":"c","members":["a"]}"#,
+                "field `group` is missing",
+            ),
+            (
+                r#"{"type":"group.add","id":"c","group":"g"}"#,
+                "field `members` is missing",
+            ),
+            (
+                r#"{"type":"group.rename","id":"c","group":"g","name":"  "}"#,
+                "group `name` is empty",
+            ),
+            (
+                r#"{"type":"group.remove","id":"c","group":"g"}"#,
+                "field `user` is missing",
+            ),
+            (
+                r#"{"type":"group.create","group":"g","name":"x"}"#,
+                "field `id` is missing",
+            ),
+        ];
+        for (text, message) in cases {
+            assert_eq!(refusal(text).error.message, message, "{text}");
+        }
+        for bad in [
+            r#"{"type":"group.add","id":"c","group":"no such/group","members":["a"]}"#,
+            r#"{"type":"group.add","id":"c","group":"g","members":["not valid"]}"#,
+        ] {
+            assert_eq!(refusal(bad).error.code, ErrorCode::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn notices_have_their_own_frames() {
+        use crate::group::SystemKind;
+        let bob = UserId::parse("bob").unwrap();
+        let phone = DeviceId::parse("phone").unwrap();
+        let of = Mid::from_ulid(ulid::Ulid::new());
+        let receipt = Message::receipt(of, &alice(), &bob, &phone, ReceiptState::Delivered, 9);
+        let json: serde_json::Value =
+            serde_json::from_str(&ServerFrame::from(&receipt).to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type":"receipt","rid":receipt.mid.to_string(),"mid":of.to_string(),
+                "by":"bob","device":"phone","state":"delivered","ts":9})
+        );
+
+        let mut system = receipt.clone();
+        system.chat = ChatKind::Group;
+        system.to = "team-7".into();
+        system.notice = Some(Notice::Group(SystemEvent {
+            event: SystemKind::Added,
+            users: vec![UserId::parse("dave").unwrap()],
+            by: alice(),
+            name: None,
+        }));
+        let json: serde_json::Value =
+            serde_json::from_str(&ServerFrame::from(&system).to_json()).unwrap();
+        assert_eq!(
+            json["system"],
+            serde_json::json!({"event":"added","users":["dave"],"by":"alice"})
+        );
+        assert_eq!(
+            (json["type"].as_str(), json.get("body")),
+            (Some("message"), None)
+        );
+
+        let mut typing = system.clone();
+        typing.notice = Some(Notice::Typing);
+        assert_eq!(
+            ServerFrame::from(&typing).to_json(),
+            r#"{"type":"typing","from":"bob","to":"team-7","chat":"group"}"#
+        );
+
+        let rejection = Message::rejection(
+            of,
+            &ClientId::parse("c-9").unwrap(),
+            &alice(),
+            &phone,
+            &WireError::forbidden("you are not a member of group `team-7`"),
+            4,
+        );
+        assert_eq!(rejection.device, Some(phone));
+        assert_eq!(
+            ServerFrame::from(&rejection.message).to_json(),
+            format!(
+                r#"{{"type":"rejected","mid":"{of}","id":"c-9","code":"forbidden","message":"you are not a member of group `team-7`","ts":4}}"#
+            )
+        );
+    }
+
+    #[test]
     fn server_frames_have_the_documented_shape() {
         let id = ClientId::parse("c-17").unwrap();
         let mid = Mid::from_ulid(ulid::Ulid::new());
@@ -435,12 +824,13 @@ mod tests {
             from_device: DeviceId::default_device(),
             to: "bob".into(),
             chat: ChatKind::Direct,
-            body: RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap(),
+            body: Some(RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap()),
+            ephemeral: false,
+            notice: None,
             ts: 7,
         };
         let json: serde_json::Value =
-            serde_json::from_str(&ServerFrame::Message(MessageFrame::from(&message)).to_json())
-                .unwrap();
+            serde_json::from_str(&ServerFrame::from(&message).to_json()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"type":"message","mid":mid.to_string(),"id":"c-17","from":"alice",

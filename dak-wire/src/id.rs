@@ -121,6 +121,12 @@ impl Mid {
             .map_err(|_| WireError::bad_request(format!("invalid mid `{}`", truncate(s))))
     }
 
+    /// The mid right after this one: for a second message that one event
+    /// produces, so that handling the event again yields the same two mids.
+    pub fn next(&self) -> Mid {
+        Mid(self.0.increment().unwrap_or(self.0))
+    }
+
     /// Milliseconds since the Unix epoch at which this mid was minted.
     pub fn timestamp_ms(&self) -> u64 {
         self.0.timestamp_ms()

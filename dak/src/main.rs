@@ -27,6 +27,8 @@ enum Command {
     Session(session::standalone::Args),
     /// Run persistence on its own.
     Persistence(persistence::standalone::Args),
+    /// Run group-router on its own.
+    GroupRouter(group_router::standalone::Args),
     /// Run push on its own.
     Push(push::standalone::Args),
     /// Drive a running dak with simulated devices and report throughput and latency.
@@ -48,8 +50,8 @@ fn main() -> ExitCode {
                     println!("(generated for this run; set DAK_JWT_SECRET to keep tokens valid across restarts)");
                 }
                 println!(
-                    "dak is up: ws://{}/v1/ws, http://{}/v1/messages",
-                    running.public_addr, running.public_addr
+                    "dak is up: ws://{}/v1/ws, http://{}/v1/messages, http://{}/v1/groups",
+                    running.public_addr, running.public_addr, running.public_addr
                 );
                 println!(
                     "admin: http://{}/metrics /livez /readyz",
@@ -95,6 +97,10 @@ fn main() -> ExitCode {
         Command::Persistence(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| persistence::standalone::start(args, s))
+        }
+        Command::GroupRouter(args) => {
+            let process = args.process.clone();
+            dak_runtime::process::main(&process, |s| group_router::standalone::start(args, s))
         }
         Command::Push(args) => {
             let process = args.process.clone();

@@ -119,9 +119,14 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let tokens = push::standalone::open_tokens(&args.data.data_dir, &args.scylla).await?;
     push::standalone::tokens_check(&mut readiness, &tokens);
     let sender = push::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
+    let groups = group_router::standalone::open_store(&args.data.data_dir, &args.scylla).await?;
+    group_router::standalone::store_check(&mut readiness, &groups);
 
     let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), dedup);
     let limits = args.gateway.limits.limits();
+    let group_config = group_router::Config {
+        max_members: limits.max_group_members,
+    };
     let ws = ws_gateway::WsGateway::new(
         args.gateway,
         ws_gateway::Deps {
@@ -141,8 +146,17 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         persistence::Deps {
             inbox,
             producer: producer.clone(),
-            verifier,
+            verifier: verifier.clone(),
             internal_token: internal_token.clone(),
+        },
+    )?;
+    let group_router = group_router::GroupRouter::build(
+        group_config,
+        &kafka,
+        group_router::Deps {
+            store: groups,
+            producer: producer.clone(),
+            verifier,
         },
     )?;
     let router = message_router::MessageRouter::build(&kafka, producer.clone())?;
@@ -172,7 +186,8 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let public_router = ws
         .public_router()
         .merge(rest.router())
-        .merge(persistence.router());
+        .merge(persistence.router())
+        .merge(group_router.router());
     shutdown::spawn(
         &mut tasks,
         "public API",
@@ -185,6 +200,11 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     );
     shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));
+    shutdown::spawn(
+        &mut tasks,
+        "group-router",
+        group_router.run(shutdown.clone()),
+    );
     shutdown::spawn(&mut tasks, "session", session.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "persistence", persistence.run(shutdown.clone()));
     shutdown::spawn(&mut tasks, "push", push.run(shutdown.clone()));

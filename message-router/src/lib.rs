@@ -8,8 +8,11 @@
 //! - A push-token registration goes to `dak.offline`, keyed by the user, where
 //!   push keeps its tokens.
 //!
-//! Group messages go to `dak.group` once group-router exists; until then the
-//! gateways refuse them. An event that cannot be decoded is logged, counted in
+//! - A group message (typing included) and a group command go to `dak.group`,
+//!   keyed by the group, where group-router applies them in the group's order.
+//!
+//! Receipts are direct messages the server wrote: they route like one. An
+//! event that cannot be decoded is logged, counted in
 //! `dak_events_dropped_total`, and skipped: one bad record must not stall a
 //! partition. Offsets are committed only after the routed records were
 //! acknowledged by Kafka.
@@ -19,8 +22,8 @@ pub mod standalone;
 use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
-use dak_wire::event::{self, DeliverEvent, Delivery, InboundEvent, OfflineEvent};
-use dak_wire::{ChatKind, UserId};
+use dak_wire::event::{self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent};
+use dak_wire::{ChatKind, GroupId, UserId};
 
 /// Consumer group of every message-router instance.
 pub const GROUP: &str = "dak.message-router";
@@ -33,6 +36,7 @@ pub struct MessageRouter {
     producer: Producer,
     deliver_topic: String,
     offline_topic: String,
+    group_topic: String,
 }
 
 /// Where one inbound event goes.
@@ -40,6 +44,7 @@ pub struct MessageRouter {
 pub enum Route {
     Deliver { key: UserId, event: DeliverEvent },
     Offline { key: UserId, event: OfflineEvent },
+    Group { key: GroupId, event: GroupEvent },
     Drop(String),
 }
 
@@ -51,6 +56,7 @@ impl MessageRouter {
             producer,
             deliver_topic: config.topics.deliver.clone(),
             offline_topic: config.topics.offline.clone(),
+            group_topic: config.topics.group.clone(),
         })
     }
 
@@ -97,6 +103,18 @@ impl MessageRouter {
                         &payload,
                     )?);
                 }
+                Route::Group { key, event } => {
+                    let kind = match &event {
+                        GroupEvent::Message(_) => "group_message",
+                        GroupEvent::Command(_) => "group_command",
+                    };
+                    ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
+                    let payload = event::encode(&event);
+                    acks.push(
+                        self.producer
+                            .enqueue(&self.group_topic, key.as_str(), &payload)?,
+                    );
+                }
                 Route::Drop(reason) => {
                     ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "inbound").increment(1);
                     tracing::warn!(partition = record.partition, offset = record.offset, %reason, "dropping inbound event");
@@ -132,15 +150,26 @@ pub fn route(payload: &[u8]) -> Route {
                     tracing::debug!(mid = %message.mid, "routing direct message");
                     Route::Deliver {
                         key: recipient.clone(),
-                        event: DeliverEvent::Message(Delivery { recipient, message }),
+                        event: DeliverEvent::Message(Delivery {
+                            recipient,
+                            device: None,
+                            message,
+                        }),
                     }
                 }
                 Err(e) => Route::Drop(e.message),
             },
-            ChatKind::Group => Route::Drop(format!(
-                "group message {} before group routing exists",
-                message.mid
-            )),
+            ChatKind::Group => match GroupId::parse(message.to.as_str()) {
+                Ok(group) => Route::Group {
+                    key: group,
+                    event: GroupEvent::Message(message),
+                },
+                Err(e) => Route::Drop(e.message),
+            },
+        },
+        InboundEvent::Group(command) => Route::Group {
+            key: command.group.clone(),
+            event: GroupEvent::Command(command),
         },
         InboundEvent::Ack(ack) => Route::Deliver {
             key: ack.user.clone(),
@@ -172,7 +201,9 @@ mod tests {
             from_device: DeviceId::default_device(),
             to: to.into(),
             chat,
-            body: RawValue::from_string("1".into()).unwrap(),
+            body: Some(RawValue::from_string("1".into()).unwrap()),
+            ephemeral: false,
+            notice: None,
             ts: 1,
         }
     }
@@ -208,6 +239,21 @@ mod tests {
             } => {
                 assert_eq!(key.as_str(), "bob");
                 assert_eq!(a, ack);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn group_messages_are_keyed_by_group() {
+        let m = message("team-7", ChatKind::Group);
+        match route(&event::encode(&InboundEvent::Message(m))) {
+            Route::Group {
+                key,
+                event: GroupEvent::Message(m),
+            } => {
+                assert_eq!(key.as_str(), "team-7");
+                assert_eq!(m.to, "team-7");
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -47,14 +47,18 @@ pub struct Stored {
 pub trait Inbox: Send + Sync + 'static {
     /// Stores messages; returns how many were new.
     async fn store(&self, items: &[Stored]) -> InboxResult<u64>;
-    /// Removes acked messages and remembers the drop until `tombstone_until_ms`.
+    /// Removes acked messages, from the device's inbox and from the user-level
+    /// one, and remembers the drop until `tombstone_until_ms`. Returns the
+    /// messages removed, in the order of `mids`, each mid once even when both
+    /// inboxes held it; a mid that was not stored (or was already dropped) is
+    /// left out.
     async fn drop_acked(
         &self,
         user: &UserId,
         device: &DeviceId,
         mids: &[Mid],
         tombstone_until_ms: u64,
-    ) -> InboxResult<u64>;
+    ) -> InboxResult<Vec<Message>>;
     /// Moves what waits in the user-level inbox to `device`; returns how many.
     async fn take_over(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64>;
     /// Up to `limit` messages of the device after position `after`, oldest first,
@@ -182,13 +186,18 @@ impl Inbox for SqliteInbox {
         device: &DeviceId,
         mids: &[Mid],
         tombstone_until_ms: u64,
-    ) -> InboxResult<u64> {
+    ) -> InboxResult<Vec<Message>> {
         let (user, device) = (user.to_string(), device.to_string());
         let mids: Vec<String> = mids.iter().map(Mid::to_string).collect();
         self.with(move |db| {
             let tx = db.transaction()?;
-            let mut dropped = 0;
+            let mut dropped = Vec::new();
             {
+                // The device's own copy first ('' sorts before any device id).
+                let mut read = tx.prepare_cached(
+                    "SELECT message FROM inbox WHERE user = ?1 AND device IN (?2, '') AND mid = ?3
+                     ORDER BY device DESC LIMIT 1",
+                )?;
                 let mut delete = tx.prepare_cached(
                     "DELETE FROM inbox WHERE user = ?1 AND device IN (?2, '') AND mid = ?3",
                 )?;
@@ -196,7 +205,15 @@ impl Inbox for SqliteInbox {
                     "INSERT OR REPLACE INTO dropped (user, device, mid, until) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for mid in &mids {
-                    dropped += delete.execute(params![user, device, mid])? as u64;
+                    let json: Option<String> = read
+                        .query_row(params![user, device, mid], |r| r.get(0))
+                        .optional()?;
+                    if let Some(json) = json {
+                        let message = serde_json::from_str(&json)
+                            .map_err(|e| InboxError::Corrupt(e.to_string()))?;
+                        dropped.push(message);
+                    }
+                    delete.execute(params![user, device, mid])?;
                     tombstone.execute(params![user, device, mid, tombstone_until_ms])?;
                 }
             }

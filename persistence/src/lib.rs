@@ -5,7 +5,8 @@
 //! - `store`: keeps the message for the device (or for the user, when the user
 //!   has no device yet), idempotently by mid, until the device acks it or it
 //!   expires (`DAK_INBOX_TTL`, default 30 days);
-//! - `drop`: the device acked these mids; they go;
+//! - `drop`: the device acked these mids; they go, and the senders of those
+//!   that were stored get a `delivered` receipt;
 //! - `replay`: a device connected. Because the request comes behind every
 //!   `store` published for the user before it, the inbox is complete: it is sent
 //!   to that socket through its gateway, oldest first, followed by `sync.done`,
@@ -31,10 +32,10 @@ use dak_runtime::gateway::Gateways;
 use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::{metrics, now_ms};
-use dak_wire::event::{self, Connected, DeliverEvent, OfflineEvent};
-use dak_wire::frame::MessageFrame;
+use dak_wire::event::{self, Ack, Connected, DeliverEvent, OfflineEvent};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::ServerFrame;
+use dak_wire::{Message, ReceiptState};
 use serde_json::value::RawValue;
 
 pub use config::Config;
@@ -151,8 +152,10 @@ impl Shared {
                         .inbox
                         .drop_acked(&ack.user, &ack.device, &ack.mids, tombstone)
                         .await?;
-                    ::metrics::counter!(DROPPED).increment(dropped);
-                    ::metrics::gauge!(INBOX_DEPTH).decrement(dropped as f64);
+                    let n = dropped.len() as u64;
+                    ::metrics::counter!(DROPPED).increment(n);
+                    ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
+                    self.delivered_receipts(&ack, &dropped).await?;
                 }
                 OfflineEvent::Replay {
                     connected,
@@ -165,6 +168,29 @@ impl Shared {
             }
         }
         self.store(stores).await
+    }
+
+    /// The device acked messages it got from its inbox (a replay or a sync):
+    /// their senders get a `delivered` receipt, as session sends for messages
+    /// acked while in flight. A receipt's mid follows from what it reports, so
+    /// one that both produced is one delivery.
+    async fn delivered_receipts(&self, ack: &Ack, dropped: &[Message]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let mut acks = Vec::new();
+        for receipt in dropped.iter().filter_map(|m| {
+            Message::receipt_for(m, &ack.user, &ack.device, ReceiptState::Delivered, now)
+        }) {
+            ::metrics::counter!(metrics::RECEIPTS).increment(1);
+            let key = receipt.recipient.to_string();
+            let payload = event::encode(&DeliverEvent::Message(receipt));
+            acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
+        }
+        for result in
+            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
+        {
+            result?;
+        }
+        Ok(())
     }
 
     async fn store(&self, stores: Vec<Stored>) -> anyhow::Result<()> {
@@ -198,7 +224,7 @@ impl Shared {
             after = page.last().map(|(seq, _)| *seq).or(after);
             let frames: Vec<String> = page
                 .iter()
-                .map(|(_, m)| ServerFrame::Message(MessageFrame::from(m)).to_json())
+                .map(|(_, m)| ServerFrame::from(m).to_json())
                 .collect();
             replayed += frames.len();
             if !self.send_in_order(&connected, gateway_url, frames).await? {

@@ -253,6 +253,27 @@ impl ScyllaInbox {
         }))
     }
 
+    /// The message stored at `at`, if its row is still there.
+    async fn read_message(
+        &self,
+        user: &str,
+        device: &str,
+        mid: &str,
+        at: Location,
+    ) -> InboxResult<Option<Message>> {
+        let found = self
+            .one::<(String,)>(
+                &self.st().read_message,
+                (user, device, at.bucket, at.seq, mid),
+            )
+            .await?;
+        found
+            .map(|(json,)| {
+                serde_json::from_str(&json).map_err(|e| InboxError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
     /// Writes the message, its `inbox_mids` entry and its expiry entries in one
     /// logged batch, then marks its bucket.
     async fn write_message(&self, row: &MessageRow<'_>, now_ms: u64) -> InboxResult<()> {
@@ -357,14 +378,15 @@ impl ScyllaInbox {
 
     /// Drops one acked mid from the device's inbox and from the user-level one,
     /// after leaving its tombstone. Returns the (device, bucket) of each copy
-    /// removed.
+    /// removed, and the message as stored (the device's copy, else the
+    /// user-level one), read before removing it.
     async fn drop_one<'a>(
         &self,
         user: &str,
         device: &'a str,
         mid: &str,
         tombstone_ttl: i32,
-    ) -> InboxResult<Vec<(&'a str, i64)>> {
+    ) -> InboxResult<(Vec<(&'a str, i64)>, Option<Message>)> {
         self.exec(
             &self.st().insert_tombstone,
             (user, device, mid, tombstone_ttl),
@@ -375,15 +397,20 @@ impl ScyllaInbox {
             self.locate(user, USER_LEVEL, mid),
         )?;
         let mut removed = Vec::new();
+        let mut message = None;
         if let Some(at) = own {
+            message = self.read_message(user, device, mid, at).await?;
             self.remove_message(user, device, mid, at).await?;
             removed.push((device, at.bucket));
         }
         if let Some(at) = waiting {
+            if message.is_none() {
+                message = self.read_message(user, USER_LEVEL, mid, at).await?;
+            }
             self.remove_message(user, USER_LEVEL, mid, at).await?;
             removed.push((USER_LEVEL, at.bucket));
         }
-        Ok(removed)
+        Ok((removed, message))
     }
 
     /// Forgets each bucket that holds no row any more.
@@ -533,37 +560,46 @@ impl Inbox for ScyllaInbox {
         device: &DeviceId,
         mids: &[Mid],
         tombstone_until_ms: u64,
-    ) -> InboxResult<u64> {
+    ) -> InboxResult<Vec<Message>> {
         let ttl = ttl_secs(saturating_i64(tombstone_until_ms), now_ms(), 0);
         let (user, device) = (user.as_str(), device.as_str());
-        let mids: HashSet<String> = mids.iter().map(Mid::to_string).collect();
+        // Each mid once, in the order given.
+        let mut seen = HashSet::new();
+        let mids: Vec<String> = mids
+            .iter()
+            .filter(|mid| seen.insert(**mid))
+            .map(Mid::to_string)
+            .collect();
         let results = bounded(
             mids.iter()
-                .map(|mid| self.drop_one(user, device, mid, ttl))
+                .enumerate()
+                .map(|(i, mid)| async move { (i, self.drop_one(user, device, mid, ttl).await) })
                 .collect(),
         )
         .await;
-        let mut dropped = 0;
+        let mut rows = 0;
+        let mut messages: Vec<Option<Message>> = vec![None; mids.len()];
         let mut touched = HashSet::new();
         let mut error = None;
-        for result in results {
+        for (i, result) in results {
             match result {
-                Ok(removed) => {
+                Ok((removed, message)) => {
                     for (dev, bucket) in removed {
-                        dropped += 1;
+                        rows += 1;
                         touched.insert((user.to_owned(), dev.to_owned(), bucket));
                     }
+                    messages[i] = message;
                 }
                 Err(e) => {
                     error.get_or_insert(e);
                 }
             }
         }
-        self.add_depth(shard_of(user), -(dropped as i64)).await?;
+        self.add_depth(shard_of(user), -(rows as i64)).await?;
         self.forget_empty_buckets(touched).await?;
         match error {
             Some(e) => Err(e),
-            None => Ok(dropped),
+            None => Ok(messages.into_iter().flatten().collect()),
         }
     }
 
@@ -758,6 +794,7 @@ impl Inbox for ScyllaInbox {
 struct Statements {
     find_tombstone: PreparedStatement,
     find_mid: PreparedStatement,
+    read_message: PreparedStatement,
     write_message: Batch,
     mark_bucket: PreparedStatement,
     add_depth: PreparedStatement,
@@ -831,6 +868,14 @@ impl Statements {
                      WHERE user_id = ? AND device_id = ? AND mid = ?"
                 ),
                 KEYS_PAGE,
+            )
+            .await?,
+            read_message: read(
+                format!(
+                    "SELECT message FROM {ks}.inbox_by_device
+                     WHERE user_id = ? AND device_id = ? AND bucket = ? AND seq = ? AND mid = ?"
+                ),
+                MESSAGES_PAGE,
             )
             .await?,
             write_message,

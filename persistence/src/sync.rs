@@ -8,9 +8,9 @@ use axum::http::HeaderMap;
 use axum::Json;
 use dak_runtime::http::ApiError;
 use dak_runtime::now_ms;
-use dak_wire::frame::MessageFrame;
-use dak_wire::ErrorCode;
+use dak_wire::{ErrorCode, ServerFrame};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::Shared;
 
@@ -26,7 +26,7 @@ pub(crate) struct Params {
 
 #[derive(Serialize)]
 pub(crate) struct Page {
-    messages: Vec<serde_json::Value>,
+    messages: Vec<Box<RawValue>>,
     next: Option<String>,
 }
 
@@ -90,12 +90,11 @@ pub(crate) async fn messages(
     let next = (page.len() == limit)
         .then(|| page.last().map(|(seq, _)| cursor(*seq)))
         .flatten();
+    // Each shaped as the WebSocket frame the device would have received.
     let messages = page
         .iter()
         .map(|(_, m)| {
-            let mut frame = serde_json::to_value(MessageFrame::from(m)).expect("frames serialize");
-            frame["type"] = "message".into();
-            frame
+            RawValue::from_string(ServerFrame::from(m).to_json()).expect("frames are JSON")
         })
         .collect();
     Ok(Json(Page { messages, next }))

@@ -34,7 +34,7 @@ use std::time::Duration;
 use dak_runtime::kafka::{EventConsumer, KafkaConfig, KafkaError, Record};
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
-use dak_wire::event::{self, Message, OfflineEvent};
+use dak_wire::event::{self, Message, Notice, OfflineEvent};
 use dak_wire::{ChatKind, DeviceId, UserId};
 use futures_util::StreamExt;
 
@@ -245,6 +245,11 @@ impl Push {
         connected: &HashSet<(UserId, DeviceId)>,
         wakes: &mut Vec<Wake>,
     ) -> anyhow::Result<()> {
+        // Receipts are synced with everything else but never worth waking a phone.
+        if message.ephemeral || matches!(message.notice, Some(Notice::Receipt { .. })) {
+            skipped("receipt", message);
+            return Ok(());
+        }
         let is_connected = |device: &DeviceId| connected.contains(&(user.clone(), device.clone()));
         let targets = match device {
             Some(device) if is_connected(device) => {
@@ -379,7 +384,11 @@ mod tests {
             from_device: DeviceId::default_device(),
             to: to.into(),
             chat,
-            body: serde_json::value::RawValue::from_string(r#"{"secret":"x"}"#.into()).unwrap(),
+            body: Some(
+                serde_json::value::RawValue::from_string(r#"{"secret":"x"}"#.into()).unwrap(),
+            ),
+            ephemeral: false,
+            notice: None,
             ts: 1732380000123,
         }
     }

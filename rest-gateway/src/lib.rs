@@ -10,7 +10,17 @@
 //!   for the token's own device; the device becomes known (it gets its own
 //!   inbox from then on) and the token travels through Kafka to push. 202.
 //!
-//! Both take `Authorization: Bearer <jwt>`; the token names the sender.
+//! - `POST /v1/receipts`: `{"receipts":[{"mid","to","state":"read"},…]}`, read
+//!   receipts for messages `to` sent; 202 once durable.
+//! - Group commands, each 202 once durable and applied by group-router in the
+//!   group's order (a refusal reaches the device as a `rejected` frame):
+//!   `POST /v1/groups` `{"id","name","members"}` (the client picks the group
+//!   id, so it can create a group offline; creating it again is harmless),
+//!   `POST /v1/groups/{g}/members` `{"members":[…]}`,
+//!   `DELETE /v1/groups/{g}/members/{user}` (yourself: leave),
+//!   `PUT /v1/groups/{g}/name` `{"name"}`.
+//!
+//! All take `Authorization: Bearer <jwt>`; the token names the sender.
 
 pub mod standalone;
 
@@ -19,15 +29,16 @@ use std::sync::Arc;
 use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{post, put};
+use axum::routing::{delete, post, put};
 use axum::{Json, Router};
 use dak_runtime::auth::{Identity, Verifier};
 use dak_runtime::http::ApiError;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::Presence;
 use dak_wire::event::{Platform, PushToken};
-use dak_wire::frame::{parse_mids, Outgoing};
-use dak_wire::{ChatKind, DeviceId, ErrorCode, Limits, Mid, WireError};
+use dak_wire::frame::{self, parse_mids, Outgoing, ReceiptRequest};
+use dak_wire::group::GroupOp;
+use dak_wire::{ChatKind, DeviceId, ErrorCode, GroupId, Limits, Mid, UserId, WireError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -69,6 +80,11 @@ impl RestGateway {
             .route("/v1/messages", post(send_messages))
             .route("/v1/acks", post(send_acks))
             .route("/v1/devices/{device}/push-token", put(register_push_token))
+            .route("/v1/receipts", post(send_receipts))
+            .route("/v1/groups", post(create_group))
+            .route("/v1/groups/{group}/members", post(add_members))
+            .route("/v1/groups/{group}/members/{user}", delete(remove_member))
+            .route("/v1/groups/{group}/name", put(rename_group))
             .layer(axum::extract::DefaultBodyLimit::max(body_limit))
             .with_state(self.shared.clone())
     }
@@ -98,6 +114,7 @@ struct SendItem<'a> {
     #[serde(borrow)]
     body: Option<&'a RawValue>,
     from: Option<String>,
+    ephemeral: Option<bool>,
 }
 
 #[derive(Serialize, Default)]
@@ -198,7 +215,9 @@ fn check_item(
             "`from` is set by the server from your token; you cannot send as another user",
         ));
     }
-    Outgoing::from_fields(item.id, item.to, item.chat, item.body, limits)
+    let mut message = Outgoing::from_fields(item.id, item.to, item.chat, item.body, limits)?;
+    message.ephemeral = item.ephemeral.unwrap_or(false);
+    Ok(message)
 }
 
 fn unavailable(e: &dak_runtime::ingress::IngressError) -> WireError {
@@ -299,5 +318,153 @@ async fn register_push_token(
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "device": device })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ReceiptsBody {
+    receipts: Vec<ReceiptItem>,
+}
+
+#[derive(Deserialize)]
+struct ReceiptItem {
+    mid: Option<String>,
+    to: Option<String>,
+    state: Option<String>,
+}
+
+/// Read receipts, all checked before any is queued: 400 names the first bad one.
+async fn send_receipts(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let request: ReceiptsBody = parse_json(&body)?;
+    if request.receipts.is_empty() || request.receipts.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("`receipts` must hold 1 to {MAX_BATCH} receipts"),
+        ));
+    }
+    let receipts = request
+        .receipts
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            ReceiptRequest::from_fields(None, r.mid, r.to, r.state)
+                .map_err(|e| ApiError::new(e.code, format!("receipt {i}: {}", e.message)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut pending = Vec::with_capacity(receipts.len());
+    for receipt in &receipts {
+        pending.push(shared.ingress.receipt(&identity, receipt)?);
+    }
+    for result in futures_util::future::join_all(pending.into_iter().map(|p| p.accepted())).await {
+        result?;
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "receipts": receipts.len() })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct CreateGroupBody {
+    id: Option<String>,
+    name: Option<String>,
+    members: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct MembersBody {
+    members: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct NameBody {
+    name: Option<String>,
+}
+
+async fn create_group(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let request: CreateGroupBody = parse_json(&body)?;
+    let group = GroupId::parse(
+        request
+            .id
+            .ok_or_else(|| WireError::bad_request("field `id` (the group id) is missing"))?,
+    )?;
+    let op = GroupOp::Create {
+        name: frame::group_name(request.name)?,
+        members: frame::members(request.members.unwrap_or_default(), &shared.limits)?,
+    };
+    group_command(&shared, &identity, group, op).await
+}
+
+async fn add_members(
+    State(shared): State<Arc<Shared>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let group = GroupId::parse(group)?;
+    let request: MembersBody = parse_json(&body)?;
+    let members = request
+        .members
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| WireError::bad_request("`members` must name at least one user"))?;
+    let op = GroupOp::Add {
+        members: frame::members(members, &shared.limits)?,
+    };
+    group_command(&shared, &identity, group, op).await
+}
+
+async fn remove_member(
+    State(shared): State<Arc<Shared>>,
+    Path((group, user)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let op = GroupOp::Remove {
+        user: UserId::parse(user)?,
+    };
+    group_command(&shared, &identity, GroupId::parse(group)?, op).await
+}
+
+async fn rename_group(
+    State(shared): State<Arc<Shared>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let identity = authenticate(&shared, &headers)?;
+    let group = GroupId::parse(group)?;
+    let request: NameBody = parse_json(&body)?;
+    let op = GroupOp::Rename {
+        name: frame::group_name(request.name)?,
+    };
+    group_command(&shared, &identity, group, op).await
+}
+
+/// Queues a group command and answers once it is durable. The mid is that of
+/// the system notice every member will receive when group-router applies it.
+async fn group_command(
+    shared: &Shared,
+    identity: &Identity,
+    group: GroupId,
+    op: GroupOp,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let pending = shared
+        .ingress
+        .submit_group_fresh(identity, group.clone(), op)?;
+    let accepted = pending.accepted().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "group": group, "mid": accepted.mid, "ts": accepted.ts })),
     ))
 }

@@ -10,9 +10,8 @@ use dak_runtime::kafka::{self, DeliveryFuture, Producer, Record};
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
-use dak_wire::frame::MessageFrame;
 use dak_wire::send::{SendItem, SendOutcome};
-use dak_wire::{DeviceId, Message, ServerFrame, UserId};
+use dak_wire::{DeviceId, Message, ReceiptState, ServerFrame, UserId};
 use serde_json::value::RawValue;
 
 use crate::inflight::{InFlight, Pending};
@@ -28,6 +27,7 @@ pub(crate) struct Core {
     gateways: Gateways,
     producer: Producer,
     offline_topic: String,
+    deliver_topic: String,
 }
 
 /// Events for `dak.offline` collected while handling a batch, published together.
@@ -71,7 +71,12 @@ struct Send {
 }
 
 impl Core {
-    pub(crate) fn new(config: Config, deps: Deps, offline_topic: String) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        deps: Deps,
+        offline_topic: String,
+        deliver_topic: String,
+    ) -> Self {
         Self {
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
             config,
@@ -79,6 +84,7 @@ impl Core {
             presence: deps.presence,
             producer: deps.producer,
             offline_topic,
+            deliver_topic,
         }
     }
 
@@ -138,15 +144,58 @@ impl Core {
         let now = now_ms();
         let mut offline = Offline::default();
         let mut candidates: Vec<(Pending, Option<(String, String)>)> = Vec::new();
+        let mut ephemeral = Vec::new();
         for d in deliveries {
             let devices = &routes[&d.recipient];
-            if devices.is_empty() {
+            // A sender's own other devices get a user's message; the device it
+            // came from does not. Notices go to every device.
+            let from_here = |route: &DeviceRoute| {
+                d.message.notice.is_none()
+                    && d.recipient == d.message.from
+                    && route.device == d.message.from_device
+            };
+            if d.message.ephemeral {
+                // Connected devices only: sent once, never held, retried or stored.
+                for route in devices {
+                    if from_here(route)
+                        || matches!(d.message.notice, Some(dak_wire::Notice::Typing))
+                            && d.recipient == d.message.from
+                    {
+                        continue;
+                    }
+                    if let Some((url, connection)) = route.live_socket() {
+                        ephemeral.push(Send {
+                            pending: Pending {
+                                user: d.recipient.clone(),
+                                device: route.device.clone(),
+                                message: d.message.clone(),
+                                sends: 1,
+                                first_sent_ms: now,
+                                deadline_ms: now,
+                            },
+                            url: url.to_owned(),
+                            connection: connection.to_owned(),
+                        });
+                    }
+                }
+                continue;
+            }
+            if let Some(only) = &d.device {
+                if !devices.iter().any(|r| &r.device == only) {
+                    offline.store(
+                        &d.recipient,
+                        Some(only),
+                        OfflineReason::NotConnected,
+                        &d.message,
+                    );
+                    continue;
+                }
+            } else if devices.is_empty() {
                 offline.store(&d.recipient, None, OfflineReason::NoDevice, &d.message);
                 continue;
             }
             for route in devices {
-                // A sender's own other devices get the message; the device it came from does not.
-                if d.recipient == d.message.from && route.device == d.message.from_device {
+                if from_here(route) || d.device.as_ref().is_some_and(|only| only != &route.device) {
                     continue;
                 }
                 let pending = |sends, deadline_ms| Pending {
@@ -189,6 +238,12 @@ impl Core {
                 })
             })
             .collect();
+
+        for (_, outcome) in self.send(ephemeral).await {
+            if outcome == SendOutcome::Sent {
+                ::metrics::counter!(metrics::EPHEMERAL).increment(1);
+            }
+        }
 
         let mut gone = Vec::new();
         for (p, outcome) in self.send(to_send).await {
@@ -283,6 +338,8 @@ impl Core {
         Ok(())
     }
 
+    /// Removes acked deliveries, sends the senders a `delivered` receipt for
+    /// each, and forwards what was not in flight to storage as a `drop`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
         let mut forwards: Vec<DeliveryFuture> = Vec::new();
         for ack in acks {
@@ -296,6 +353,22 @@ impl Core {
                         let latency = now.saturating_sub(p.first_sent_ms) as f64 / 1000.0;
                         ::metrics::histogram!(metrics::ACK_LATENCY).record(latency);
                         tracing::debug!(%mid, user = %ack.user, device = %ack.device, "acked");
+                        if let Some(receipt) = Message::receipt_for(
+                            &p.message,
+                            &ack.user,
+                            &ack.device,
+                            ReceiptState::Delivered,
+                            now,
+                        ) {
+                            ::metrics::counter!(metrics::RECEIPTS).increment(1);
+                            let key = receipt.recipient.to_string();
+                            let payload = event::encode(&DeliverEvent::Message(receipt));
+                            forwards.push(self.producer.enqueue(
+                                &self.deliver_topic,
+                                &key,
+                                &payload,
+                            )?);
+                        }
                         // Past its deadline the delivery may be on its way to the
                         // inbox right now: tell storage to drop it, to be sure.
                         if now > p.deadline_ms {
@@ -486,7 +559,7 @@ impl Core {
         }
         let mut batches: HashMap<String, Vec<(usize, SendItem)>> = HashMap::new();
         for (i, d) in deliveries.iter().enumerate() {
-            let frame = ServerFrame::Message(MessageFrame::from(&d.pending.message)).to_json();
+            let frame = ServerFrame::from(&d.pending.message).to_json();
             let item = SendItem {
                 user: d.pending.user.clone(),
                 device: d.pending.device.clone(),

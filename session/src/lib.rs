@@ -18,7 +18,12 @@
 //! nothing new overtakes the replay; `replayed` sends them, then the device is
 //! live.
 //!
-//! An ack removes the in-flight delivery and is counted with its latency. An ack
+//! Ephemeral messages (typing among them) go to connected devices once, and are
+//! neither recorded in flight nor stored.
+//!
+//! An ack removes the in-flight delivery and is counted with its latency, and
+//! the sender's devices get a `delivered` receipt (itself an ordinary delivery
+//! on `dak.deliver`, keyed by the sender). An ack
 //! for a mid that is not in flight (late, or for a stored message) is forwarded to
 //! `dak.offline` as a `drop`, so storage lets go of it.
 //!
@@ -66,7 +71,12 @@ impl Session {
         let prefix = kafka.topics.deliver.trim_end_matches("dak.deliver");
         let consumer =
             EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.deliver])?;
-        let core = Core::new(config, deps, kafka.topics.offline.clone());
+        let core = Core::new(
+            config,
+            deps,
+            kafka.topics.offline.clone(),
+            kafka.topics.deliver.clone(),
+        );
         Ok(Self { core, consumer })
     }
 

@@ -213,55 +213,49 @@ impl Socket<'_> {
             Ok(frame) => frame,
             Err(refusal) => return self.refuse(refusal).await,
         };
-        match frame {
-            ClientFrame::Ping => self.forward(ServerFrame::Pong.to_json().into()).await,
-            ClientFrame::Message(message) => {
-                if !self.rate.take() {
-                    let error = WireError {
-                        code: ErrorCode::RateLimited,
-                        message: "too many frames, slow down and retry".into(),
-                    };
-                    return self
-                        .refuse(Refusal {
-                            error,
-                            id: Some(message.id.to_string()),
-                        })
-                        .await;
-                }
-                let id = message.id.to_string();
-                match self
-                    .shared
-                    .deps
-                    .ingress
-                    .submit(self.identity, message)
-                    .await
-                {
+        if matches!(frame, ClientFrame::Ping) {
+            return self.forward(ServerFrame::Pong.to_json().into()).await;
+        }
+        let id = match &frame {
+            ClientFrame::Message(m) => Some(m.id.to_string()),
+            ClientFrame::Group(g) => Some(g.id.to_string()),
+            ClientFrame::Receipt(r) => r.id.as_ref().map(|id| id.to_string()),
+            _ => None,
+        };
+        if !self.rate.take() {
+            let error = WireError {
+                code: ErrorCode::RateLimited,
+                message: "too many frames, slow down and retry".into(),
+            };
+            return self.refuse(Refusal { error, id }).await;
+        }
+        let ingress = &self.shared.deps.ingress;
+        let submitted = match frame {
+            ClientFrame::Ping => unreachable!("answered above"),
+            ClientFrame::Message(message) => ingress.submit(self.identity, message).await,
+            ClientFrame::Group(request) => ingress.submit_group(self.identity, request).await,
+            ClientFrame::Receipt(receipt) => {
+                let answer = receipt.id.is_some();
+                match ingress.receipt(self.identity, &receipt) {
                     Ok(pending) => {
+                        // Answered only when the client gave an id to answer to.
                         self.pending.push_back(Box::pin(async move {
-                            Some(match pending.accepted().await {
-                                Ok(a) => ServerFrame::Accepted {
-                                    id: &a.id,
-                                    mid: a.mid,
-                                    ts: a.ts,
-                                }
-                                .to_json(),
-                                Err(e) => unavailable(&e, Some(id)),
-                            })
+                            match pending.accepted().await {
+                                Ok(a) => answer.then(|| accepted(&a)),
+                                Err(e) => Some(unavailable(&e, id)),
+                            }
                         }));
-                        Step::Continue
+                        return Step::Continue;
                     }
-                    Err(e) => self.forward(unavailable(&e, Some(id)).into()).await,
+                    Err(e) => Err(e),
                 }
             }
+            ClientFrame::Typing { to, chat } => match ingress.typing(self.identity, to, chat) {
+                Ok(()) => return Step::Continue,
+                Err(e) => Err(e),
+            },
             ClientFrame::Ack { mids } => {
-                if !self.rate.take() {
-                    let error = WireError {
-                        code: ErrorCode::RateLimited,
-                        message: "too many frames, slow down and retry".into(),
-                    };
-                    return self.refuse(Refusal { error, id: None }).await;
-                }
-                let ingress = self.shared.deps.ingress.clone();
+                let ingress = ingress.clone();
                 let identity = self.identity.clone();
                 self.pending.push_back(Box::pin(async move {
                     ingress
@@ -270,8 +264,20 @@ impl Socket<'_> {
                         .err()
                         .map(|e| unavailable(&e, None))
                 }));
+                return Step::Continue;
+            }
+        };
+        match submitted {
+            Ok(pending) => {
+                self.pending.push_back(Box::pin(async move {
+                    Some(match pending.accepted().await {
+                        Ok(a) => accepted(&a),
+                        Err(e) => unavailable(&e, id),
+                    })
+                }));
                 Step::Continue
             }
+            Err(e) => self.forward(unavailable(&e, id).into()).await,
         }
     }
 
@@ -326,6 +332,15 @@ impl Socket<'_> {
         };
         let _ = self.ws.send(Message::Close(Some(frame))).await;
     }
+}
+
+fn accepted(a: &dak_runtime::ingress::Accepted) -> String {
+    ServerFrame::Accepted {
+        id: &a.id,
+        mid: a.mid,
+        ts: a.ts,
+    }
+    .to_json()
 }
 
 fn unavailable(e: &dak_runtime::ingress::IngressError, id: Option<String>) -> String {

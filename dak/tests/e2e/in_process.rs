@@ -113,7 +113,7 @@ async fn an_unacked_message_is_retried_then_offlined_and_a_late_ack_is_forwarded
             assert_eq!(device.unwrap().as_str(), "phone");
             assert_eq!(reason, OfflineReason::AckTimeout);
             assert_eq!(message.mid.to_string(), mid);
-            assert_eq!(message.body.get(), r#""are you there?""#);
+            assert_eq!(message.body.as_ref().unwrap().get(), r#""are you there?""#);
         }
         other => panic!("expected a store event, got {other:?}"),
     }

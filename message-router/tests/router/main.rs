@@ -21,7 +21,9 @@ fn message(from: &str, to: &str, seq: u32) -> Message {
         from_device: DeviceId::default_device(),
         to: to.into(),
         chat: ChatKind::Direct,
-        body: RawValue::from_string(seq.to_string()).unwrap(),
+        body: Some(RawValue::from_string(seq.to_string()).unwrap()),
+        ephemeral: false,
+        notice: None,
         ts: 1,
     }
 }

@@ -24,7 +24,9 @@ fn message(to: &str, seq: u64) -> Message {
         from_device: device("phone"),
         to: to.into(),
         chat: ChatKind::Direct,
-        body: RawValue::from_string(format!(r#"{{"n":{seq}}}"#)).unwrap(),
+        body: Some(RawValue::from_string(format!(r#"{{"n":{seq}}}"#)).unwrap()),
+        ephemeral: false,
+        notice: None,
         ts: seq,
     }
 }
@@ -60,7 +62,7 @@ pub async fn contract(inbox: &dyn Inbox, unique: &str) {
         items.iter().map(|s| s.message.mid).collect::<Vec<_>>()
     );
     assert_eq!(
-        all[0].1.body.get(),
+        all[0].1.body.as_ref().unwrap().get(),
         r#"{"n":10}"#,
         "the body comes back as stored"
     );
@@ -97,7 +99,8 @@ pub async fn contract(inbox: &dyn Inbox, unique: &str) {
         inbox
             .drop_acked(&user(&bob), &phone, &acked, FAR)
             .await
-            .unwrap(),
+            .unwrap()
+            .len(),
         2
     );
     let left = inbox.page(&user(&bob), &phone, None, 100, 0).await.unwrap();
@@ -162,6 +165,100 @@ pub async fn contract(inbox: &dyn Inbox, unique: &str) {
     );
 
     assert!(inbox.depth().await.unwrap() >= 8 + 1 + 3);
+
+    dropping_returns_what_it_removed(inbox, unique).await;
+}
+
+/// A drop hands back the messages it removed, as stored, in the order of the
+/// acked mids, each once.
+async fn dropping_returns_what_it_removed(inbox: &dyn Inbox, unique: &str) {
+    let frank = format!("frank{unique}");
+    let phone = device("phone");
+    let items: Vec<Stored> = (1..=3)
+        .map(|seq| stored(&frank, Some("phone"), seq, FAR))
+        .collect();
+    assert_eq!(inbox.store(&items).await.unwrap(), 3);
+    // Also waiting in the user-level inbox, as stored before the user had a device.
+    let both = Stored {
+        device: None,
+        ..items[1].clone()
+    };
+    assert_eq!(inbox.store(std::slice::from_ref(&both)).await.unwrap(), 1);
+    let only_waiting = stored(&frank, None, 4, FAR);
+    assert_eq!(
+        inbox
+            .store(std::slice::from_ref(&only_waiting))
+            .await
+            .unwrap(),
+        1
+    );
+
+    let unknown = Mid::from_ulid(ulid::Ulid::new());
+    let acked = [
+        items[2].message.mid,
+        unknown,
+        items[1].message.mid,
+        only_waiting.message.mid,
+        items[2].message.mid,
+    ];
+    let dropped = inbox
+        .drop_acked(&user(&frank), &phone, &acked, FAR)
+        .await
+        .unwrap();
+    assert_eq!(
+        dropped.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        vec![
+            items[2].message.mid,
+            items[1].message.mid,
+            only_waiting.message.mid
+        ],
+        "in the order acked, each once, the unknown mid left out"
+    );
+    assert_eq!(
+        dropped[0].body.as_ref().unwrap().get(),
+        r#"{"n":3}"#,
+        "the body comes back as stored"
+    );
+    assert_eq!(dropped[0].id, items[2].message.id);
+    assert_eq!(dropped[0].from, items[2].message.from);
+    assert_eq!(dropped[0].ts, items[2].message.ts);
+    assert_eq!(dropped[1].body.as_ref().unwrap().get(), r#"{"n":2}"#);
+    assert_eq!(dropped[2].body.as_ref().unwrap().get(), r#"{"n":4}"#);
+
+    // Both copies went: nothing of it is left to take over.
+    assert_eq!(
+        mids(
+            &inbox
+                .page(&user(&frank), &phone, None, 100, 0)
+                .await
+                .unwrap()
+        ),
+        vec![items[0].message.mid]
+    );
+    assert_eq!(
+        inbox
+            .take_over(&user(&frank), &device("tablet"))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Dropping again, or dropping what was never stored, returns nothing.
+    assert!(inbox
+        .drop_acked(&user(&frank), &phone, &acked, FAR)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(inbox
+        .drop_acked(&user(&frank), &phone, &[unknown], FAR)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(inbox
+        .drop_acked(&user(&frank), &phone, &[], FAR)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

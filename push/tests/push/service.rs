@@ -31,7 +31,9 @@ fn message(from: &str, to: &str, chat: ChatKind) -> Message {
         from_device: DeviceId::default_device(),
         to: to.into(),
         chat,
-        body: RawValue::from_string(r#"{"cipher":"c2VjcmV0"}"#.into()).unwrap(),
+        body: Some(RawValue::from_string(r#"{"cipher":"c2VjcmV0"}"#.into()).unwrap()),
+        ephemeral: false,
+        notice: None,
         ts: 1732380000123,
     }
 }

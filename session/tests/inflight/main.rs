@@ -18,7 +18,9 @@ fn delivery(user: &str, device: &str, deadline_ms: u64) -> Pending {
             from_device: DeviceId::default_device(),
             to: user.into(),
             chat: ChatKind::Direct,
-            body: RawValue::from_string(r#"{"secret":"AAEC"}"#.into()).unwrap(),
+            body: Some(RawValue::from_string(r#"{"secret":"AAEC"}"#.into()).unwrap()),
+            ephemeral: false,
+            notice: None,
             ts: 1,
         },
         sends: 1,
@@ -71,7 +73,7 @@ async fn contract(store: &dyn InFlight) {
     );
     let body = claimed.iter().find(|p| p.device == b.device).unwrap();
     assert_eq!(
-        body.message.body.get(),
+        body.message.body.as_ref().unwrap().get(),
         r#"{"secret":"AAEC"}"#,
         "the message survives the store"
     );

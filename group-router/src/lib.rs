@@ -1,0 +1,236 @@
+//! group-router: owns group membership and fans group messages out.
+//!
+//! It consumes `dak.group`, keyed by group, so a group's messages and the
+//! commands that change it are one ordered stream. For each batch it:
+//!
+//! 1. loads every group the batch touches from its store (never by asking
+//!    another service);
+//! 2. applies the events in order, in memory ([`apply`]): a message becomes one
+//!    delivery per member (the sender's own devices included; session skips the
+//!    one it came from), a command changes the group and becomes a system notice
+//!    to every member, and the added or removed user; what is refused becomes a
+//!    `rejected` notice to the device that sent it;
+//! 3. publishes the deliveries to `dak.deliver`, keyed by member, and waits for
+//!    Kafka;
+//! 4. saves the changed groups, then commits the offsets.
+//!
+//! A crash anywhere repeats the batch from the saved state, which yields the
+//! same deliveries with the same mids: downstream takes them idempotently.
+//! Because membership is resolved in the group's order, a member sees exactly
+//! the messages sent while a member, and per (group, member) order is the
+//! group's order.
+//!
+//! It also serves `GET /v1/groups/{g}` to members.
+
+pub mod apply;
+mod http;
+pub mod scylla;
+pub mod standalone;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use dak_runtime::auth::Verifier;
+use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
+use dak_runtime::metrics;
+use dak_runtime::shutdown::Shutdown;
+use dak_wire::event::{self, DeliverEvent, GroupEvent};
+use dak_wire::GroupId;
+
+use store::{Group, GroupChange, GroupStore};
+
+/// Consumer group of every group-router instance.
+pub const GROUP: &str = "dak.group-router";
+
+/// Records taken from `dak.group` per batch.
+const BATCH: usize = 500;
+
+pub const COMMANDS: &str = "dak_group_commands_total";
+pub const FANNED_OUT: &str = "dak_group_deliveries_total";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Most members of a group (`DAK_GROUP_MAX_MEMBERS`, shared with the
+    /// gateways' limits).
+    pub max_members: usize,
+}
+
+/// Everything group-router needs from outside.
+pub struct Deps {
+    pub store: Arc<dyn GroupStore>,
+    pub producer: Producer,
+    pub verifier: Verifier,
+}
+
+pub struct GroupRouter {
+    consumer: EventConsumer,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Config,
+    store: Arc<dyn GroupStore>,
+    producer: Producer,
+    verifier: Verifier,
+    deliver_topic: String,
+}
+
+/// A group as loaded, and as the batch left it.
+struct Working {
+    group: Option<Group>,
+    loaded_members: HashSet<dak_wire::UserId>,
+    changed: bool,
+}
+
+impl GroupRouter {
+    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+        ::metrics::describe_counter!(COMMANDS, "Group commands handled, by op and result");
+        ::metrics::describe_counter!(
+            FANNED_OUT,
+            "Deliveries group-router wrote to dak.deliver, by kind"
+        );
+        let prefix = kafka.topics.group.trim_end_matches("dak.group");
+        let consumer =
+            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.group])?;
+        let shared = Arc::new(Shared {
+            config,
+            store: deps.store,
+            producer: deps.producer,
+            verifier: deps.verifier,
+            deliver_topic: kafka.topics.deliver.clone(),
+        });
+        Ok(Self { consumer, shared })
+    }
+
+    /// `GET /v1/groups/{g}`, for the public address.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/groups/{group}", get(http::group))
+            .with_state(self.shared.clone())
+    }
+
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!("group-router running");
+        let shared = &self.shared;
+        self.consumer
+            .run(BATCH, &shutdown, |batch| async move {
+                match shared.handle_batch(&batch).await {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err((batch, e)),
+                }
+            })
+            .await;
+        shared.producer.flush(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+impl Shared {
+    async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
+        let mut events = Vec::with_capacity(records.len());
+        for record in records {
+            match event::decode::<GroupEvent>(&record.payload) {
+                Ok(e) => events.push(e),
+                Err(e) => {
+                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "group").increment(1);
+                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping group event");
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+
+        let mut ids: Vec<GroupId> = Vec::new();
+        for e in &events {
+            ids.push(group_of(e)?);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let loaded = self.store.load(&ids).await?;
+        let mut groups: HashMap<GroupId, Working> = ids
+            .into_iter()
+            .zip(loaded)
+            .map(|(id, group)| {
+                let loaded_members = group
+                    .iter()
+                    .flat_map(|g| g.members.iter().map(|m| m.user.clone()))
+                    .collect();
+                let working = Working {
+                    group,
+                    loaded_members,
+                    changed: false,
+                };
+                (id, working)
+            })
+            .collect();
+
+        let mut acks = Vec::new();
+        for e in events {
+            let id = group_of(&e)?;
+            let working = groups.get_mut(&id).expect("every group was loaded");
+            let (applied, kind) = match e {
+                GroupEvent::Message(m) => {
+                    let kind = if m.ephemeral { "ephemeral" } else { "message" };
+                    (apply::message(&working.group, &id, m), kind)
+                }
+                GroupEvent::Command(c) => {
+                    let op = match c.op {
+                        dak_wire::group::GroupOp::Create { .. } => "create",
+                        dak_wire::group::GroupOp::Add { .. } => "add",
+                        dak_wire::group::GroupOp::Remove { .. } => "remove",
+                        dak_wire::group::GroupOp::Rename { .. } => "rename",
+                    };
+                    let applied = apply::command(&mut working.group, c, self.config.max_members);
+                    ::metrics::counter!(COMMANDS, "op" => op, "result" => applied.result)
+                        .increment(1);
+                    (applied, "notice")
+                }
+            };
+            working.changed |= applied.changed;
+            ::metrics::counter!(FANNED_OUT, "kind" => kind)
+                .increment(applied.deliveries.len() as u64);
+            for d in applied.deliveries {
+                let key = d.recipient.to_string();
+                let payload = event::encode(&DeliverEvent::Message(d));
+                acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
+            }
+        }
+        for result in
+            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
+        {
+            result?;
+        }
+
+        let changes: Vec<GroupChange> = groups
+            .into_values()
+            .filter(|w| w.changed)
+            .filter_map(|w| {
+                let group = w.group?;
+                let removed = w
+                    .loaded_members
+                    .into_iter()
+                    .filter(|u| group.member(u).is_none())
+                    .collect();
+                Some(GroupChange { group, removed })
+            })
+            .collect();
+        if !changes.is_empty() {
+            self.store.save(&changes).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The group an event is about. message-router only puts valid group ids on
+/// `dak.group`, so an invalid one here is a bug upstream, not bad input.
+fn group_of(e: &GroupEvent) -> anyhow::Result<GroupId> {
+    Ok(match e {
+        GroupEvent::Message(m) => GroupId::parse(m.to.as_str())?,
+        GroupEvent::Command(c) => c.group.clone(),
+    })
+}
