@@ -257,14 +257,15 @@ impl Client {
             .expect("websocket upgrade")
     }
 
-    /// Reads the replay: every message up to `sync.done`.
+    /// Reads the replay: every stored frame (messages, receipts, rejections) up
+    /// to `sync.done`.
     pub async fn replay(&mut self) -> Vec<Value> {
         let mut messages = Vec::new();
         loop {
             let frame = self.recv().await;
             match frame["type"].as_str() {
                 Some("sync.done") => return messages,
-                Some("message") => messages.push(frame),
+                Some("message" | "receipt" | "rejected") => messages.push(frame),
                 _ => panic!("unexpected frame during replay: {frame}"),
             }
         }
@@ -588,6 +589,79 @@ impl Services {
             )
             .await;
         (process, public)
+    }
+}
+
+impl Services {
+    /// Starts group-router with its SQLite store in this set's data directory;
+    /// returns the process and its groups API address.
+    pub async fn start_group_router(&self) -> (Process, SocketAddr) {
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = self.data_dir.path().display().to_string();
+        let (process, _) = self
+            .start(
+                "group-router",
+                &[
+                    ("DAK_PUBLIC_ADDR", public.to_string()),
+                    ("DAK_DATA_DIR", dir),
+                ],
+            )
+            .await;
+        (process, public)
+    }
+}
+
+/// A group call over REST as `user` (device `default`): `method` on
+/// `/v1/groups{path}` with an optional JSON body. (status, body)
+pub async fn rest_group(
+    public: SocketAddr,
+    user: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("http://{public}/v1/groups{path}");
+    let http = reqwest::Client::new();
+    let request = match method {
+        "GET" => http.get(url),
+        "POST" => http.post(url),
+        "PUT" => http.put(url),
+        "DELETE" => http.delete(url),
+        other => panic!("no such method {other}"),
+    };
+    let request = request.bearer_auth(token(user, "default"));
+    let request = match body {
+        Some(body) => request.json(&body),
+        None => request,
+    };
+    let response = request.send().await.expect("REST request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Reads frames until one of type `kind`, acking every message and receipt
+/// read on the way; returns the frames skipped and the one found.
+pub async fn until(client: &mut Client, kind: &str) -> (Vec<Value>, Value) {
+    let mut skipped = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        if let Some(mid) = ack_id(&frame) {
+            client.ack(&[&mid]).await;
+        }
+        if frame["type"] == kind {
+            return (skipped, frame);
+        }
+        skipped.push(frame);
+    }
+}
+
+/// The id a frame is acked by: a message's `mid`, a receipt's `rid`, a
+/// rejection's `mid`.
+pub fn ack_id(frame: &Value) -> Option<String> {
+    match frame["type"].as_str()? {
+        "message" | "rejected" => frame["mid"].as_str().map(str::to_owned),
+        "receipt" => frame["rid"].as_str().map(str::to_owned),
+        _ => None,
     }
 }
 
