@@ -143,6 +143,9 @@ pub(crate) struct Frame {
     pub id: Option<String>,
     #[serde(default)]
     pub mid: Option<String>,
+    /// A receipt's own id, which acks it.
+    #[serde(default)]
+    pub rid: Option<String>,
     #[serde(default)]
     pub from: Option<String>,
     #[serde(default)]

@@ -387,6 +387,13 @@ impl DeviceState<'_> {
                     frame.message.unwrap_or_default()
                 ));
             }
+            // Every acked message sends its sender a delivered receipt: acked
+            // like any delivery, not counted as one.
+            "receipt" => {
+                if let Some(rid) = frame.rid {
+                    self.acks.push(rid);
+                }
+            }
             "message" => {
                 if let Some(mid) = frame.mid {
                     self.acks.push(mid);

@@ -229,6 +229,16 @@ async fn offline_devices_are_woken_once_per_message_and_connected_ones_not_at_al
     h.store("bob", Some("watch"), &to_watch).await;
     // carol's user-level inbox: every device of hers is woken.
     h.store("carol", None, &group).await;
+    // A receipt is stored for the phone but never wakes it.
+    let receipt = Message::receipt(
+        to_phone.mid,
+        &user("bob"),
+        &user("alice"),
+        &device("phone"),
+        dak_wire::ReceiptState::Read,
+        1,
+    );
+    h.store("bob", Some("phone"), &receipt).await;
     // The user-level inbox skips a connected device as well.
     h.store("bob", None, &last).await;
 
@@ -265,6 +275,10 @@ async fn offline_devices_are_woken_once_per_message_and_connected_ones_not_at_al
     assert!(
         pushes_of(&sends, &to_watch.mid).is_empty(),
         "the watch has no token"
+    );
+    assert!(
+        pushes_of(&sends, &receipt.mid).is_empty(),
+        "receipts are never pushed"
     );
 
     let mut carol: Vec<&str> = pushes_of(&sends, &group.mid)
