@@ -150,6 +150,9 @@ pub(crate) struct Frame {
     pub from: Option<String>,
     #[serde(default)]
     pub body: Option<Probe>,
+    /// Set on a group's system notice (which has no body).
+    #[serde(default)]
+    pub system: Option<serde_json::Value>,
     #[serde(default)]
     pub code: Option<String>,
     #[serde(default)]
@@ -173,10 +176,11 @@ impl Frame {
     }
 }
 
-/// The message frame for `seq`, stamped with the time it is sent.
-pub(crate) fn message_frame(to: &str, seq: u64) -> Message {
+/// The message frame for `seq` (`chat` is `direct` or `group`), stamped with
+/// the time it is sent.
+pub(crate) fn message_frame(to: &str, chat: &str, seq: u64) -> Message {
     let text = format!(
-        r#"{{"type":"message","id":"{seq}","to":"{to}","chat":"direct","body":{{"seq":{seq},"sent_ns":{}}}}}"#,
+        r#"{{"type":"message","id":"{seq}","to":"{to}","chat":"{chat}","body":{{"seq":{seq},"sent_ns":{}}}}}"#,
         crate::measure::now_ns()
     );
     Message::Text(text.into())

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub window: usize,
     /// Per device, in open loop.
     pub period: Option<Duration>,
+    /// `direct` or `group`: what the senders' messages are.
+    pub chat: &'static str,
 }
 
 impl Shared {
@@ -52,6 +54,10 @@ impl Shared {
             errors: Errors::default(),
             window: args.window,
             period,
+            chat: match args.scenario {
+                crate::Scenario::Group => "group",
+                _ => "direct",
+            },
         }
     }
 }
@@ -272,7 +278,7 @@ pub(crate) async fn device(
             if sending && ticker.is_none() && state.outstanding.len() < shared.window {
                 let to = peer.as_deref().expect("sending has a peer");
                 while state.outstanding.len() < shared.window {
-                    ws.feed(message_frame(to, next_seq)).await?;
+                    ws.feed(message_frame(to, shared.chat, next_seq)).await?;
                     state.sent(next_seq);
                     next_seq += 1;
                 }
@@ -294,7 +300,7 @@ pub(crate) async fn device(
                 _ = tick(&mut ticker), if sending => {
                     if state.outstanding.len() < OPEN_LOOP_CAP {
                         let to = peer.as_deref().expect("sending has a peer");
-                        ws.send(message_frame(to, next_seq)).await?;
+                        ws.send(message_frame(to, shared.chat, next_seq)).await?;
                         state.sent(next_seq);
                         next_seq += 1;
                     }
@@ -399,6 +405,10 @@ impl DeviceState<'_> {
                     self.acks.push(mid);
                 }
                 let Some(probe) = frame.body else {
+                    if frame.system.is_some() {
+                        // A group's notice (its creation): acked, not counted.
+                        return;
+                    }
                     shared.errors.push(format!(
                         "device {index}: a message without a bench body from {:?}",
                         frame.from

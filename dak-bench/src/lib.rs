@@ -13,6 +13,10 @@
 //! - `offline`: the odd devices only register a push token and never connect;
 //!   the even ones send to them. Afterwards the inboxes are read back over
 //!   `GET /v1/messages` (pages of 500), which is also timed.
+//! - `group`: the devices form groups of `--group-size` (created over
+//!   `POST /v1/groups`); the first member of each group sends to it, paced or
+//!   closed loop as in `direct`, and every other member receives and acks.
+//!   Latency is send → receive at each member: the fan-out latency.
 //! - `idle`: N authenticated sockets, each until `sync.done`, held open.
 //!
 //! The tool checks what it measures: every message that was sent is accounted
@@ -26,6 +30,7 @@
 
 mod client;
 mod direct;
+mod group;
 mod idle;
 mod measure;
 mod offline;
@@ -40,7 +45,8 @@ use serde::Serialize;
 pub enum Scenario {
     /// Pairs of connected devices messaging each other.
     Direct,
-    /// Group messages (not built yet).
+    /// Groups of `--group-size` connected devices; one member of each sends to
+    /// the group.
     Group,
     /// Senders to devices that never connect; the inbox is read back over REST.
     Offline,
@@ -97,8 +103,13 @@ impl BenchArgs {
     /// Checks the options before anything connects.
     pub fn validate(&self) -> Result<(), String> {
         match self.scenario {
-            Scenario::Group => {
-                return Err("the group scenario is not available: groups are not built yet".into())
+            Scenario::Group
+                if self.group_size < 2 || !self.devices.is_multiple_of(self.group_size) =>
+            {
+                return Err(format!(
+                    "--devices ({}) must be a multiple of --group-size ({}), which must be at least 2",
+                    self.devices, self.group_size
+                ))
             }
             Scenario::Direct | Scenario::Offline
                 if self.devices < 2 || !self.devices.is_multiple_of(2) =>
@@ -261,7 +272,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         Scenario::Direct => direct::run(&args, &target).await?,
         Scenario::Offline => offline::run(&args, &target).await?,
         Scenario::Idle => idle::run(&args, &target).await?,
-        Scenario::Group => unreachable!("refused by validate"),
+        Scenario::Group => group::run(&args, &target).await?,
     };
     report.run = target.run_id.clone();
     report.devices = args.devices;
@@ -294,9 +305,23 @@ mod tests {
     }
 
     #[test]
-    fn groups_are_refused_with_a_clear_error() {
-        let err = parse(&["--scenario", "group"]).validate().unwrap_err();
-        assert!(err.contains("groups are not built yet"), "{err}");
+    fn groups_must_divide_the_devices() {
+        let group = |devices: &str, size: &str| {
+            parse(&[
+                "--scenario",
+                "group",
+                "--devices",
+                devices,
+                "--group-size",
+                size,
+            ])
+            .validate()
+        };
+        assert!(group("500", "500").is_ok());
+        assert!(group("20", "10").is_ok());
+        let err = group("25", "10").unwrap_err();
+        assert!(err.contains("multiple of --group-size"), "{err}");
+        assert!(group("4", "1").is_err());
     }
 
     #[test]
