@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs dak's six services as separate processes on this machine, against a
+# Runs dak's seven services as separate processes on this machine, against a
 # Kafka broker (Tansu) and Redis, the way a distributed deployment runs them.
-# persistence and push keep their SQLite files under deploy/data/.
+# persistence, push and group-router keep their SQLite files under deploy/data/.
 # Ctrl-C stops everything this script started. See deploy/README.md.
 #
 # Script settings (all optional):
@@ -10,8 +10,8 @@
 #   DAK_JWT_SECRET      client token secret (default: dev-secret)
 #   DAK_INTERNAL_TOKEN  token of the gateways' internal API, used by session and
 #                       persistence (default: dev-internal-token)
-#   DAK_DATA_DIR        where persistence and push keep their SQLite files
-#                       (default: deploy/data)
+#   DAK_DATA_DIR        where persistence, push and group-router keep their
+#                       SQLite files (default: deploy/data)
 #   DAK_FCM_CREDENTIALS a Google service-account file: push sends real FCM
 #                       notifications. Unset: push only logs them.
 #   DAK_BIN             run this dak binary instead of building target/release/dak
@@ -33,12 +33,14 @@ WS_PUBLIC=127.0.0.1:8080
 WS_INTERNAL=127.0.0.1:8081
 REST_PUBLIC=127.0.0.1:8082
 PERSISTENCE_PUBLIC=127.0.0.1:8083
+GROUPS_PUBLIC=127.0.0.1:8084
 ADMIN_ROUTER=127.0.0.1:9191
 ADMIN_SESSION=127.0.0.1:9192
 ADMIN_WS=127.0.0.1:9193
 ADMIN_REST=127.0.0.1:9194
 ADMIN_PERSISTENCE=127.0.0.1:9195
 ADMIN_PUSH=127.0.0.1:9196
+ADMIN_GROUPS=127.0.0.1:9197
 
 LOCAL_KAFKA_PORT=9092
 LOCAL_REDIS_PORT=6379
@@ -58,8 +60,8 @@ stop_all() {
   if [ ${#STARTED[@]} -gt 0 ]; then
     log ""
     log "stopping"
-    # Newest first: gateways before push, persistence, session and router, the
-    # broker last.
+    # Newest first: gateways before group-router, push, persistence, session
+    # and router, the broker last.
     local i entry name pid
     for (( i=${#STARTED[@]}-1; i>=0; i-- )); do
       entry=${STARTED[i]}
@@ -228,6 +230,10 @@ fi
 spawn push env DAK_ADMIN_ADDR=$ADMIN_PUSH DAK_DATA_DIR="$DATA" "$BIN" push
 wait_ready push $ADMIN_PUSH
 
+spawn group-router env DAK_ADMIN_ADDR=$ADMIN_GROUPS \
+  DAK_PUBLIC_ADDR=$GROUPS_PUBLIC DAK_DATA_DIR="$DATA" "$BIN" group-router
+wait_ready group-router $ADMIN_GROUPS
+
 spawn ws-gateway env DAK_ADMIN_ADDR=$ADMIN_WS \
   DAK_PUBLIC_ADDR=$WS_PUBLIC DAK_INTERNAL_ADDR=$WS_INTERNAL "$BIN" ws-gateway
 wait_ready ws-gateway $ADMIN_WS
@@ -237,11 +243,14 @@ wait_ready rest-gateway $ADMIN_REST
 
 cat >&2 <<EOF
 
-dak is running as six services:
+dak is running as seven services:
   ws-gateway      ws://$WS_PUBLIC/v1/ws   (internal http://$WS_INTERNAL)   admin http://$ADMIN_WS
   rest-gateway    http://$REST_PUBLIC: POST /v1/messages, POST /v1/acks,
-                  PUT /v1/devices/{device}/push-token                    admin http://$ADMIN_REST
+                  POST /v1/receipts, PUT /v1/devices/{device}/push-token,
+                  POST /v1/groups, POST|DELETE /v1/groups/{g}/members...,
+                  PUT /v1/groups/{g}/name                                admin http://$ADMIN_REST
   persistence     http://$PERSISTENCE_PUBLIC: GET /v1/messages           admin http://$ADMIN_PERSISTENCE
+  group-router    http://$GROUPS_PUBLIC: GET /v1/groups/{g}         admin http://$ADMIN_GROUPS
   push            notifications: $PUSH_MODE
                                                                           admin http://$ADMIN_PUSH
   message-router                                                          admin http://$ADMIN_ROUTER
@@ -255,6 +264,9 @@ Connect:
   curl -s -X POST http://$REST_PUBLIC/v1/messages -H "Authorization: Bearer \$ALICE" \\
     -d '{"messages":[{"id":"c-1","to":"bob","body":{"text":"hi"}}]}'
   curl -s -H "Authorization: Bearer \$BOB" 'http://$PERSISTENCE_PUBLIC/v1/messages?limit=100'
+  curl -s -X POST http://$REST_PUBLIC/v1/groups -H "Authorization: Bearer \$ALICE" \\
+    -d '{"id":"team-7","name":"Team 7","members":["bob"]}'
+  curl -s -H "Authorization: Bearer \$BOB" http://$GROUPS_PUBLIC/v1/groups/team-7
 
 Data: $DATA/. Logs: $LOGS/. Ctrl-C stops everything this script started.
 EOF

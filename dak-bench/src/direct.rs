@@ -182,14 +182,28 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
         lost,
         duplicates,
     } = tally;
-    let histogram = shared.delivery.merged();
     report.scenario = "direct".into();
     report.delivered = delivered;
     report.lost = lost;
     report.duplicates = duplicates;
+    finish(&mut report, args, &shared, &outcomes, elapsed, "delivery");
+    Ok(report)
+}
+
+/// The receiving side of a report: order, rate, the latency histogram (which
+/// `latency` names), connections, gateway memory and errors.
+pub(crate) fn finish(
+    report: &mut Report,
+    args: &BenchArgs,
+    shared: &Shared,
+    outcomes: &[Outcome],
+    elapsed: Duration,
+    latency: &str,
+) {
+    let histogram = shared.delivery.merged();
     report.out_of_order = outcomes.iter().map(|o| o.out_of_order).sum();
-    report.delivered_per_s = delivered as f64 / elapsed.as_secs_f64();
-    report.latency = Some("delivery".into());
+    report.delivered_per_s = report.delivered as f64 / elapsed.as_secs_f64();
+    report.latency = Some(latency.into());
     report.p50_ms = quantile_ms(&histogram, 0.5);
     report.p99_ms = quantile_ms(&histogram, 0.99);
     report.p999_ms = quantile_ms(&histogram, 0.999);
@@ -197,7 +211,6 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     report.connections = Some(outcomes.len() as u64);
     report.gateway_rss_bytes = args.gateway_pid.and_then(crate::rss_bytes);
     report.errors = shared.errors.take();
-    Ok(report)
 }
 
 /// Lets the devices send for `--duration`, then waits (up to the drain

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::client::{ack_frame, Frame, Target, Ws};
-use crate::direct::{account, connect_all, device, drive, Phase, Shared, Tally};
-use crate::measure::{max_ms, quantile_ms, Counters, Progress};
+use crate::direct::{account, connect_all, device, drive, finish, Phase, Shared, Tally};
+use crate::measure::{Counters, Progress};
 use crate::{BenchArgs, Report};
 
 /// How long a member waits for its group's `created` notice.
@@ -98,21 +98,11 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
             tally.add(&sender.accepted, &member.received);
         }
     }
-    let histogram = shared.delivery.merged();
     report.scenario = "group".into();
     report.delivered = tally.delivered;
     report.lost = tally.lost;
     report.duplicates = tally.duplicates;
-    report.out_of_order = outcomes.iter().map(|o| o.out_of_order).sum();
-    report.delivered_per_s = tally.delivered as f64 / elapsed.as_secs_f64();
-    report.latency = Some("fan-out".into());
-    report.p50_ms = quantile_ms(&histogram, 0.5);
-    report.p99_ms = quantile_ms(&histogram, 0.99);
-    report.p999_ms = quantile_ms(&histogram, 0.999);
-    report.max_ms = max_ms(&histogram);
-    report.connections = Some(outcomes.len() as u64);
-    report.gateway_rss_bytes = args.gateway_pid.and_then(crate::rss_bytes);
-    report.errors = shared.errors.take();
+    finish(&mut report, args, &shared, &outcomes, elapsed, "fan-out");
     Ok(report)
 }
 

@@ -107,18 +107,8 @@ impl Ingress {
         request: GroupRequest,
     ) -> Result<Pending, IngressError> {
         let GroupRequest { id, group, op } = request;
-        self.submit_once(from, id, |id, mid, ts| {
-            InboundEvent::Group(GroupCommand {
-                mid,
-                id,
-                from: from.user.clone(),
-                from_device: from.device.clone(),
-                group,
-                op,
-                ts,
-            })
-        })
-        .await
+        self.submit_once(from, id, group_command(from, group, op))
+            .await
     }
 
     /// Queues a group command that carries no client id (a REST call): it gets a
@@ -132,17 +122,8 @@ impl Ingress {
     ) -> Result<Pending, IngressError> {
         let mid = self.next_mid();
         let id = ClientId::parse(mid.to_string()).expect("a mid is a valid client id");
-        self.enqueue(from, &id, mid, None, |id, mid, ts| {
-            InboundEvent::Group(GroupCommand {
-                mid,
-                id,
-                from: from.user.clone(),
-                from_device: from.device.clone(),
-                group,
-                op,
-                ts,
-            })
-        })
+        let ts = mid.timestamp_ms();
+        self.enqueue(from, &id, (mid, ts), false, group_command(from, group, op))
     }
 
     /// Queues a read receipt. Its mid follows from what it reports, so sending it
@@ -161,7 +142,9 @@ impl Ingress {
             crate::now_ms(),
         );
         let id = request.id.clone().unwrap_or_else(|| message.id.clone());
-        self.enqueue(from, &id, message.mid, None, |_, _, _| {
+        // The receipt's mid carries the reported message's time; its ts is now.
+        let (mid, ts) = (message.mid, message.ts);
+        self.enqueue(from, &id, (mid, ts), false, |_, _, _| {
             InboundEvent::Message(message)
         })
     }
@@ -200,7 +183,7 @@ impl Ingress {
         let fresh = self.next_mid();
         let fresh_ts = fresh.timestamp_ms();
         match self.dedup.reserve(&from.user, &id, fresh, fresh_ts).await? {
-            Reservation::New => self.enqueue(from, &id, fresh, Some(fresh_ts), build),
+            Reservation::New => self.enqueue(from, &id, (fresh, fresh_ts), true, build),
             Reservation::Existing { mid, ts, confirmed } => {
                 ::metrics::counter!(metrics::DUPLICATES).increment(1);
                 tracing::debug!(%mid, %id, confirmed, "outbox retry");
@@ -212,24 +195,23 @@ impl Ingress {
                         dedup: None,
                     })
                 } else {
-                    self.enqueue(from, &id, mid, Some(ts), build)
+                    self.enqueue(from, &id, (mid, ts), true, build)
                 }
             }
         }
     }
 
-    /// Queues the event for `mid` on `dak.inbound`, keyed by the sender. With a
-    /// `reserved` ts the mid came from the dedup store and is confirmed there
-    /// once Kafka has it; without one, the mid's own time is the ts.
+    /// Queues the event for `mid`, accepted at `ts`, on `dak.inbound`, keyed by
+    /// the sender. A `reserved` mid came from the dedup store and is confirmed
+    /// there once Kafka has it.
     fn enqueue(
         &self,
         from: &Identity,
         id: &ClientId,
-        mid: Mid,
-        reserved: Option<u64>,
+        (mid, ts): (Mid, u64),
+        reserved: bool,
         build: impl FnOnce(ClientId, Mid, u64) -> InboundEvent,
     ) -> Result<Pending, IngressError> {
-        let ts = reserved.unwrap_or_else(|| mid.timestamp_ms());
         let payload = event::encode(&build(id.clone(), mid, ts));
         let delivery = self
             .producer
@@ -242,7 +224,7 @@ impl Ingress {
             },
             from: from.clone(),
             delivery: Some(delivery),
-            dedup: reserved.map(|_| self.dedup.clone()),
+            dedup: reserved.then(|| self.dedup.clone()),
         })
     }
 
@@ -283,6 +265,25 @@ impl Ingress {
                 .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
         kafka::acknowledged(delivery).await?;
         Ok(())
+    }
+}
+
+/// Builds the `dak.inbound` event of a group command once its mid is known.
+fn group_command(
+    from: &Identity,
+    group: dak_wire::GroupId,
+    op: dak_wire::group::GroupOp,
+) -> impl FnOnce(ClientId, Mid, u64) -> InboundEvent + '_ {
+    move |id, mid, ts| {
+        InboundEvent::Group(GroupCommand {
+            mid,
+            id,
+            from: from.user.clone(),
+            from_device: from.device.clone(),
+            group,
+            op,
+            ts,
+        })
     }
 }
 

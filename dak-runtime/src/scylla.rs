@@ -50,3 +50,39 @@ pub async fn connect(
         },
     }
 }
+
+/// For the ScyllaDB contract tests: runs `test` with the nodes of
+/// `DAK_SCYLLA_NODES` and a fresh keyspace name, then drops the keyspace, even
+/// when the test panicked (the panic is passed on). Without `DAK_SCYLLA_NODES`
+/// it says that `name` was skipped and returns.
+pub async fn with_test_keyspace<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(Vec<String>, String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Some(nodes) = std::env::var("DAK_SCYLLA_NODES")
+        .ok()
+        .and_then(|list| crate::config::scylla_nodes(&list))
+    else {
+        eprintln!(
+            "skipped {name}: DAK_SCYLLA_NODES is not set; \
+             set it to a ScyllaDB cluster (comma-separated host:port) to run it"
+        );
+        return;
+    };
+    let keyspace = format!("dak_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+    // In a task of its own, so that the keyspace is dropped even when it fails.
+    let outcome = tokio::spawn(test(nodes.clone(), keyspace.clone())).await;
+    let session = SessionBuilder::new()
+        .known_nodes(&nodes)
+        .build()
+        .await
+        .expect("connect to DAK_SCYLLA_NODES");
+    session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+        .await
+        .expect("drop the test keyspace");
+    if let Err(failed) = outcome {
+        std::panic::resume_unwind(failed.into_panic());
+    }
+}

@@ -597,37 +597,16 @@ async fn sqlite_deleting_a_group_leaves_no_row_behind() {
     );
 }
 
-/// The cluster named by `DAK_SCYLLA_NODES` (comma-separated `host:port`), if any.
-fn scylla_nodes() -> Option<Vec<String>> {
-    dak_runtime::config::scylla_nodes(&std::env::var("DAK_SCYLLA_NODES").ok()?)
-}
-
 #[tokio::test]
 async fn scylla_groups_keep_the_contract() {
-    let Some(nodes) = scylla_nodes() else {
-        eprintln!(
-            "skipped scylla_groups_keep_the_contract: DAK_SCYLLA_NODES is not set; \
-             set it to a ScyllaDB cluster (comma-separated host:port) to run it"
-        );
-        return;
-    };
-    let keyspace = format!("dak_test_{}", ulid::Ulid::new().to_string().to_lowercase());
-    let store = ScyllaGroups::connect(&nodes, &keyspace, 1)
-        .await
-        .expect("connect to DAK_SCYLLA_NODES and create the keyspace");
-    let unique = ulid::Ulid::new().to_string().to_lowercase();
-    // In a task of its own, so that the keyspace is dropped even when it fails.
-    let outcome = tokio::spawn(async move { contract(&store, &unique).await }).await;
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(&nodes)
-        .build()
-        .await
-        .expect("connect to DAK_SCYLLA_NODES");
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
-        .await
-        .expect("drop the test keyspace");
-    if let Err(failed) = outcome {
-        std::panic::resume_unwind(failed.into_panic());
-    }
+    dak_runtime::scylla::with_test_keyspace(
+        "scylla_groups_keep_the_contract",
+        |nodes, keyspace| async move {
+            let store = ScyllaGroups::connect(&nodes, &keyspace, 1)
+                .await
+                .expect("connect to DAK_SCYLLA_NODES and create the keyspace");
+            contract(&store, &ulid::Ulid::new().to_string().to_lowercase()).await;
+        },
+    )
+    .await;
 }
