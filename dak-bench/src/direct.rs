@@ -285,6 +285,7 @@ pub(crate) async fn device(
         t
     });
     let mut next_seq = 0u64;
+    let mut ack_due: Option<tokio::time::Instant> = None;
     let result: anyhow::Result<()> = async {
         loop {
             let sending = peer.is_some() && *phase.borrow() == Phase::Sending;
@@ -305,10 +306,19 @@ pub(crate) async fn device(
                     while let Some(next) = ws.next().now_or_never() {
                         state.on_message(next)?;
                     }
-                    for batch in std::mem::take(&mut state.acks).chunks(500) {
-                        ws.feed(ack_frame(batch)).await?;
+                    // Like an app, ack in batches: at once when a batch is full,
+                    // else within ACK_DELAY, so that a device flooded with small
+                    // reads (a group's sender getting every member's receipt)
+                    // does not spend its frame budget on tiny acks.
+                    if state.acks.len() >= ACK_BATCH {
+                        flush_acks(&mut ws, &mut state.acks).await?;
+                    } else if !state.acks.is_empty() && ack_due.is_none() {
+                        ack_due = Some(tokio::time::Instant::now() + ACK_DELAY);
                     }
-                    ws.flush().await?;
+                }
+                _ = until(ack_due) => {
+                    ack_due = None;
+                    flush_acks(&mut ws, &mut state.acks).await?;
                 }
                 _ = tick(&mut ticker), if sending => {
                     if state.outstanding.len() < OPEN_LOOP_CAP {
@@ -334,6 +344,27 @@ pub(crate) async fn device(
         Err(e) => shared.errors.push(format!("device {index}: {e:#}")),
     }
     state.outcome
+}
+
+/// Most mids per ack frame.
+const ACK_BATCH: usize = 500;
+
+/// Longest an ack waits for more to fill its batch.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+async fn flush_acks(ws: &mut Ws, acks: &mut Vec<String>) -> anyhow::Result<()> {
+    for batch in std::mem::take(acks).chunks(ACK_BATCH) {
+        ws.feed(ack_frame(batch)).await?;
+    }
+    ws.flush().await?;
+    Ok(())
+}
+
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn tick(ticker: &mut Option<tokio::time::Interval>) {
