@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod bench;
+mod group_services;
 mod groups;
 mod in_process;
 mod offline;

@@ -730,6 +730,15 @@ async fn converse(client: &mut Client, me: &str, peer: &str, n: usize) {
                     "accepted twice: {frame}"
                 );
             }
+            // The peer's acks come back as delivered receipts.
+            Some("receipt") => {
+                assert_eq!(
+                    (frame["by"].as_str(), frame["state"].as_str()),
+                    (Some(peer), Some("delivered")),
+                    "{frame}"
+                );
+                client.ack(&[frame["rid"].as_str().unwrap()]).await;
+            }
             Some("message") => {
                 assert_eq!(frame["from"], peer);
                 assert_eq!(frame["to"], me);
