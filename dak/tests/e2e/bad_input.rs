@@ -113,7 +113,7 @@ async fn bad_frames_get_errors_and_disturb_nothing() {
     assert_eq!(frame["mid"], accepted["mid"]);
     assert_eq!(frame["from"], "alice", "the server sets `from`");
     bob.ack(&[frame["mid"].as_str().unwrap()]).await;
-    assert!(bob.recv_within(Duration::from_millis(500)).await.is_none());
+    assert!(bob.next_within(Duration::from_millis(500)).await.is_none());
     stack.stop().await;
 }
 

@@ -118,7 +118,7 @@ async fn an_unacked_message_is_retried_then_offlined_and_a_late_ack_is_forwarded
         other => panic!("expected a store event, got {other:?}"),
     }
     // No fourth send.
-    assert!(bob.recv_within(Duration::from_millis(900)).await.is_none());
+    assert!(bob.next_within(Duration::from_millis(900)).await.is_none());
     assert_eq!(stack.metric("dak_messages_retried_total").await, 2.0);
 
     // The ack that comes too late is forwarded so storage can drop the message.

@@ -54,7 +54,7 @@ async fn an_offline_device_finds_500_messages_in_its_inbox_syncs_them_and_gets_t
     let frame = bob.expect("message").await;
     assert_eq!(frame["body"]["seq"], 500);
     bob.ack(&[frame["mid"].as_str().unwrap()]).await;
-    assert!(bob.recv_within(Duration::from_millis(500)).await.is_none());
+    assert!(bob.next_within(Duration::from_millis(500)).await.is_none());
     stack.stop().await;
 }
 
@@ -98,7 +98,7 @@ async fn messages_arriving_during_a_replay_are_not_lost_duplicated_or_reordered(
         "sync.done came after {sync_done_at} messages, before the stored ones"
     );
     assert!(
-        bob.recv_within(Duration::from_millis(500)).await.is_none(),
+        bob.next_within(Duration::from_millis(500)).await.is_none(),
         "a duplicate arrived"
     );
     stack.stop().await;
@@ -146,7 +146,7 @@ async fn two_devices_of_one_user_get_and_ack_independently() {
     tablet.ack(&mids).await;
     wait_for_inbox(stack.public, "bob", "tablet", 0).await;
     assert!(phone
-        .recv_within(Duration::from_millis(300))
+        .next_within(Duration::from_millis(300))
         .await
         .is_none());
     stack.stop().await;

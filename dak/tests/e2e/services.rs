@@ -43,7 +43,7 @@ async fn separate_services_deliver_in_order_with_rest_and_dedup() {
     assert_eq!(frame["body"], "via REST");
     bob.ack(&[frame["mid"].as_str().unwrap()]).await;
     assert!(
-        bob.recv_within(Duration::from_secs(2)).await.is_none(),
+        bob.next_within(Duration::from_secs(2)).await.is_none(),
         "delivered twice"
     );
 
@@ -152,7 +152,7 @@ async fn killing_session_mid_delivery_loses_nothing() {
     // 45 s. The wait is bounded by that protocol, not by a guess.
     let mut bob = Client::connect_raw(public, &token("bob", "phone")).await;
     let first = bob
-        .recv_within(Duration::from_secs(120))
+        .next_within(Duration::from_secs(120))
         .await
         .expect("sync.done after the failover");
     assert_eq!(first["type"], "sync.done", "{first}");
@@ -167,7 +167,7 @@ async fn killing_session_mid_delivery_loses_nothing() {
             "lost {} messages",
             sent.difference(&received).count()
         );
-        if let Some(frame) = bob.recv_within(Duration::from_secs(1)).await {
+        if let Some(frame) = bob.next_within(Duration::from_secs(1)).await {
             let mid = frame["mid"].as_str().unwrap().to_owned();
             bob.ack(&[&mid]).await;
             received.insert(mid);

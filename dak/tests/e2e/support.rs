@@ -338,11 +338,36 @@ impl Client {
         }
     }
 
-    /// The next frame, which must be of type `kind`.
+    /// Like [`Client::recv_within`], but acks and passes over delivered
+    /// receipts: for tests about messages, which every ack answers with a
+    /// receipt to the sender.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = self.recv_within(wait).await?;
+            if frame["type"] != "receipt" {
+                return Some(frame);
+            }
+            self.ack(&[frame["rid"].as_str().expect("a receipt has a rid")])
+                .await;
+        }
+    }
+
+    /// The next frame, which must be of type `kind`. Delivered receipts (which
+    /// every acked message sends back to its sender) are acked and passed over
+    /// unless a receipt is what the caller waits for.
     pub async fn expect(&mut self, kind: &str) -> Value {
-        let frame = self.recv().await;
-        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
-        frame
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "receipt" && kind != "receipt" {
+                self.ack(&[frame["rid"].as_str().expect("a receipt has a rid")])
+                    .await;
+                continue;
+            }
+            assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+            return frame;
+        }
     }
 
     /// Waits for the server to close the socket, returning the close code.
