@@ -147,22 +147,15 @@ impl Core {
         let mut ephemeral = Vec::new();
         for d in deliveries {
             let devices = &routes[&d.recipient];
-            // A sender's own other devices get a user's message; the device it
-            // came from does not. Notices go to every device.
+            // A sender's own other devices get what it wrote (typing included);
+            // the device it came from does not. Notices go to every device.
+            let written = matches!(d.message.notice, None | Some(dak_wire::Notice::Typing));
             let from_here = |route: &DeviceRoute| {
-                d.message.notice.is_none()
-                    && d.recipient == d.message.from
-                    && route.device == d.message.from_device
+                written && d.recipient == d.message.from && route.device == d.message.from_device
             };
             if d.message.ephemeral {
                 // Connected devices only: sent once, never held, retried or stored.
-                for route in devices {
-                    if from_here(route)
-                        || matches!(d.message.notice, Some(dak_wire::Notice::Typing))
-                            && d.recipient == d.message.from
-                    {
-                        continue;
-                    }
+                for route in devices.iter().filter(|r| !from_here(r)) {
                     if let Some((url, connection)) = route.live_socket() {
                         ephemeral.push(Send {
                             pending: Pending {
