@@ -161,7 +161,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
             watching.clone(),
         ));
     }
-    let sending = drive(args, &shared, &phase, |c| {
+    let sending = drive(args, &shared, &phase, args.devices, |c| {
         Counters::get(&c.delivered) >= Counters::get(&c.accepted)
     })
     .await;
@@ -214,12 +214,13 @@ pub(crate) fn finish(
 }
 
 /// Lets the devices send for `--duration`, then waits (up to the drain
-/// timeout) until every message is answered and `settled` holds, then ends
-/// the run. Returns how long sending lasted.
+/// timeout) until all `devices` stopped sending, every message is answered
+/// and `settled` holds, then ends the run. Returns how long sending lasted.
 pub(crate) async fn drive(
     args: &BenchArgs,
     shared: &Shared,
     phase: &watch::Sender<Phase>,
+    devices: usize,
     settled: impl Fn(&Counters) -> bool,
 ) -> Duration {
     let start = Instant::now();
@@ -228,7 +229,12 @@ pub(crate) async fn drive(
     let sending = start.elapsed();
     let deadline = Instant::now() + args.drain_timeout;
     let counters = &shared.counters;
-    while Instant::now() < deadline && !(counters.unanswered() == 0 && settled(counters)) {
+    // A device may be sending its last message as the phase changes: the
+    // counts are final only once every device saw the change.
+    let done = |c: &Counters| {
+        Counters::get(&c.stopped) >= devices as u64 && c.unanswered() == 0 && settled(c)
+    };
+    while Instant::now() < deadline && !done(counters) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     phase.send_replace(Phase::Done);
@@ -286,9 +292,14 @@ pub(crate) async fn device(
     });
     let mut next_seq = 0u64;
     let mut ack_due: Option<tokio::time::Instant> = None;
+    let mut stopped = false;
     let result: anyhow::Result<()> = async {
         loop {
             let sending = peer.is_some() && *phase.borrow() == Phase::Sending;
+            if !stopped && *phase.borrow() != Phase::Sending {
+                stopped = true;
+                Counters::add(&shared.counters.stopped, 1);
+            }
             if sending && ticker.is_none() && state.outstanding.len() < shared.window {
                 let to = peer.as_deref().expect("sending has a peer");
                 while state.outstanding.len() < shared.window {
@@ -337,6 +348,9 @@ pub(crate) async fn device(
         }
     }
     .await;
+    if !stopped {
+        Counters::add(&shared.counters.stopped, 1);
+    }
     match result {
         Ok(()) => {
             let _ = ws.close(None).await;

@@ -80,7 +80,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
         ));
     }
     let fan_out = (size - 1) as u64;
-    let sending = drive(args, &shared, &phase, |c| {
+    let sending = drive(args, &shared, &phase, args.devices, |c| {
         Counters::get(&c.delivered) >= Counters::get(&c.accepted) * fan_out
     })
     .await;

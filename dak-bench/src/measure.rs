@@ -25,6 +25,8 @@ pub(crate) struct Counters {
     /// First copies received (or found).
     pub delivered: AtomicU64,
     pub connected: AtomicU64,
+    /// Device tasks that stopped sending (or ended) once sending was over.
+    pub stopped: AtomicU64,
 }
 
 impl Counters {

@@ -81,7 +81,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
             watching.clone(),
         ));
     }
-    let sending = drive(args, &shared, &phase, |_| true).await;
+    let sending = drive(args, &shared, &phase, senders.len(), |_| true).await;
     let mut outcomes = Vec::with_capacity(senders.len());
     while let Some(outcome) = devices.join_next().await {
         outcomes.push(outcome?);
