@@ -133,7 +133,11 @@ impl Shared {
     async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(records.len());
         for record in records {
-            match event::decode::<GroupEvent>(&record.payload) {
+            // An event that cannot be read, or names no valid group, is skipped:
+            // failing the batch would stall the partition on it for good.
+            let decoded =
+                event::decode::<GroupEvent>(&record.payload).and_then(|e| Ok((group_of(&e)?, e)));
+            match decoded {
                 Ok(e) => events.push(e),
                 Err(e) => {
                     ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "group").increment(1);
@@ -145,10 +149,7 @@ impl Shared {
             return Ok(());
         }
 
-        let mut ids: Vec<GroupId> = Vec::new();
-        for e in &events {
-            ids.push(group_of(e)?);
-        }
+        let mut ids: Vec<GroupId> = events.iter().map(|(id, _)| id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
         let loaded = self.store.load(&ids).await?;
@@ -170,8 +171,7 @@ impl Shared {
             .collect();
 
         let mut acks = Vec::new();
-        for e in events {
-            let id = group_of(&e)?;
+        for (id, e) in events {
             let working = groups.get_mut(&id).expect("every group was loaded");
             let (applied, kind) = match e {
                 GroupEvent::Message(m) => {
@@ -227,8 +227,8 @@ impl Shared {
 }
 
 /// The group an event is about. message-router only puts valid group ids on
-/// `dak.group`, so an invalid one here is a bug upstream, not bad input.
-fn group_of(e: &GroupEvent) -> anyhow::Result<GroupId> {
+/// `dak.group`; an invalid one here came from elsewhere.
+fn group_of(e: &GroupEvent) -> Result<GroupId, dak_wire::WireError> {
     Ok(match e {
         GroupEvent::Message(m) => GroupId::parse(m.to.as_str())?,
         GroupEvent::Command(c) => c.group.clone(),
