@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -109,9 +110,14 @@ impl Target {
             "authorization",
             format!("Bearer {}", self.token(i)).parse()?,
         );
-        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .context("websocket upgrade")?;
+        // A small read buffer: tungstenite zero-fills all of it on every read,
+        // and the default 128 KiB per socket would cap how many sockets one
+        // generator holds.
+        let config = WebSocketConfig::default().read_buffer_size(4096);
+        let (mut ws, _) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                .await
+                .context("websocket upgrade")?;
         let mut replayed = Vec::new();
         let deadline = tokio::time::Instant::now() + SYNC_PATIENCE;
         loop {

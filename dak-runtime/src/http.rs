@@ -3,6 +3,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use dak_wire::{ErrorCode, WireError};
 use tokio::net::TcpListener;
@@ -15,6 +16,13 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let router = router.layer(axum::middleware::map_response(json_body_limit));
+    // Without TCP_NODELAY a small write that follows another (a frame after a
+    // frame on a socket) waits for the peer's delayed ACK: up to 40 ms.
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::registry::Handle;
 use crate::Shared;
 
+/// Bytes a socket reads at once (see [`upgrade`]).
+const READ_BUFFER: usize = 4096;
+
 #[derive(Deserialize)]
 pub(crate) struct TokenQuery {
     access_token: Option<String>,
@@ -61,7 +64,11 @@ pub(crate) async fn upgrade(
     // Frames above the configured limit are read and refused with `too_large` so the
     // connection survives; only frames past this hard cap end it.
     let hard_cap = (shared.config.limits.max_frame_bytes * 2).max(1 << 20);
-    ws.max_message_size(hard_cap)
+    // tungstenite zero-fills its read buffer on every read: the default 128 KiB
+    // costs a memset per frame and, held by every socket, most of the
+    // gateway's memory. Larger frames are read over several reads.
+    ws.read_buffer_size(READ_BUFFER)
+        .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| serve(shared, identity, socket))
 }
