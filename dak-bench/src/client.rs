@@ -152,6 +152,9 @@ pub(crate) struct Frame {
     /// A receipt's own id, which acks it.
     #[serde(default)]
     pub rid: Option<String>,
+    /// A receipt's state: `delivered` or `read`.
+    #[serde(default)]
+    pub state: Option<String>,
     #[serde(default)]
     pub from: Option<String>,
     #[serde(default)]

@@ -4,7 +4,7 @@
 //! what it needs to account for every message: the seqs it got `accepted` for,
 //! and how often it received each seq from its peer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -277,6 +277,8 @@ pub(crate) async fn device(
             ..Outcome::default()
         },
         outstanding: HashMap::new(),
+        undelivered: HashSet::new(),
+        delivered_early: HashSet::new(),
         acks: Vec::new(),
         max_seen: None,
     };
@@ -300,9 +302,9 @@ pub(crate) async fn device(
                 stopped = true;
                 Counters::add(&shared.counters.stopped, 1);
             }
-            if sending && ticker.is_none() && state.outstanding.len() < shared.window {
+            if sending && ticker.is_none() && state.in_window() < shared.window {
                 let to = peer.as_deref().expect("sending has a peer");
-                while state.outstanding.len() < shared.window {
+                while state.in_window() < shared.window {
                     ws.feed(message_frame(to, shared.chat, next_seq)).await?;
                     state.sent(next_seq);
                     next_seq += 1;
@@ -395,11 +397,26 @@ struct DeviceState<'a> {
     outcome: Outcome,
     /// Seq → when it was sent, until answered.
     outstanding: HashMap<u64, Instant>,
+    /// Mids accepted but not yet confirmed by a `delivered` receipt (direct
+    /// closed loop only).
+    undelivered: HashSet<String>,
+    /// Mids whose `delivered` receipt came before their `accepted`.
+    delivered_early: HashSet<String>,
     acks: Vec<String>,
     max_seen: Option<u64>,
 }
 
 impl DeviceState<'_> {
+    /// What counts against the closed-loop window.
+    fn in_window(&self) -> usize {
+        self.outstanding.len() + self.undelivered.len()
+    }
+
+    /// Whether a message stays in the window until it is delivered.
+    fn awaits_delivery(&self) -> bool {
+        self.shared.period.is_none() && self.shared.chat == "direct"
+    }
+
     fn sent(&mut self, seq: u64) {
         self.outstanding.insert(seq, Instant::now());
         self.outcome.sent += 1;
@@ -434,6 +451,11 @@ impl DeviceState<'_> {
                     return;
                 };
                 if let Some(sent) = self.outstanding.remove(&seq) {
+                    if let Some(mid) = frame.mid.filter(|_| self.awaits_delivery()) {
+                        if !self.delivered_early.remove(&mid) {
+                            self.undelivered.insert(mid);
+                        }
+                    }
                     shared.accept.record(index, sent.elapsed());
                     self.outcome.accepted.push(seq);
                     Counters::add(&shared.counters.accepted, 1);
@@ -456,6 +478,14 @@ impl DeviceState<'_> {
             "receipt" => {
                 if let Some(rid) = frame.rid {
                     self.acks.push(rid);
+                }
+                if frame.state.as_deref() == Some("delivered") && self.awaits_delivery() {
+                    if let Some(mid) = frame.mid {
+                        // A receipt that overtook its `accepted` settles it early.
+                        if !self.undelivered.remove(&mid) {
+                            self.delivered_early.insert(mid);
+                        }
+                    }
                 }
             }
             "message" => {

@@ -7,7 +7,7 @@
 //!
 //! Scenarios ([`Scenario`]):
 //! - `direct`: devices in pairs (device `i` talks to device `i^1`) send messages
-//!   to each other, closed loop (at most `--window` unaccepted per device) or
+//!   to each other, closed loop (at most `--window` undelivered per device) or
 //!   paced to `--rate` messages/s in total; receivers ack everything. Latency is
 //!   send → receive, from the send timestamp in the message body.
 //! - `offline`: the odd devices only register a push token and never connect;
@@ -73,7 +73,10 @@ pub struct BenchArgs {
     /// accepts them (closed loop, `--window` per device).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Messages one device may have sent but not yet seen `accepted` for.
+    /// Closed loop: messages one device may have in the pipeline. In `direct`
+    /// a message leaves the window when its `delivered` receipt arrives (the
+    /// peer received and acked it), so the loop runs at the rate dak delivers;
+    /// in `group` it leaves when it is `accepted`.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
     /// How long to send (or, for `idle`, to hold the sockets).

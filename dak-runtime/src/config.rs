@@ -31,20 +31,22 @@ pub struct KafkaArgs {
     /// Prepended to every topic name, e.g. `staging.` gives `staging.dak.inbound`.
     #[arg(long, env = "DAK_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
-    /// Partitions of each topic created at start-up.
-    #[arg(long, env = "DAK_KAFKA_PARTITIONS", default_value_t = 12)]
-    pub partitions: i32,
+    /// Partitions of each topic created at start-up [default: 12; 1 on the
+    /// embedded cluster, whose one process gains nothing from more].
+    #[arg(long, env = "DAK_KAFKA_PARTITIONS")]
+    pub partitions: Option<i32>,
     /// Replication factor of each topic created at start-up.
     #[arg(long, env = "DAK_KAFKA_REPLICATION", default_value_t = 1)]
     pub replication: i32,
-    /// Producer `linger.ms`: how long records wait to be batched.
-    #[arg(long, env = "DAK_KAFKA_LINGER_MS", default_value_t = 2)]
-    pub linger_ms: u32,
+    /// Producer `linger.ms`: how long records wait to be batched [default: 1].
+    #[arg(long, env = "DAK_KAFKA_LINGER_MS")]
+    pub linger_ms: Option<u32>,
     /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker for
-    /// new records. Brokers answer as soon as records arrive; the embedded mock
-    /// cluster waits it out, so it bounds each hop's latency there.
-    #[arg(long, env = "DAK_KAFKA_FETCH_WAIT_MS", default_value_t = 10)]
-    pub fetch_wait_ms: u32,
+    /// new records [default: 10; 2 on the embedded cluster]. Kafka brokers answer as
+    /// soon as records arrive; the embedded mock cluster waits it out, so there
+    /// it bounds each hop's latency, and a lower value costs idle CPU.
+    #[arg(long, env = "DAK_KAFKA_FETCH_WAIT_MS")]
+    pub fetch_wait_ms: Option<u32>,
     /// Consumer `session.timeout.ms`: how long a consumer that died without
     /// leaving its group (a crashed instance) keeps its partitions before the
     /// group hands them to the survivors.

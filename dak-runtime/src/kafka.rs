@@ -69,15 +69,29 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Settings for a Kafka cluster: what `args` sets, or the defaults.
     pub fn new(brokers: String, args: &KafkaArgs) -> Self {
         Self {
             brokers,
             topics: Topics::with_prefix(&args.topic_prefix),
-            partitions: args.partitions,
+            partitions: args.partitions.unwrap_or(12),
             replication: args.replication,
-            linger_ms: args.linger_ms,
-            fetch_wait_ms: args.fetch_wait_ms,
+            linger_ms: args.linger_ms.unwrap_or(1),
+            fetch_wait_ms: args.fetch_wait_ms.unwrap_or(10),
             session_timeout_ms: args.session_timeout_ms,
+        }
+    }
+
+    /// Settings for the embedded mock cluster, which lives in the one process
+    /// that uses it: one partition per topic (consumers there fetch every
+    /// partition in one loop anyway, and each partition costs the mock a
+    /// search per fetch), and short fetch waits, since the mock does not
+    /// answer a waiting fetch when records arrive.
+    pub fn embedded(brokers: String, args: &KafkaArgs) -> Self {
+        Self {
+            partitions: args.partitions.unwrap_or(1),
+            fetch_wait_ms: args.fetch_wait_ms.unwrap_or(2),
+            ..Self::new(brokers, args)
         }
     }
 

@@ -17,6 +17,18 @@ pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
+pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
+
+/// Records how long ago the message accepted at `accepted_ms` was accepted, as
+/// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
+/// `fanned_out` (group-router took it off `dak.group`), `session` (session
+/// took it off `dak.deliver`) and `sent` (its gateway wrote it to the socket).
+/// The stages show where a slow delivery spends its time. Across machines the
+/// figures include the clocks' skew.
+pub fn message_age(stage: &'static str, accepted_ms: u64) {
+    let age = crate::now_ms().saturating_sub(accepted_ms) as f64 / 1000.0;
+    ::metrics::histogram!(MESSAGE_AGE, "stage" => stage).record(age);
+}
 
 pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -57,6 +69,11 @@ pub(crate) fn describe() {
         ACK_LATENCY,
         Unit::Seconds,
         "from the first send to the device's ack"
+    );
+    describe_histogram!(
+        MESSAGE_AGE,
+        Unit::Seconds,
+        "time since the message was accepted, at each stage of its way to a socket"
     );
     describe_gauge!(
         CONNECTED_DEVICES,

@@ -240,7 +240,7 @@ async fn kafka(
         }
         Bus::FromArgs => Arc::new(EmbeddedKafka::start()?),
     };
-    let kafka = KafkaConfig::new(embedded.brokers().to_owned(), args);
+    let kafka = KafkaConfig::embedded(embedded.brokers().to_owned(), args);
     embedded.create_topics(&kafka.topics, kafka.partitions)?;
     Ok((kafka, Some(embedded)))
 }

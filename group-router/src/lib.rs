@@ -175,6 +175,7 @@ impl Shared {
             let working = groups.get_mut(&id).expect("every group was loaded");
             let (applied, kind) = match e {
                 GroupEvent::Message(m) => {
+                    dak_runtime::metrics::message_age("fanned_out", m.ts);
                     let kind = if m.ephemeral { "ephemeral" } else { "message" };
                     (apply::message(&working.group, &id, m), kind)
                 }

@@ -81,7 +81,10 @@ impl MessageRouter {
             match route(&record.payload) {
                 Route::Deliver { key, event } => {
                     let kind = match &event {
-                        DeliverEvent::Message(_) => "message",
+                        DeliverEvent::Message(d) => {
+                            metrics::message_age("routed", d.message.ts);
+                            "message"
+                        }
                         DeliverEvent::Ack(_) => "ack",
                         DeliverEvent::Connected(_) => "connected",
                         DeliverEvent::Replayed(_) => "replayed",

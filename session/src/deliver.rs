@@ -111,7 +111,10 @@ impl Core {
         let mut acks = Vec::new();
         for record in records {
             match event::decode::<DeliverEvent>(&record.payload) {
-                Ok(DeliverEvent::Message(d)) => messages.push(d),
+                Ok(DeliverEvent::Message(d)) => {
+                    metrics::message_age("session", d.message.ts);
+                    messages.push(d);
+                }
                 Ok(DeliverEvent::Ack(a)) => acks.push(a),
                 Ok(DeliverEvent::Connected(c)) => {
                     self.deliver(std::mem::take(&mut messages)).await?;
@@ -241,7 +244,10 @@ impl Core {
         let mut gone = Vec::new();
         for (p, outcome) in self.send(to_send).await {
             match outcome {
-                SendOutcome::Sent => ::metrics::counter!(metrics::DELIVERED).increment(1),
+                SendOutcome::Sent => {
+                    ::metrics::counter!(metrics::DELIVERED).increment(1);
+                    metrics::message_age("sent", p.message.ts);
+                }
                 // The retry loop sends it again when the deadline passes.
                 SendOutcome::Busy => {}
                 SendOutcome::NotConnected => {

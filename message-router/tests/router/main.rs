@@ -34,10 +34,10 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
     let args = KafkaArgs {
         brokers: None,
         topic_prefix: format!("r{}.", ulid::Ulid::new()),
-        partitions: 4,
+        partitions: Some(4),
         replication: 1,
-        linger_ms: 1,
-        fetch_wait_ms: 10,
+        linger_ms: Some(1),
+        fetch_wait_ms: Some(10),
         session_timeout_ms: 10_000,
     };
     let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);

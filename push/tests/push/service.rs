@@ -59,10 +59,10 @@ impl Harness {
         let args = KafkaArgs {
             brokers: None,
             topic_prefix: format!("p{}.", ulid::Ulid::new()),
-            partitions: 2,
+            partitions: Some(2),
             replication: 1,
-            linger_ms: 1,
-            fetch_wait_ms: 10,
+            linger_ms: Some(1),
+            fetch_wait_ms: Some(10),
             session_timeout_ms: 10_000,
         };
         let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
