@@ -129,7 +129,7 @@ pub(crate) async fn connect_all(
 
 pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
     let shared = Arc::new(Shared::new(args, args.devices));
-    let _progress = Progress::start(shared.counters.clone(), "direct");
+    let _progress = Progress::start(shared.counters.clone(), "direct", args.duration);
     let sockets = connect_all(
         target,
         (0..args.devices).collect(),
@@ -187,6 +187,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     report.lost = lost;
     report.duplicates = duplicates;
     finish(&mut report, args, &shared, &outcomes, elapsed, "delivery");
+    crate::plot::write(&mut report, args, &target.run_id, &shared.delivery);
     Ok(report)
 }
 
@@ -224,6 +225,10 @@ pub(crate) async fn drive(
     settled: impl Fn(&Counters) -> bool,
 ) -> Duration {
     let start = Instant::now();
+    // The progress bar and the per-second latencies count from here.
+    shared.counters.start_sending(start);
+    shared.delivery.start_clock(start);
+    shared.accept.start_clock(start);
     tokio::time::sleep(args.duration).await;
     phase.send_replace(Phase::Draining);
     let sending = start.elapsed();

@@ -26,7 +26,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     let size = args.group_size;
     let groups = args.devices / size;
     let shared = Arc::new(Shared::new(args, groups));
-    let _progress = Progress::start(shared.counters.clone(), "group");
+    let _progress = Progress::start(shared.counters.clone(), "group", args.duration);
     let mut sockets = connect_all(
         target,
         (0..args.devices).collect(),
@@ -103,6 +103,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     report.lost = tally.lost;
     report.duplicates = tally.duplicates;
     finish(&mut report, args, &shared, &outcomes, elapsed, "fan-out");
+    crate::plot::write(&mut report, args, &target.run_id, &shared.delivery);
     Ok(report)
 }
 

@@ -17,7 +17,7 @@ use crate::{BenchArgs, Report};
 pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
     let counters = Arc::new(Counters::default());
     let errors = Arc::new(Errors::default());
-    let _progress = Progress::start(counters.clone(), "idle");
+    let _progress = Progress::start(counters.clone(), "idle", args.duration);
     let start = Instant::now();
     let sockets = connect_all(
         target,
@@ -28,6 +28,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     )
     .await;
     let connect_time = start.elapsed();
+    counters.start_sending(Instant::now());
     let connections = sockets.len() as u64;
 
     let (done, watching) = watch::channel(false);

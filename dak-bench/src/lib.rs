@@ -25,8 +25,11 @@
 //! number per sender. Each run uses fresh user ids (`bench-<run>-u<i>`), so a
 //! previous run's leftovers in the server's inbox never blur the numbers.
 //!
-//! Progress goes to stderr once a second; [`Report`] is the result, printed by
-//! the `dak` binary as a human summary (stderr) and one JSON line (stdout).
+//! Progress goes to stderr: a bar redrawn in place on a terminal, else a line a
+//! second. [`Report`] is the result, printed by the `dak` binary as a human
+//! summary (stderr) and one JSON line (stdout). Runs that measure latency also
+//! leave two SVG plots in `--plot-dir`: percentiles per second, and a
+//! histogram.
 
 mod client;
 mod direct;
@@ -34,7 +37,9 @@ mod group;
 mod idle;
 mod measure;
 mod offline;
+mod plot;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -100,6 +105,13 @@ pub struct BenchArgs {
     /// Connections opened at once while connecting.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Where to write the latency plots (`dak-bench-<scenario>-<run>-latency.svg`
+    /// and `-histogram.svg`); created if missing.
+    #[arg(long, default_value = ".")]
+    pub plot_dir: PathBuf,
+    /// Write no plots.
+    #[arg(long)]
+    pub no_plot: bool,
 }
 
 impl BenchArgs {
@@ -188,8 +200,11 @@ pub struct Report {
     pub connect_per_s: Option<f64>,
     /// The gateway's VmRSS at the end, when `--gateway-pid` was given.
     pub gateway_rss_bytes: Option<u64>,
-    /// The first few errors seen (refused connections, closed sockets, error frames).
+    /// The first few errors seen (refused connections, closed sockets, error
+    /// frames, plots that could not be written).
     pub errors: Vec<String>,
+    /// The SVG plots written (`--plot-dir`).
+    pub plots: Vec<String>,
 }
 
 impl Report {
@@ -252,6 +267,9 @@ impl Report {
         }
         if let Some(rss) = self.gateway_rss_bytes {
             s += &format!("  gateway RSS: {:.1} MiB\n", rss as f64 / (1024.0 * 1024.0));
+        }
+        for plot in &self.plots {
+            s += &format!("  plot: {plot}\n");
         }
         for e in &self.errors {
             s += &format!("  error: {e}\n");
@@ -356,6 +374,7 @@ mod tests {
             "p999_ms",
             "connections",
             "gateway_rss_bytes",
+            "plots",
         ] {
             assert!(json.get(field).is_some(), "{field} missing from {json}");
         }

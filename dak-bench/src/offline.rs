@@ -40,7 +40,7 @@ struct Inbox {
 pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
     let senders: Vec<usize> = (0..args.devices).step_by(2).collect();
     let shared = Arc::new(Shared::new(args, senders.len()));
-    let _progress = Progress::start(shared.counters.clone(), "offline");
+    let _progress = Progress::start(shared.counters.clone(), "offline", args.duration);
 
     let registrations = futures_util::stream::iter(senders.iter().map(|i| i ^ 1))
         .map(|r| register(target, r))
@@ -160,6 +160,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     report.connections = Some(outcomes.len() as u64);
     report.gateway_rss_bytes = args.gateway_pid.and_then(crate::rss_bytes);
     report.errors = shared.errors.take();
+    crate::plot::write(&mut report, args, &target.run_id, &shared.accept);
     Ok(report)
 }
 

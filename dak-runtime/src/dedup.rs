@@ -39,10 +39,19 @@ pub trait Dedup: Send + Sync + 'static {
 }
 
 /// The in-process dedup map of `dak up`, expiring entries after the TTL.
+///
+/// It holds every (sender, client id) of the last TTL, so it grows large under
+/// load; it is split into shards by sender so that no lock is held for long
+/// when a map doubles its capacity (one map of a million entries stalled every
+/// accept for tens of milliseconds when it grew).
 pub struct MemoryDedup {
     ttl: Duration,
-    state: Mutex<MemoryState>,
+    shards: Vec<Mutex<MemoryState>>,
+    hasher: std::hash::RandomState,
 }
+
+/// Shards of [`MemoryDedup`].
+const DEDUP_SHARDS: usize = 64;
 
 #[derive(Default)]
 struct MemoryState {
@@ -54,8 +63,15 @@ impl MemoryDedup {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            state: Mutex::default(),
+            shards: (0..DEDUP_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
         }
+    }
+
+    fn shard(&self, from: &UserId) -> std::sync::MutexGuard<'_, MemoryState> {
+        use std::hash::BuildHasher;
+        let index = self.hasher.hash_one(from) as usize % DEDUP_SHARDS;
+        self.shards[index].lock().expect("dedup lock")
     }
 }
 
@@ -68,7 +84,7 @@ impl Dedup for MemoryDedup {
         mid: Mid,
         ts: u64,
     ) -> StoreResult<Reservation> {
-        let mut state = self.state.lock().expect("dedup lock");
+        let mut state = self.shard(from);
         let now = Instant::now();
         while state.expiry.front().is_some_and(|(at, _)| *at <= now) {
             let (_, key) = state.expiry.pop_front().expect("front exists");
@@ -84,7 +100,7 @@ impl Dedup for MemoryDedup {
     }
 
     async fn confirm(&self, from: &UserId, id: &ClientId, mid: Mid, ts: u64) -> StoreResult<()> {
-        let mut state = self.state.lock().expect("dedup lock");
+        let mut state = self.shard(from);
         if let Some(entry) = state.entries.get_mut(&(from.clone(), id.clone())) {
             *entry = (mid, ts, true);
         }

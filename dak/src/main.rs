@@ -2,6 +2,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: dak allocates per message at
+/// every hop, and glibc's malloc and free were a fifth of its CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// dak: a Kafka-backed chat delivery pipeline.
 #[derive(Parser)]
 #[command(name = "dak", version)]
