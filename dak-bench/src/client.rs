@@ -62,9 +62,13 @@ impl Target {
         } else {
             format!("{host}:{port}")
         };
+        let http_base = match &args.rest_url {
+            Some(rest) => rest.trim_end_matches('/').to_owned(),
+            None => format!("http://{authority}"),
+        };
         Ok(Self {
             run_id: ulid::Ulid::new().to_string()[20..].to_lowercase(),
-            http_base: format!("http://{authority}"),
+            http_base,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()?,

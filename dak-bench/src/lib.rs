@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Base URL of dak's public API; the WebSocket URL is derived from it.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Base URL of the REST calls (`POST /v1/groups`, `GET /v1/messages`,
+    /// `POST /v1/acks`, push tokens) when they are served apart from the
+    /// WebSocket, as by separate services; default: `--url`.
+    #[arg(long)]
+    pub rest_url: Option<String>,
     /// The server's HS256 secret, to mint a token per simulated device.
     #[arg(long, env = "DAK_JWT_SECRET", hide_env_values = true)]
     pub secret: String,

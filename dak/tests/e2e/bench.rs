@@ -18,6 +18,8 @@ fn args(stack: &Stack, scenario: Scenario, devices: usize, duration: Duration) -
         .expect("bench arguments parse")
         .bench;
     args.url = format!("http://{}", stack.public);
+    // The plots go next to the stack's data, not into the source tree.
+    args.plot_dir = stack.data_dir().join("plots");
     args.scenario = scenario;
     args.devices = devices;
     args.duration = duration;
@@ -46,6 +48,11 @@ async fn bench_accounts_for_every_message_it_sends() {
     assert!(direct.p99_ms <= direct.p999_ms && direct.p999_ms <= direct.max_ms);
     assert_eq!(direct.connections, Some(10));
     assert!(!direct.failed());
+    assert_eq!(direct.plots.len(), 2, "{}", direct.json());
+    let svg = |path: &str| std::fs::read_to_string(path).expect("the plot was written");
+    let (over_time, histogram) = (svg(&direct.plots[0]), svg(&direct.plots[1]));
+    assert_eq!(over_time.matches("<polyline").count(), 3, "{over_time}");
+    assert!(histogram.contains(r#"class="bar""#), "{histogram}");
 
     let offline = dak_bench::run(args(&stack, Scenario::Offline, 4, Duration::from_secs(2)))
         .await

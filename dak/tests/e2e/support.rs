@@ -102,13 +102,18 @@ pub struct Stack {
     pub admin: SocketAddr,
     pub brokers: String,
     pub topic_prefix: String,
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
     shutdown: Shutdown,
     supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _metrics: MetricsGuard,
 }
 
 impl Stack {
+    /// The stack's data directory, removed with the stack.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data_dir.path()
+    }
+
     pub async fn start(options: Options) -> Stack {
         let guard = MetricsGuard::Shared(metrics_lock().read_owned().await);
         Self::start_with(options, guard).await
@@ -181,7 +186,7 @@ impl Stack {
             admin: running.admin_addr,
             brokers: running.kafka.brokers.clone(),
             topic_prefix,
-            _data_dir: data_dir,
+            data_dir,
             shutdown,
             supervisor: Some(supervisor),
             _metrics: guard,
