@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub period: Option<Duration>,
     /// `direct` or `group`: what the senders' messages are.
     pub chat: &'static str,
+    /// Closed loop over delivery: a message stays in the window until its
+    /// `delivered` receipt arrives (see [`crate::BenchArgs::window`]).
+    pub awaits_delivery: bool,
 }
 
 impl Shared {
@@ -58,6 +61,8 @@ impl Shared {
                 crate::Scenario::Group => "group",
                 _ => "direct",
             },
+            // Only `direct` peers are online to send `delivered` receipts back.
+            awaits_delivery: args.rate == 0 && args.scenario == crate::Scenario::Direct,
         }
     }
 }
@@ -417,9 +422,8 @@ impl DeviceState<'_> {
         self.outstanding.len() + self.undelivered.len()
     }
 
-    /// Whether a message stays in the window until it is delivered.
     fn awaits_delivery(&self) -> bool {
-        self.shared.period.is_none() && self.shared.chat == "direct"
+        self.shared.awaits_delivery
     }
 
     fn sent(&mut self, seq: u64) {
@@ -533,7 +537,28 @@ impl DeviceState<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::Tally;
+    use super::{Shared, Tally};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: crate::BenchArgs,
+    }
+
+    fn shared(args: &[&str]) -> Shared {
+        let cli = Cli::try_parse_from(["bench", "--secret", "s"].iter().chain(args)).unwrap();
+        Shared::new(&cli.bench, 10)
+    }
+
+    #[test]
+    fn only_a_direct_closed_loop_waits_for_delivered_receipts() {
+        assert!(shared(&["--scenario", "direct"]).awaits_delivery);
+        // Paced, offline (no receiver acks) and group runs count `accepted`.
+        assert!(!shared(&["--scenario", "direct", "--rate", "100"]).awaits_delivery);
+        assert!(!shared(&["--scenario", "offline"]).awaits_delivery);
+        assert!(!shared(&["--scenario", "group", "--devices", "20"]).awaits_delivery);
+    }
 
     #[test]
     fn a_missing_message_is_lost_and_a_second_copy_is_a_duplicate() {

@@ -86,7 +86,7 @@ pub struct BenchArgs {
     /// Closed loop: messages one device may have in the pipeline. In `direct`
     /// a message leaves the window when its `delivered` receipt arrives (the
     /// peer received and acked it), so the loop runs at the rate dak delivers;
-    /// in `group` it leaves when it is `accepted`.
+    /// in `group` and `offline` it leaves when it is `accepted`.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
     /// How long to send (or, for `idle`, to hold the sockets).

@@ -40,23 +40,44 @@ fn batch(next: &AtomicU64, size: u64, user: &UserId, device: &DeviceId) -> Vec<S
         .collect()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+/// An empty inbox in a temporary directory, and what the benchmarks need
+/// to fill it.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    inbox: SqliteInbox,
+    rt: tokio::runtime::Runtime,
+    next: AtomicU64,
+    user: UserId,
+    device: DeviceId,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            inbox: SqliteInbox::open(&dir.path().join("inbox.db")).unwrap(),
+            _dir: dir,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            next: AtomicU64::new(0),
+            user: UserId::parse("bob").unwrap(),
+            device: DeviceId::parse("tablet").unwrap(),
+        }
+    }
 }
 
 #[divan::bench(args = [1, 100, 500])]
 fn store_batch(bencher: divan::Bencher, size: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let inbox = SqliteInbox::open(&dir.path().join("inbox.db")).unwrap();
-    let rt = runtime();
-    let next = AtomicU64::new(0);
-    let (user, device) = (
-        UserId::parse("bob").unwrap(),
-        DeviceId::parse("tablet").unwrap(),
-    );
+    let Fixture {
+        _dir,
+        inbox,
+        rt,
+        next,
+        user,
+        device,
+    } = Fixture::new();
     bencher
         .with_inputs(|| batch(&next, size, &user, &device))
         .bench_local_values(|items| rt.block_on(inbox.store(&items)).unwrap());
@@ -64,14 +85,14 @@ fn store_batch(bencher: divan::Bencher, size: u64) {
 
 #[divan::bench]
 fn sync_page_of_500(bencher: divan::Bencher) {
-    let dir = tempfile::tempdir().unwrap();
-    let inbox = SqliteInbox::open(&dir.path().join("inbox.db")).unwrap();
-    let rt = runtime();
-    let next = AtomicU64::new(0);
-    let (user, device) = (
-        UserId::parse("bob").unwrap(),
-        DeviceId::parse("tablet").unwrap(),
-    );
+    let Fixture {
+        _dir,
+        inbox,
+        rt,
+        next,
+        user,
+        device,
+    } = Fixture::new();
     for _ in 0..4 {
         rt.block_on(inbox.store(&batch(&next, 500, &user, &device)))
             .unwrap();
