@@ -183,7 +183,10 @@ fn build_librdkafka() {
 
     let out_dir = env::var("OUT_DIR").expect("OUT_DIR missing");
 
-    if !Path::new(&out_dir).join("LICENSE").exists() {
+    // dak: copy every time the build script runs (not only into an empty
+    // OUT_DIR), so that a change to the vendored C reaches an existing build
+    // directory. `cp -a` keeps the mtimes, so make rebuilds only what changed.
+    {
         // We're not allowed to build in-tree directly, as ~/.cargo/registry is
         // globally shared. mklove doesn't support out-of-tree builds [0], so we
         // work around the issue by creating a clone of librdkafka inside of

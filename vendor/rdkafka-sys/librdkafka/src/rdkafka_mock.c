@@ -92,6 +92,25 @@ static void rd_kafka_mock_msgset_destroy(rd_kafka_mock_partition_t *mpart,
 
 
 /**
+ * @brief dak: whether every consumer group that committed an offset on the
+ *        partition has committed past \p mset. Without any commit nothing
+ *        counts as consumed.
+ */
+static rd_bool_t
+rd_kafka_mock_msgset_consumed(const rd_kafka_mock_partition_t *mpart,
+                              const rd_kafka_mock_msgset_t *mset) {
+        const rd_kafka_mock_committed_offset_t *coff;
+        rd_bool_t any = rd_false;
+
+        TAILQ_FOREACH(coff, &mpart->committed_offsets, link) {
+                if (coff->offset <= mset->last_offset)
+                        return rd_false;
+                any = rd_true;
+        }
+        return any;
+}
+
+/**
  * @brief Create a new msgset object with a copy of \p bytes
  *        and appends it to the partition log.
  */
@@ -135,9 +154,14 @@ rd_kafka_mock_msgset_new(rd_kafka_mock_partition_t *mpart,
         memcpy(((char *)mset->bytes.data) + 12, &PartitionLeaderEpoch,
                sizeof(PartitionLeaderEpoch));
 
-        /* Remove old msgsets until within limits */
+        /* Remove old msgsets until within limits.
+         * dak: but none that a consumer group has not committed past: the
+         * log is the only copy of an accepted message until it is handled. */
         while (mpart->cnt > 1 &&
-               (mpart->cnt > mpart->max_cnt || mpart->size > mpart->max_size))
+               (mpart->cnt > mpart->max_cnt ||
+                mpart->size > mpart->max_size) &&
+               rd_kafka_mock_msgset_consumed(mpart,
+                                             TAILQ_FIRST(&mpart->msgsets)))
                 rd_kafka_mock_msgset_destroy(mpart,
                                              TAILQ_FIRST(&mpart->msgsets));
 
@@ -621,9 +645,10 @@ static void rd_kafka_mock_partition_init(rd_kafka_mock_topic_t *mtopic,
 
         TAILQ_INIT(&mpart->msgsets);
 
-        /* dak: the log is the only copy of an accepted message until its
-         * consumer has handled it; 5 MB (the original limit) is a few seconds
-         * of load, past which a lagging consumer lost records. */
+        /* dak: how much consumed log to keep; records no group has
+         * committed past are kept whatever the size (see
+         * rd_kafka_mock_msgset_consumed). 5 MB, the original limit, is a few
+         * seconds of load. */
         mpart->max_size = 1024 * 1024 * 64;
         mpart->max_cnt  = 1000000;
 
