@@ -171,11 +171,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     })
     .await;
     let elapsed = start.elapsed();
-    let mut outcomes = Vec::with_capacity(args.devices);
-    while let Some(outcome) = devices.join_next().await {
-        outcomes.push(outcome?);
-    }
-    outcomes.sort_by_key(|o| o.index);
+    let outcomes = join_outcomes(devices).await?;
 
     let mut report = account(&shared, &outcomes, sending);
     let mut tally = Tally::default();
@@ -194,6 +190,16 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     finish(&mut report, args, &shared, &outcomes, elapsed, "delivery");
     crate::plot::write(&mut report, args, &target.run_id, &shared.delivery);
     Ok(report)
+}
+
+/// Waits for every device task; their outcomes in device order.
+pub(crate) async fn join_outcomes(mut devices: JoinSet<Outcome>) -> anyhow::Result<Vec<Outcome>> {
+    let mut outcomes = Vec::with_capacity(devices.len());
+    while let Some(outcome) = devices.join_next().await {
+        outcomes.push(outcome?);
+    }
+    outcomes.sort_by_key(|o| o.index);
+    Ok(outcomes)
 }
 
 /// The receiving side of a report: order, rate, the latency histogram (which
@@ -422,10 +428,6 @@ impl DeviceState<'_> {
         self.outstanding.len() + self.undelivered.len()
     }
 
-    fn awaits_delivery(&self) -> bool {
-        self.shared.awaits_delivery
-    }
-
     fn sent(&mut self, seq: u64) {
         self.outstanding.insert(seq, Instant::now());
         self.outcome.sent += 1;
@@ -460,7 +462,7 @@ impl DeviceState<'_> {
                     return;
                 };
                 if let Some(sent) = self.outstanding.remove(&seq) {
-                    if let Some(mid) = frame.mid.filter(|_| self.awaits_delivery()) {
+                    if let Some(mid) = frame.mid.filter(|_| self.shared.awaits_delivery) {
                         if !self.delivered_early.remove(&mid) {
                             self.undelivered.insert(mid);
                         }
@@ -488,7 +490,7 @@ impl DeviceState<'_> {
                 if let Some(rid) = frame.rid {
                     self.acks.push(rid);
                 }
-                if frame.state.as_deref() == Some("delivered") && self.awaits_delivery() {
+                if frame.state.as_deref() == Some("delivered") && self.shared.awaits_delivery {
                     if let Some(mid) = frame.mid {
                         // A receipt that overtook its `accepted` settles it early.
                         if !self.undelivered.remove(&mid) {

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::client::{ack_frame, Frame, Target, Ws};
-use crate::direct::{account, connect_all, device, drive, finish, Phase, Shared, Tally};
+use crate::direct::{
+    account, connect_all, device, drive, finish, join_outcomes, Phase, Shared, Tally,
+};
 use crate::measure::{Counters, Progress};
 use crate::{BenchArgs, Report};
 
@@ -85,11 +87,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     })
     .await;
     let elapsed = start.elapsed();
-    let mut outcomes = Vec::with_capacity(args.devices);
-    while let Some(outcome) = devices.join_next().await {
-        outcomes.push(outcome?);
-    }
-    outcomes.sort_by_key(|o| o.index);
+    let outcomes = join_outcomes(devices).await?;
 
     let mut report = account(&shared, &outcomes, sending);
     let mut tally = Tally::default();

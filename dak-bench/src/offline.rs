@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::client::{Frame, Target, DEVICE};
-use crate::direct::{account, connect_all, device, drive, Phase, Shared, Tally};
+use crate::direct::{account, connect_all, device, drive, join_outcomes, Phase, Shared, Tally};
 use crate::measure::{max_ms, quantile_ms, Counters, Latency, Progress};
 use crate::{BenchArgs, Report};
 
@@ -82,11 +82,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
         ));
     }
     let sending = drive(args, &shared, &phase, senders.len(), |_| true).await;
-    let mut outcomes = Vec::with_capacity(senders.len());
-    while let Some(outcome) = devices.join_next().await {
-        outcomes.push(outcome?);
-    }
-    outcomes.sort_by_key(|o| o.index);
+    let outcomes = join_outcomes(devices).await?;
     let mut report = account(&shared, &outcomes, sending);
 
     // Read every inbox back until it holds what its sender got accepted.

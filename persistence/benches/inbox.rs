@@ -43,6 +43,7 @@ fn batch(next: &AtomicU64, size: u64, user: &UserId, device: &DeviceId) -> Vec<S
 /// An empty inbox in a temporary directory, and what the benchmarks need
 /// to fill it.
 struct Fixture {
+    /// Holds the inbox's directory until the benchmark ends.
     _dir: tempfile::TempDir,
     inbox: SqliteInbox,
     rt: tokio::runtime::Runtime,
@@ -70,37 +71,23 @@ impl Fixture {
 
 #[divan::bench(args = [1, 100, 500])]
 fn store_batch(bencher: divan::Bencher, size: u64) {
-    let Fixture {
-        _dir,
-        inbox,
-        rt,
-        next,
-        user,
-        device,
-    } = Fixture::new();
+    let f = Fixture::new();
     bencher
-        .with_inputs(|| batch(&next, size, &user, &device))
-        .bench_local_values(|items| rt.block_on(inbox.store(&items)).unwrap());
+        .with_inputs(|| batch(&f.next, size, &f.user, &f.device))
+        .bench_local_values(|items| f.rt.block_on(f.inbox.store(&items)).unwrap());
 }
 
 #[divan::bench]
 fn sync_page_of_500(bencher: divan::Bencher) {
-    let Fixture {
-        _dir,
-        inbox,
-        rt,
-        next,
-        user,
-        device,
-    } = Fixture::new();
+    let f = Fixture::new();
     for _ in 0..4 {
-        rt.block_on(inbox.store(&batch(&next, 500, &user, &device)))
+        f.rt.block_on(f.inbox.store(&batch(&f.next, 500, &f.user, &f.device)))
             .unwrap();
     }
     bencher.bench_local(|| {
-        let page = rt
-            .block_on(inbox.page(&user, &device, None, 500, TS))
-            .unwrap();
+        let page =
+            f.rt.block_on(f.inbox.page(&f.user, &f.device, None, 500, TS))
+                .unwrap();
         assert_eq!(page.len(), 500);
         page
     });
