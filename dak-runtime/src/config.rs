@@ -81,15 +81,29 @@ pub struct ScyllaArgs {
     /// Keyspace, created with its tables at start-up if missing.
     #[arg(long, env = "DAK_SCYLLA_KEYSPACE", default_value = "dak")]
     pub scylla_keyspace: String,
-    /// Replication factor of a keyspace created at start-up.
+    /// Replication factor of a keyspace created at start-up
+    /// (NetworkTopologyStrategy, the same in every datacenter).
     #[arg(long, env = "DAK_SCYLLA_REPLICATION", default_value_t = 1)]
     pub scylla_replication: u32,
+    /// The whole `WITH` clause of a keyspace created at start-up, instead of
+    /// the one `DAK_SCYLLA_REPLICATION` makes, e.g. `replication = {'class':
+    /// 'NetworkTopologyStrategy', 'dc1': 3} AND tablets = {'enabled': false}`.
+    #[arg(long, env = "DAK_SCYLLA_KEYSPACE_WITH")]
+    pub scylla_keyspace_with: Option<String>,
 }
 
 impl ScyllaArgs {
     /// The configured nodes, if ScyllaDB is in use.
     pub fn nodes(&self) -> Option<Vec<String>> {
         scylla_nodes(self.scylla_nodes.as_deref()?)
+    }
+
+    /// How a missing keyspace is created.
+    pub fn keyspace_options(&self) -> crate::scylla::KeyspaceOptions {
+        crate::scylla::KeyspaceOptions {
+            replication_factor: self.scylla_replication,
+            with: self.scylla_keyspace_with.clone(),
+        }
     }
 }
 

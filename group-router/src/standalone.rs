@@ -47,7 +47,7 @@ pub async fn open_store(
 ) -> anyhow::Result<Arc<dyn GroupStore>> {
     if let Some(nodes) = scylla.nodes() {
         let store =
-            ScyllaGroups::connect(&nodes, &scylla.scylla_keyspace, scylla.scylla_replication)
+            ScyllaGroups::connect(&nodes, &scylla.scylla_keyspace, &scylla.keyspace_options())
                 .await?;
         return Ok(Arc::new(store));
     }

@@ -108,6 +108,10 @@ const INDEX_GRACE_SECS: i64 = 7 * 24 * 3600;
 /// ScyllaDB refuses a TTL over 20 years.
 const MAX_TTL_SECS: i64 = 630_720_000;
 
+/// Apache Cassandra (before its 5.0 storage format is in force) refuses a TTL
+/// whose expiry passes this second, 2038-01-19T03:14:06Z (CASSANDRA-14092).
+const MAX_EXPIRY_SECS: i64 = i32::MAX as i64 - 1;
+
 /// Requests in flight at once within one call.
 const CONCURRENCY: usize = 32;
 
@@ -155,15 +159,14 @@ struct MessageRow<'a> {
 
 impl ScyllaInbox {
     /// Connects to the cluster through `nodes` (`host:port`), creates the
-    /// keyspace (NetworkTopologyStrategy with `replication_factor` in every
-    /// datacenter, tablets disabled) and the tables if missing, and prepares
+    /// keyspace (as `options` say) and the tables if missing, and prepares
     /// every statement.
     pub async fn connect(
         nodes: &[String],
         keyspace: &str,
-        replication_factor: u32,
+        options: &dak_runtime::scylla::KeyspaceOptions,
     ) -> Result<Self, InboxError> {
-        let session = dak_runtime::scylla::connect(nodes, keyspace, replication_factor)
+        let session = dak_runtime::scylla::connect(nodes, keyspace, options)
             .await
             .map_err(InboxError::Scylla)?;
         for table in SCHEMA {
@@ -1007,13 +1010,14 @@ fn saturating_i64(ms: u64) -> i64 {
 }
 
 /// Seconds from `now_ms` to `until_ms` (none if past), plus `grace_secs`, within
-/// what ScyllaDB accepts: at least 1 (0 would mean no TTL at all).
+/// what both ScyllaDB and Cassandra accept: at least 1 (0 would mean no TTL at
+/// all), at most 20 years, and ending before 2038-01-19.
 fn ttl_secs(until_ms: i64, now_ms: u64, grace_secs: i64) -> i32 {
-    let remaining_ms = until_ms.saturating_sub(saturating_i64(now_ms)).max(0);
+    let now_ms = saturating_i64(now_ms);
+    let remaining_ms = until_ms.saturating_sub(now_ms).max(0);
     let remaining_secs = remaining_ms.div_euclid(1000) + i64::from(remaining_ms % 1000 != 0);
-    remaining_secs
-        .saturating_add(grace_secs)
-        .clamp(1, MAX_TTL_SECS) as i32
+    let max = MAX_TTL_SECS.min(MAX_EXPIRY_SECS - now_ms.div_euclid(1000));
+    remaining_secs.saturating_add(grace_secs).min(max).max(1) as i32
 }
 
 #[cfg(test)]
@@ -1035,6 +1039,13 @@ mod tests {
             "already past: the grace alone"
         );
         assert_eq!(ttl_secs(i64::MAX, 0, 3600), MAX_TTL_SECS as i32);
+        let december_2026_ms: u64 = 1_795_000_000_000;
+        assert_eq!(
+            i64::from(ttl_secs(i64::MAX, december_2026_ms, 3600))
+                + (december_2026_ms / 1000) as i64,
+            MAX_EXPIRY_SECS,
+            "never past what Cassandra can store"
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl DataArgs {
     pub async fn open_inbox(&self, scylla: &ScyllaArgs) -> anyhow::Result<Arc<dyn Inbox>> {
         if let Some(nodes) = scylla.nodes() {
             let inbox =
-                ScyllaInbox::connect(&nodes, &scylla.scylla_keyspace, scylla.scylla_replication)
+                ScyllaInbox::connect(&nodes, &scylla.scylla_keyspace, &scylla.keyspace_options())
                     .await?;
             return Ok(Arc::new(inbox));
         }

@@ -76,15 +76,14 @@ struct Applied {
 
 impl ScyllaTokens {
     /// Connects to the cluster through `nodes` (`host:port`), creates the
-    /// keyspace (NetworkTopologyStrategy with `replication_factor` in every
-    /// datacenter, tablets disabled) and the tables if missing, and prepares
+    /// keyspace (as `options` say) and the tables if missing, and prepares
     /// every statement.
     pub async fn connect(
         nodes: &[String],
         keyspace: &str,
-        replication_factor: u32,
+        options: &dak_runtime::scylla::KeyspaceOptions,
     ) -> TokenResult<Self> {
-        let session = dak_runtime::scylla::connect(nodes, keyspace, replication_factor)
+        let session = dak_runtime::scylla::connect(nodes, keyspace, options)
             .await
             .map_err(TokenStoreError::Scylla)?;
         for table in SCHEMA {

@@ -38,7 +38,7 @@ pub async fn open_tokens(
 ) -> anyhow::Result<Arc<dyn PushTokens>> {
     if let Some(nodes) = scylla.nodes() {
         let tokens =
-            ScyllaTokens::connect(&nodes, &scylla.scylla_keyspace, scylla.scylla_replication)
+            ScyllaTokens::connect(&nodes, &scylla.scylla_keyspace, &scylla.keyspace_options())
                 .await?;
         return Ok(Arc::new(tokens));
     }

@@ -1,4 +1,4 @@
-//! Groups with each service in its own process, against a Tansu broker and
+//! Groups with each service in its own process, against Apache Kafka and
 //! Redis: a 200-member group with half its members online, and group commands
 //! queued while group-router is down.
 
@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::support::{
-    register_device, rest_group, tansu, token, wait_for_inbox, Client, Services, PATIENCE,
+    kafka, register_device, rest_group, token, wait_for_inbox, Client, Services, PATIENCE,
 };
 
 /// A replacement group-router gets `dak.group` once the killed instance's
@@ -190,7 +190,7 @@ async fn a_200_member_group_with_half_online_on_separate_services() {
     const FROM_A: u64 = 20;
     const FROM_B: u64 = 5;
     let started = std::time::Instant::now();
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(&brokers, &[("DAK_WS_RATE_LIMIT", "0")]);
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
@@ -574,7 +574,7 @@ async fn group_commands_sent_while_group_router_is_down_apply_in_order_when_it_r
     const GROUP: &str = "crew";
     const RENAMED: &str = "Crew, renamed";
     let started = std::time::Instant::now();
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(
         &brokers,
         &[

@@ -3,10 +3,11 @@
 //!
 //! `in_process` runs `dak up`'s wiring on librdkafka's mock cluster (with the
 //! in-process stores and with Redis); `services` runs each service as its own
-//! process against a Tansu broker and Redis.
+//! process against Apache Kafka and Redis.
 
 mod bad_input;
 mod bench;
+mod faults;
 mod group_services;
 mod groups;
 mod in_process;

@@ -1,4 +1,4 @@
-//! Each service in its own process, against a Tansu broker and Redis.
+//! Each service in its own process, against Apache Kafka and Redis.
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use dak_runtime::presence::{Presence, RedisPresence};
 use dak_wire::event::{OfflineEvent, OfflineReason};
 use serde_json::json;
 
-use crate::support::{exchange, rest_send, tansu, token, Client, Services, PATIENCE};
+use crate::support::{exchange, kafka, rest_send, token, Client, Services, PATIENCE};
 
 async fn redis(prefix: &str) -> RedisPresence {
     let conn = dak_runtime::redis::connect(&crate::support::redis_url())
@@ -17,7 +17,7 @@ async fn redis(prefix: &str) -> RedisPresence {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_services_deliver_in_order_with_rest_and_dedup() {
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(&brokers, &[("DAK_WS_RATE_LIMIT", "0")]);
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
@@ -55,7 +55,7 @@ async fn separate_services_deliver_in_order_with_rest_and_dedup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_services_retry_then_offline_then_forward_a_late_ack() {
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(
         &brokers,
         &[("DAK_ACK_TIMEOUT", "400ms"), ("DAK_DELIVERY_RETRIES", "2")],
@@ -97,7 +97,7 @@ async fn separate_services_retry_then_offline_then_forward_a_late_ack() {
 /// with every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_session_mid_delivery_loses_nothing() {
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(
         &brokers,
         &[
@@ -181,7 +181,7 @@ async fn killing_session_mid_delivery_loses_nothing() {
 /// devices go offline instead of to a dead address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(&brokers, &[("DAK_PRESENCE_TTL", "1500ms")]);
     let presence = redis(&services.redis_prefix).await;
     let bob_id: dak_wire::UserId = "bob".parse().unwrap();
@@ -241,7 +241,7 @@ async fn a_killed_gateway_leaves_no_presence_after_the_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_persistence_mid_stream_loses_nothing() {
     use crate::support::{register_device, send_seq, seqs, wait_for_inbox, wait_for_inbox_within};
-    let (_broker, brokers) = tansu();
+    let brokers = kafka();
     let services = Services::new(
         &brokers,
         &[

@@ -1,5 +1,5 @@
 //! Test harness: dak stacks (in process on the shared mock cluster, or as separate
-//! processes against a Tansu broker and Redis), WebSocket clients, and a watcher
+//! processes against Apache Kafka and Redis), WebSocket clients, and a watcher
 //! on `dak.offline`.
 
 use std::net::SocketAddr;
@@ -489,36 +489,15 @@ impl Drop for Process {
     }
 }
 
-/// A Tansu broker (in memory) on a free port.
-pub fn tansu() -> (Process, String) {
-    let binary = std::env::var("DAK_TANSU_BIN").unwrap_or_else(|_| {
-        let cargo_home = std::env::var("CARGO_HOME")
-            .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
-        let installed = format!("{cargo_home}/bin/tansu");
-        if std::path::Path::new(&installed).exists() {
-            installed
-        } else {
-            "tansu".into()
-        }
-    });
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&binary)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("starting Tansu ({binary}): {e}; run .ci/run or install it as the README says")
-        });
-    (Process { child }, format!("127.0.0.1:{port}"))
+/// The Apache Kafka broker of this test run (`DAK_TEST_KAFKA_BROKERS`, which
+/// `scripts/test` sets); tests share it and keep apart by topic prefix.
+pub fn kafka() -> String {
+    std::env::var("DAK_TEST_KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "the services tests need Apache Kafka: set DAK_TEST_KAFKA_BROKERS \
+             (host:port), or run them with scripts/test, which starts one"
+        )
+    })
 }
 
 /// The environment shared by a set of separate dak service processes.
@@ -877,5 +856,138 @@ pub async fn send_seq(client: &mut Client, to: &str, range: std::ops::Range<u64>
     }
     for _ in 0..n {
         client.expect("accepted").await;
+    }
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`, or fails
+/// the test when `process` exits first or after `patience`.
+async fn wait_listening(name: &str, process: &mut Process, port: u16, patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            panic!("{name} exited with {status} before listening on {port}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} not listening on {port} within {patience:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A single-node Apache Kafka of one test's own, for a test that kills the
+/// broker: it runs `scripts/engines/kafka` on a data directory that outlives
+/// the process, so a restart finds its topics, records and offsets again.
+pub struct KafkaBroker {
+    process: Option<Process>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl KafkaBroker {
+    pub async fn start() -> Self {
+        let mut broker = Self {
+            process: None,
+            dir: tempfile::tempdir().expect("broker data dir"),
+            port: free_port_pair(),
+        };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL of the JVM: nothing flushed, nothing closed.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
+    /// Starts the broker on the same port and data directory.
+    pub async fn restart(&mut self) {
+        assert!(self.process.is_none(), "the broker still runs");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines/kafka");
+        let log = std::fs::File::create(self.dir.path().join("stdout.log")).expect("log file");
+        let child = Command::new(script)
+            .arg(self.dir.path().join("node"))
+            .arg(self.port.to_string())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting scripts/engines/kafka");
+        let mut process = Process { child };
+        wait_listening("kafka", &mut process, self.port, Duration::from_secs(120)).await;
+        self.process = Some(process);
+    }
+}
+
+/// A redis-server of one test's own, with every write in its append-only file
+/// before it answers, for a test that kills Redis and starts it again.
+pub struct RedisServer {
+    process: Option<Process>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let mut server = Self {
+            process: None,
+            dir: tempfile::tempdir().expect("redis data dir"),
+            port: free_port(),
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.process.is_none(), "redis still runs");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (scripts/test installs it)");
+        let mut process = Process { child };
+        wait_listening("redis", &mut process, self.port, Duration::from_secs(30)).await;
+        self.process = Some(process);
+    }
+}
+
+/// A free port on 127.0.0.1 whose successor is free too (Kafka's controller
+/// listens on the port after the broker's).
+fn free_port_pair() -> u16 {
+    loop {
+        let port = free_port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
     }
 }

@@ -309,9 +309,9 @@ async fn scylla_inbox_keeps_the_contract() {
     dak_runtime::scylla::with_test_keyspace(
         "scylla_inbox_keeps_the_contract",
         |nodes, keyspace| async move {
-            let store = ScyllaInbox::connect(&nodes, &keyspace, 1)
+            let store = ScyllaInbox::connect(&nodes, &keyspace, &Default::default())
                 .await
-                .expect("connect to DAK_SCYLLA_NODES and create the keyspace");
+                .expect("connect to DAK_TEST_SCYLLA_NODES and create the keyspace");
             contract(&store, &ulid::Ulid::new().to_string().to_lowercase()).await;
         },
     )

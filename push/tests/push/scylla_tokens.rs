@@ -9,9 +9,9 @@ async fn scylla_tokens_keep_the_contract() {
     dak_runtime::scylla::with_test_keyspace(
         "scylla_tokens_keep_the_contract",
         |nodes, keyspace| async move {
-            let store = ScyllaTokens::connect(&nodes, &keyspace, 1)
+            let store = ScyllaTokens::connect(&nodes, &keyspace, &Default::default())
                 .await
-                .expect("connect to DAK_SCYLLA_NODES and create the keyspace");
+                .expect("connect to DAK_TEST_SCYLLA_NODES and create the keyspace");
             crate::tokens::contract(&store).await;
         },
     )
