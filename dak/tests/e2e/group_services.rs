@@ -184,17 +184,35 @@ async fn read_phase(
     }
 }
 
+/// The inbox, the push tokens and the groups on the CQL server (a keyspace of
+/// the test's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_member_group_with_half_online_on_separate_services() {
+    dak_runtime::scylla::with_test_keyspace(
+        "a_200_member_group_with_half_online_on_separate_services",
+        |nodes, keyspace| a_200_member_group_on_cql(nodes.join(","), keyspace),
+    )
+    .await;
+}
+
+async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
     const GROUP: &str = "two-hundred";
     const FROM_A: u64 = 20;
     const FROM_B: u64 = 5;
     let started = std::time::Instant::now();
     let brokers = kafka();
-    let services = Services::new(&brokers, &[("DAK_WS_RATE_LIMIT", "0")]);
+    let services = Services::new(
+        &brokers,
+        &[
+            ("DAK_WS_RATE_LIMIT", "0"),
+            ("DAK_SCYLLA_NODES", &nodes),
+            ("DAK_SCYLLA_KEYSPACE", &keyspace),
+        ],
+    );
     let _router = services.start("message-router", &[]).await;
     let _session = services.start("session", &[]).await;
     let (_persistence, sync) = services.start_persistence().await;
+    let (_push, push_admin) = services.start("push", &[]).await;
     let (_group_router, api) = services.start_group_router().await;
     let (_gateway, public) = services.start_ws_gateway().await;
     let (_rest, rest) = services.start_rest_gateway().await;
@@ -364,6 +382,17 @@ async fn a_200_member_group_with_half_online_on_separate_services() {
     }
     eprintln!("100 offline inboxes checked: {:?}", started.elapsed());
 
+    // Every offline member's device, known by its push token in the CQL
+    // store, was woken (push only logs without FCM credentials, and counts).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while crate::support::metric(push_admin, "dak_push_sent_total").await < 100.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "push woke fewer than the 100 offline devices"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // m000 removes m050: everyone online hears it, m050 included.
     let (status, answer) = rest_group(
         rest,
@@ -510,6 +539,22 @@ async fn a_200_member_group_with_half_online_on_separate_services() {
     );
     let (status, answer) = group_view(api, "m050", GROUP, |s, _| s == 403).await;
     assert_eq!(status, 403, "{answer}");
+    // The stores were the CQL ones: their tables hold the test's data.
+    let cql = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(nodes.split(','))
+        .build()
+        .await
+        .expect("connect to the CQL server");
+    for table in ["groups", "group_members", "push_tokens", "inbox_by_device"] {
+        let rows = cql
+            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.{table}"), ())
+            .await
+            .expect("count rows")
+            .into_rows_result()
+            .expect("rows");
+        let (count,): (i64,) = rows.single_row().expect("one count");
+        assert!(count > 0, "{keyspace}.{table} is empty");
+    }
     eprintln!("done: {:?}", started.elapsed());
 }
 
