@@ -106,6 +106,49 @@ impl SqliteDedup {
     }
 }
 
+/// Reserve on the writer thread: the live entry if there is one, else `None`
+/// after writing the new one.
+fn reserve(
+    conn: &Connection,
+    entries: &mut Entries,
+    key: (&str, &str),
+    (mid, ts): (Mid, u64),
+    ttl_ms: u64,
+) -> StoreResult<Option<(String, u64, bool)>> {
+    let now = crate::now_ms();
+    let found: Option<(String, u64, bool, u64)> = conn
+        .prepare_cached(
+            "SELECT mid, ts, confirmed, expires_at FROM dedup WHERE user = ?1 AND client_id = ?2",
+        )?
+        .query_row(params![key.0, key.1], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let expires_at = sql_ms(now.saturating_add(ttl_ms));
+    match found {
+        Some((first_mid, first_ts, confirmed, until)) if until > now => {
+            return Ok(Some((first_mid, first_ts, confirmed)));
+        }
+        // Expired but not deleted yet: taken over as if absent.
+        Some(_) => {
+            conn.prepare_cached(
+                "UPDATE dedup SET mid = ?3, ts = ?4, confirmed = 0, expires_at = ?5
+                 WHERE user = ?1 AND client_id = ?2",
+            )?
+            .execute(params![key.0, key.1, mid.to_string(), ts, expires_at])?;
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO dedup (user, client_id, mid, ts, confirmed, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            )?
+            .execute(params![key.0, key.1, mid.to_string(), ts, expires_at])?;
+            entries.count += 1;
+        }
+    }
+    Ok(None)
+}
+
 #[async_trait]
 impl Dedup for SqliteDedup {
     async fn reserve(
@@ -116,50 +159,12 @@ impl Dedup for SqliteDedup {
         ts: u64,
     ) -> StoreResult<Reservation> {
         let (user, client_id, ttl_ms) = (from.to_string(), id.to_string(), self.ttl_ms);
-        let found =
-            self.writer
-                .call(move |conn, entries| {
-                    let now = crate::now_ms();
-                    let found: Option<(String, u64, bool, u64)> = conn
-                        .prepare_cached(
-                            "SELECT mid, ts, confirmed, expires_at FROM dedup
-                         WHERE user = ?1 AND client_id = ?2",
-                        )?
-                        .query_row(params![user, client_id], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                        })
-                        .optional()?;
-                    let expires_at = sql_ms(now.saturating_add(ttl_ms));
-                    match found {
-                        Some((mid, ts, confirmed, expires_at)) if expires_at > now => {
-                            return Ok(Some((mid, ts, confirmed)));
-                        }
-                        // Expired but not deleted yet: taken over as if absent.
-                        Some(_) => {
-                            conn.prepare_cached(
-                                "UPDATE dedup SET mid = ?3, ts = ?4, confirmed = 0, expires_at = ?5
-                             WHERE user = ?1 AND client_id = ?2",
-                            )?
-                            .execute(params![
-                                user,
-                                client_id,
-                                mid.to_string(),
-                                ts,
-                                expires_at
-                            ])?;
-                        }
-                        None => {
-                            conn.prepare_cached(
-                            "INSERT INTO dedup (user, client_id, mid, ts, confirmed, expires_at)
-                             VALUES (?1, ?2, ?3, ?4, 0, ?5)",
-                        )?
-                        .execute(params![user, client_id, mid.to_string(), ts, expires_at])?;
-                            entries.count += 1;
-                        }
-                    }
-                    Ok(None)
-                })
-                .await?;
+        let found = self
+            .writer
+            .call(move |conn, entries| {
+                reserve(conn, entries, (&user, &client_id), (mid, ts), ttl_ms)
+            })
+            .await?;
         let Some((mid, ts, confirmed)) = found else {
             return Ok(Reservation::New);
         };
