@@ -25,8 +25,12 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Self {
+    /// A file that already holds `entries` entries, as after a while under load.
+    fn new(entries: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        if entries > 0 {
+            prefill(&dir.path().join("dedup.db"), entries);
+        }
         let store = SqliteDedup::open(
             &dir.path().join("dedup.db"),
             Duration::from_secs(24 * 3600),
@@ -47,6 +51,36 @@ impl Fixture {
     }
 }
 
+/// Writes `entries` entries with random client ids, directly.
+fn prefill(path: &std::path::Path, entries: u64) {
+    // Opening the store once creates the table.
+    drop(SqliteDedup::open(path, Duration::from_secs(60), u64::MAX).unwrap());
+    let mut db = rusqlite::Connection::open(path).unwrap();
+    let tx = db.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO dedup (user, client_id, mid, ts, confirmed, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5)",
+            )
+            .unwrap();
+        let far = dak_runtime::now_ms() + 24 * 3600 * 1000;
+        for n in 0..entries {
+            let ulid = ulid::Ulid::new();
+            insert
+                .execute(rusqlite::params![
+                    format!("user{}", n % 100_000),
+                    ulid.to_string(),
+                    Mid::from_ulid(ulid).to_string(),
+                    n,
+                    far + n / 25,
+                ])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
 /// One caller's share: fresh client ids, each reserved then confirmed.
 async fn pairs(store: Arc<SqliteDedup>, next: Arc<AtomicU64>) {
     for _ in 0..PER_CALLER {
@@ -62,7 +96,17 @@ async fn pairs(store: Arc<SqliteDedup>, next: Arc<AtomicU64>) {
 
 #[divan::bench(args = [1, 64], sample_count = 20, sample_size = 1)]
 fn reserve_and_confirm(bencher: divan::Bencher, callers: usize) {
-    let f = Fixture::new();
+    run(bencher, callers, 0);
+}
+
+/// The same on a file of a million entries.
+#[divan::bench(args = [64], sample_count = 20, sample_size = 1)]
+fn reserve_and_confirm_in_a_million(bencher: divan::Bencher, callers: usize) {
+    run(bencher, callers, 1_000_000);
+}
+
+fn run(bencher: divan::Bencher, callers: usize, entries: u64) {
+    let f = Fixture::new(entries);
     bencher
         .counter(divan::counter::ItemsCount::new(callers * PER_CALLER))
         .bench_local(|| {
@@ -75,4 +119,15 @@ fn reserve_and_confirm(bencher: divan::Bencher, callers: usize) {
                 }
             })
         });
+}
+
+/// Opening a file of a million entries, which reads them all into the index.
+#[divan::bench(sample_count = 3, sample_size = 1)]
+fn open_a_million(bencher: divan::Bencher) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dedup.db");
+    prefill(&path, 1_000_000);
+    bencher.bench_local(|| {
+        SqliteDedup::open(&path, Duration::from_secs(24 * 3600), 10_000_000).unwrap()
+    });
 }

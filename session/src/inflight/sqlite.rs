@@ -58,7 +58,6 @@ pub struct SqliteInFlight {
 
 /// The next position to give a held delivery. Positions only need to grow, so
 /// one counter serves every device.
-#[derive(Clone)]
 struct HeldOrder {
     next: i64,
 }
