@@ -3,7 +3,7 @@ use std::time::Duration;
 use dak_wire::event::{OfflineEvent, OfflineReason};
 use serde_json::json;
 
-use crate::support::{exchange, rest_send, token, until, Client, Options, Stack};
+use crate::support::{exchange, rest_send, token, Options, Stack};
 
 fn unlimited() -> Options {
     Options {
@@ -221,58 +221,6 @@ async fn a_retried_client_id_gets_the_same_mid_and_is_delivered_once() {
         "the retried message was delivered twice"
     );
     assert_eq!(stack.metric("dak_duplicate_sends_total").await, 2.0);
-    stack.stop().await;
-}
-
-/// `dak up` stopped and started again on its data directory, with a fresh
-/// bus as today's in-memory Kafka has after a restart: the resend of an
-/// accepted message keeps its mid and is not produced again, and a delivery
-/// sent but not acked before the restart still reaches its device.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_keeps_outbox_dedup_and_deliveries_waiting_for_an_ack() {
-    let stack = Stack::start(Options {
-        ack_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
-    let mut alice = stack.connect("alice", "phone").await;
-    let mut bob = stack.connect("bob", "phone").await;
-    alice
-        .send_message("outbox-1", "bob", json!("unacked"))
-        .await;
-    let accepted = alice.expect("accepted").await;
-    let delivered = bob.expect("message").await;
-    assert_eq!(delivered["mid"], accepted["mid"]);
-    // Bob never acks it.
-    drop((alice, bob));
-
-    let stack = stack.restart().await;
-    let mut alice = stack.connect("alice", "phone").await;
-    alice
-        .send_message("outbox-1", "bob", json!("unacked"))
-        .await;
-    let again = alice.expect("accepted").await;
-    assert_eq!(again["mid"], accepted["mid"], "the resend keeps its mid");
-    assert_eq!(again["ts"], accepted["ts"]);
-
-    // At its deadline the delivery goes to Bob's new socket, or to his inbox
-    // if he has not connected yet; he gets it either way, and acks it.
-    let mut bob = Client::connect_raw(stack.public, &token("bob", "phone")).await;
-    let (_, found) = until(&mut bob, "message").await;
-    assert_eq!(found["mid"], accepted["mid"]);
-    // A marker sent after the resend: had the resend been produced again, or
-    // the delivery gone out twice, Bob would get it before the marker.
-    alice.send_message("outbox-2", "bob", json!("marker")).await;
-    alice.expect("accepted").await;
-    let next = loop {
-        // `sync.done` comes after the message if the message was in the replay.
-        let frame = bob.next_within(Duration::from_secs(30)).await;
-        let frame = frame.expect("the marker");
-        if frame["type"] != "sync.done" {
-            break frame;
-        }
-    };
-    assert_eq!(next["body"], "marker", "{next}");
     stack.stop().await;
 }
 

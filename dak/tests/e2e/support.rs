@@ -59,7 +59,6 @@ struct UpCli {
 }
 
 /// Settings a test may change; everything else is `dak up`'s default.
-#[derive(Clone)]
 pub struct Options {
     pub redis: bool,
     pub ack_timeout: &'static str,
@@ -103,10 +102,7 @@ pub struct Stack {
     pub admin: SocketAddr,
     pub brokers: String,
     pub topic_prefix: String,
-    options: Options,
-    redis_prefix: String,
-    /// Shared with the stack that [`Stack::restart`] starts.
-    data_dir: Arc<tempfile::TempDir>,
+    data_dir: tempfile::TempDir,
     shutdown: Shutdown,
     supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _metrics: MetricsGuard,
@@ -130,32 +126,9 @@ impl Stack {
     }
 
     async fn start_with(options: Options, guard: MetricsGuard) -> Stack {
-        let data_dir = Arc::new(tempfile::tempdir().expect("temp data dir"));
-        Self::launch(options, unique("dak-test-"), data_dir, guard).await
-    }
-
-    /// Stops the stack, then starts `dak up` again on the same data directory
-    /// (and Redis prefix), with a fresh bus: new topics on the mock cluster, as
-    /// a restarted `dak up` has a new mock cluster of its own.
-    pub async fn restart(self) -> Stack {
-        let (options, redis_prefix, data_dir) = (
-            self.options.clone(),
-            self.redis_prefix.clone(),
-            self.data_dir.clone(),
-        );
-        self.stop().await;
-        let guard = MetricsGuard::Shared(metrics_lock().read_owned().await);
-        Self::launch(options, redis_prefix, data_dir, guard).await
-    }
-
-    async fn launch(
-        options: Options,
-        redis_prefix: String,
-        data_dir: Arc<tempfile::TempDir>,
-        guard: MetricsGuard,
-    ) -> Stack {
         dak_runtime::telemetry::init_for_tests();
         let topic_prefix = unique("t") + ".";
+        let redis_prefix = unique("dak-test-");
         let mut args: Vec<String> = [
             "up",
             "--public-addr",
@@ -188,11 +161,12 @@ impl Stack {
             "--redis-prefix".into(),
             redis_prefix.clone(),
         ]);
+        let data_dir = tempfile::tempdir().expect("temp data dir");
         args.extend(["--data-dir".into(), data_dir.path().display().to_string()]);
         if options.redis {
             args.extend(["--redis-url".into(), redis_url()]);
         }
-        args.extend(options.extra.iter().cloned());
+        args.extend(options.extra);
         let cli = UpCli::try_parse_from(args).expect("test arguments parse");
         let shutdown = Shutdown::new();
         let running = dak::up::start(
@@ -212,8 +186,6 @@ impl Stack {
             admin: running.admin_addr,
             brokers: running.kafka.brokers.clone(),
             topic_prefix,
-            options,
-            redis_prefix,
             data_dir,
             shutdown,
             supervisor: Some(supervisor),
