@@ -300,14 +300,16 @@ impl EventConsumer {
 
     /// Runs `handle` on batches of up to `max` records until shutdown. A batch's
     /// offsets are stored only after `handle` succeeded; a failed batch is handed
-    /// over again after a pause, so handlers must be idempotent (they are keyed
-    /// on mid and device).
+    /// over again after a pause that doubles with each failure (see
+    /// [`batch_retry_delay`]), so handlers must be idempotent (they are keyed on
+    /// mid and device), and a struggling broker or store is not hammered.
     pub async fn run<H, Fut>(&self, max: usize, shutdown: &Shutdown, mut handle: H)
     where
         H: FnMut(Vec<Record>) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
     {
         while let Some(mut batch) = self.next_batch(max, shutdown).await {
+            let mut failures = 0;
             loop {
                 match handle(batch).await {
                     Ok(done) => {
@@ -315,11 +317,13 @@ impl EventConsumer {
                         break;
                     }
                     Err((again, e)) => {
-                        tracing::warn!(group = %self.group, error = %format!("{e:#}"), "batch failed, retrying");
+                        failures += 1;
+                        let delay = batch_retry_delay(failures);
+                        tracing::warn!(group = %self.group, error = %format!("{e:#}"), failures, ?delay, "batch failed, retrying");
                         batch = again;
                         tokio::select! {
                             _ = shutdown.cancelled() => return self.commit(),
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = tokio::time::sleep(delay) => {}
                         }
                     }
                 }
@@ -335,6 +339,16 @@ impl EventConsumer {
             Err(e) => tracing::warn!(group = %self.group, error = %e, "final commit"),
         }
     }
+}
+
+/// How long a consumer waits before it hands a failed batch over again, after
+/// `failures` failures in a row: 250 ms, doubling, at most 30 s.
+pub fn batch_retry_delay(failures: u32) -> Duration {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MOST: Duration = Duration::from_secs(30);
+    FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MOST)
 }
 
 /// A record taken off a topic, owned so it can be held across awaits.
@@ -440,5 +454,22 @@ impl Drop for EmbeddedKafka {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_batch_waits_longer_each_time_up_to_a_bound() {
+        let delays: Vec<u64> = (1..=10)
+            .map(|n| batch_retry_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            delays,
+            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(batch_retry_delay(u32::MAX), Duration::from_secs(30));
     }
 }
