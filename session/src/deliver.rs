@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dak_runtime::bus::{self, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
-use dak_runtime::kafka::{self, DeliveryFuture, Producer, Record};
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
@@ -88,8 +88,8 @@ impl Core {
         }
     }
 
-    pub(crate) fn flush(&self) {
-        self.producer.flush(Duration::from_secs(5));
+    pub(crate) async fn flush(&self) {
+        self.producer.flush(Duration::from_secs(5)).await;
     }
 
     fn ack_deadline(&self, now: u64) -> u64 {
@@ -340,7 +340,7 @@ impl Core {
     /// Removes acked deliveries, sends the senders a `delivered` receipt for
     /// each, and forwards what was not in flight to storage as a `drop`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
-        let mut forwards: Vec<DeliveryFuture> = Vec::new();
+        let mut forwards: Vec<ProduceFuture> = Vec::new();
         for ack in acks {
             let found = self.inflight.ack(&ack.user, &ack.device, &ack.mids).await?;
             let now = now_ms();
@@ -392,11 +392,7 @@ impl Core {
                 )?);
             }
         }
-        for result in
-            futures_util::future::join_all(forwards.into_iter().map(kafka::acknowledged)).await
-        {
-            result?;
-        }
+        bus::acknowledged_all(forwards).await?;
         Ok(())
     }
 
@@ -587,11 +583,7 @@ impl Core {
                 &event::encode(event),
             )?);
         }
-        for result in
-            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
-        {
-            result?;
-        }
+        bus::acknowledged_all(acks).await?;
         Ok(())
     }
 }
