@@ -13,5 +13,6 @@ mod group_services;
 mod groups;
 mod in_process;
 mod offline;
+mod restart;
 mod services;
 mod support;

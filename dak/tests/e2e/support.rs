@@ -449,6 +449,10 @@ pub struct Process {
 }
 
 impl Process {
+    pub fn from_child(child: Child) -> Self {
+        Self { child }
+    }
+
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
