@@ -57,7 +57,8 @@ pub struct KafkaArgs {
 /// The session store: presence, in-flight deliveries, outbox dedup.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
-    /// `redis://host:port/db`. Unset in `dak up`: an in-process store is used.
+    /// `redis://host:port/db`. Unset in `dak up`: presence is kept in process,
+    /// dedup and in-flight deliveries in SQLite files under `DAK_DATA_DIR`.
     #[arg(long, env = "DAK_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key dak writes.
@@ -67,6 +68,11 @@ pub struct StoreArgs {
     /// outbox retry is still recognised as a duplicate.
     #[arg(long, env = "DAK_DEDUP_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub dedup_ttl: Duration,
+    /// Most (sender, client id) entries the dedup file of `dak up` keeps (in
+    /// SQLite, without `DAK_REDIS_URL`); beyond it the oldest go first, even
+    /// before `DAK_DEDUP_TTL`.
+    #[arg(long, env = "DAK_DEDUP_MAX_ENTRIES", default_value_t = 10_000_000)]
+    pub dedup_max_entries: u64,
     /// How long a gateway's presence outlives its last heartbeat.
     #[arg(long, env = "DAK_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,

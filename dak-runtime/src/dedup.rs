@@ -8,6 +8,9 @@
 //! by mid.
 //!
 //! Redis key: `<prefix>:{<user>}:dedup:<client id>` → `<mid> <ts> <0|1>`, with a TTL.
+//! SQLite: see [`SqliteDedup`].
+
+mod sqlite;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -17,6 +20,8 @@ use async_trait::async_trait;
 use dak_wire::{ClientId, Mid, UserId};
 
 use crate::store::{StoreError, StoreResult};
+
+pub use sqlite::SqliteDedup;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reservation {
@@ -38,7 +43,9 @@ pub trait Dedup: Send + Sync + 'static {
     async fn confirm(&self, from: &UserId, id: &ClientId, mid: Mid, ts: u64) -> StoreResult<()>;
 }
 
-/// The in-process dedup map of `dak up`, expiring entries after the TTL.
+/// Dedup in process memory, expiring entries after the TTL, forgotten when the
+/// process stops. The tests use it; `dak up` keeps dedup in a SQLite file
+/// ([`SqliteDedup`]).
 ///
 /// It holds every (sender, client id) of the last TTL, so it grows large under
 /// load; it is split into shards by sender so that no lock is held for long

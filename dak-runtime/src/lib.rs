@@ -11,7 +11,10 @@
 //! - [`auth`]: client JWTs and the internal token.
 //! - [`presence`]: which gateway holds which (user, device), and which devices a
 //!   user has; in process or in Redis.
-//! - [`dedup`]: the (sender, client id) → mid map that makes outbox retries safe.
+//! - [`dedup`]: the (sender, client id) → mid map that makes outbox retries safe;
+//!   in process, in Redis, or in a SQLite file.
+//! - [`sqlite`]: one SQLite connection on a thread of its own with group commit,
+//!   for the stores called once per message (dedup, in-flight deliveries).
 //! - [`http`]: serving an axum router until shutdown.
 //! - [`scylla`]: a ScyllaDB session and keyspace for the stores kept there.
 
@@ -29,6 +32,7 @@ pub mod process;
 pub mod redis;
 pub mod scylla;
 pub mod shutdown;
+pub mod sqlite;
 pub mod store;
 pub mod telemetry;
 

@@ -15,6 +15,7 @@ pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
+pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
@@ -86,5 +87,9 @@ pub(crate) fn describe() {
     describe_gauge!(
         INFLIGHT,
         "deliveries waiting for an ack, as last seen by the retry loop"
+    );
+    describe_gauge!(
+        DEDUP_ENTRIES,
+        "(sender, client id) entries in the SQLite dedup file, expired ones not yet deleted included"
     );
 }

@@ -4,6 +4,15 @@
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The transaction a call was part of did not commit; with group commit
+    /// every call of that transaction gets the same error.
+    #[error("sqlite transaction: {0}")]
+    Transaction(String),
+    /// The thread that owns the store's connection is gone.
+    #[error("store closed")]
+    Closed,
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
 }

@@ -1,6 +1,7 @@
 //! `dak up`: the whole pipeline in one process.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +11,12 @@ use dak_runtime::bus::{Bus, Log, LogOptions};
 use dak_runtime::config::{
     self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
 };
-use dak_runtime::dedup::{Dedup, MemoryDedup};
+use dak_runtime::dedup::{Dedup, SqliteDedup};
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
-use session::inflight::{InFlight, MemoryInFlight, RedisInFlight};
+use session::inflight::{InFlight, RedisInFlight, SqliteInFlight};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -79,11 +80,12 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
 
     let (presence, dedup, inflight): (Arc<dyn Presence>, Arc<dyn Dedup>, Arc<dyn InFlight>) =
         match &args.store.redis_url {
-            None => (
-                Arc::new(MemoryPresence::default()),
-                Arc::new(MemoryDedup::new(args.store.dedup_ttl)),
-                Arc::new(MemoryInFlight::default()),
-            ),
+            // Presence is about the sockets of this process, so it starts
+            // empty; dedup and in-flight deliveries outlive a restart.
+            None => {
+                let (dedup, inflight) = open_files(&args.data.data_dir, &args.store).await?;
+                (Arc::new(MemoryPresence::default()), dedup, inflight)
+            }
             Some(_) => {
                 let redis = process::connect_redis(&args.store).await?;
                 process::redis_check(&mut readiness, &redis);
@@ -166,6 +168,10 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         },
     )?;
 
+    // Before any socket: deliveries in flight to the sockets of an earlier
+    // process go to their inboxes ahead of anything newer.
+    session.store_orphans().await?;
+
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     let push = push::Push::build(
@@ -220,6 +226,26 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         bus,
         tasks,
     })
+}
+
+/// The dedup and in-flight files under the data directory, opened off the
+/// async threads: opening counts the dedup entries, a scan of the file.
+async fn open_files(
+    dir: &Path,
+    store: &StoreArgs,
+) -> anyhow::Result<(Arc<dyn Dedup>, Arc<dyn InFlight>)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ConfigError(format!("cannot create {}: {e}", dir.display())))?;
+    let (dir, ttl, max_entries) = (dir.to_owned(), store.dedup_ttl, store.dedup_max_entries);
+    let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let dedup = SqliteDedup::open(&dir.join("dedup.db"), ttl, max_entries)?;
+        let inflight = SqliteInFlight::open(&dir.join("inflight.db"))?;
+        Ok((
+            Arc::new(dedup) as Arc<dyn Dedup>,
+            Arc::new(inflight) as Arc<dyn InFlight>,
+        ))
+    });
+    opened.await?
 }
 
 /// The bus: Kafka when `DAK_KAFKA_BROKERS` is set, else the embedded durable

@@ -12,6 +12,7 @@ use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::{DeviceId, Message, ReceiptState, ServerFrame, UserId};
+use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
 use crate::inflight::{InFlight, Pending};
@@ -19,6 +20,10 @@ use crate::{Config, Deps};
 
 /// Most deliveries the retry loop claims at once.
 const CLAIM_LIMIT: usize = 1000;
+
+/// A deadline past every real one (about 73 million years from 1970), and
+/// far enough below `i64::MAX` that a store may add a lease to it.
+const ORPHAN_HORIZON_MS: u64 = (i64::MAX as u64) / 4;
 
 pub(crate) struct Core {
     config: Config,
@@ -60,6 +65,39 @@ impl Offline {
                 message: message.clone(),
             },
         ));
+    }
+}
+
+/// What the retry loop does with a delivery it claimed past its deadline.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// Send it again, to the device's live socket.
+    Send { url: String, connection: String },
+    /// Hold it: sent to an earlier socket, and the device reconnected and is
+    /// replaying. The new socket gets it once live.
+    Hold,
+    /// Hand it to the offline inbox.
+    Offline(OfflineReason),
+}
+
+/// The retry loop's decision for `pending`, given the device's route in
+/// presence now (`None`: presence knows no socket of the device, as after a
+/// restart of `dak up`, whose presence starts empty).
+fn retry_plan(pending: &Pending, route: Option<&DeviceRoute>, retries: u32) -> Retry {
+    if pending.sends > retries {
+        return Retry::Offline(OfflineReason::AckTimeout);
+    }
+    let Some(route) = route.filter(|r| r.gateway_url.is_some()) else {
+        return Retry::Offline(OfflineReason::NotConnected);
+    };
+    match route.live_socket() {
+        Some((url, connection)) => Retry::Send {
+            url: url.to_owned(),
+            connection: connection.to_owned(),
+        },
+        None if !pending.is_held() => Retry::Hold,
+        // Held past its deadline: the replay never finished.
+        None => Retry::Offline(OfflineReason::AckTimeout),
     }
 }
 
@@ -341,8 +379,15 @@ impl Core {
     /// each, and forwards what was not in flight to storage as a `drop`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
-        for ack in acks {
-            let found = self.inflight.ack(&ack.user, &ack.device, &ack.mids).await?;
+        // Concurrent, so a store with group commit removes them together. The
+        // calls still reach the store in the order of the acks.
+        let found = join_all(
+            acks.iter()
+                .map(|ack| self.inflight.ack(&ack.user, &ack.device, &ack.mids)),
+        )
+        .await;
+        for (ack, found) in acks.iter().zip(found) {
+            let found = found?;
             let now = now_ms();
             let mut forward = Vec::new();
             for (mid, pending) in ack.mids.iter().zip(found) {
@@ -419,38 +464,56 @@ impl Core {
         }
     }
 
+    /// At start-up, when presence does not outlive the process (`dak up`):
+    /// every delivery still in flight went to a socket of a process that is
+    /// gone. Each goes to the device's inbox now, in the order it was sent,
+    /// before anything newer for the device is routed, so the replay on the
+    /// device's next connect keeps the conversation's order. Run it before
+    /// the gateway takes sockets.
+    pub(crate) async fn store_orphans(&self) -> anyhow::Result<()> {
+        if self.presence.outlives_the_process() {
+            return Ok(());
+        }
+        self.retry_due_at(Some(ORPHAN_HORIZON_MS)).await
+    }
+
     async fn retry_due(&self) -> anyhow::Result<()> {
-        let lease = self.config.retry_lease.as_millis() as u64;
+        self.retry_due_at(None).await
+    }
+
+    /// Claims what is due by `horizon` (default: now) and acts on each.
+    /// Claims up to a horizon take no lease, so that whatever a crash leaves
+    /// claimed is due again at the next start-up.
+    async fn retry_due_at(&self, horizon: Option<u64>) -> anyhow::Result<()> {
+        let lease = match horizon {
+            Some(_) => 0,
+            None => self.config.retry_lease.as_millis() as u64,
+        };
         loop {
             let now = now_ms();
             // Claimed deliveries are leased, so this loop ends once everything
             // due was claimed.
-            let claimed = self.inflight.claim_due(now, lease, CLAIM_LIMIT).await?;
+            let claimed = self
+                .inflight
+                .claim_due(horizon.unwrap_or(now), lease, CLAIM_LIMIT)
+                .await?;
             if claimed.is_empty() {
                 return Ok(());
             }
             let mut offline = Offline::default();
             let mut finished = Vec::new();
-            let (exhausted, again): (Vec<Pending>, Vec<Pending>) = claimed
-                .into_iter()
-                .partition(|p| p.sends > self.config.retries);
-            for p in exhausted {
-                offline.store(
-                    &p.user,
-                    Some(&p.device),
-                    OfflineReason::AckTimeout,
-                    &p.message,
-                );
-                finished.push(p);
-            }
-
-            let routes = self.routes(again.iter().map(|p| &p.user)).await?;
             let mut to_send = Vec::new();
-            for mut p in again {
+            let mut rehold = Vec::new();
+            let routes = self.routes(claimed.iter().map(|p| &p.user)).await?;
+            for mut p in claimed {
                 let route = routes[&p.user].iter().find(|r| r.device == p.device);
-                match route {
-                    Some(route) if route.live_socket().is_some() => {
-                        let (url, connection) = route.live_socket().expect("checked");
+                let plan = match horizon {
+                    // Orphans: their socket is gone whatever presence says.
+                    Some(_) => Retry::Offline(OfflineReason::NotConnected),
+                    None => retry_plan(&p, route, self.config.retries),
+                };
+                match plan {
+                    Retry::Send { url, connection } => {
                         if p.is_held() {
                             p.first_sent_ms = now;
                         }
@@ -458,37 +521,24 @@ impl Core {
                         p.deadline_ms = self.ack_deadline(now);
                         to_send.push(Send {
                             pending: p,
-                            url: url.to_owned(),
-                            connection: connection.to_owned(),
+                            url,
+                            connection,
                         });
                     }
-                    Some(route) if route.gateway_url.is_some() && !p.is_held() => {
-                        // Sent to an earlier socket; the device reconnected and is
-                        // replaying. Hold it for the new socket.
+                    Retry::Hold => {
                         p.sends = 0;
                         p.deadline_ms = self.hold_deadline(now);
-                        self.inflight.resent(&p).await?;
+                        rehold.push(p);
                     }
-                    Some(route) if route.gateway_url.is_some() => {
-                        // Held past its deadline: the replay never finished.
-                        offline.store(
-                            &p.user,
-                            Some(&p.device),
-                            OfflineReason::AckTimeout,
-                            &p.message,
-                        );
-                        finished.push(p);
-                    }
-                    _ => {
-                        offline.store(
-                            &p.user,
-                            Some(&p.device),
-                            OfflineReason::NotConnected,
-                            &p.message,
-                        );
+                    Retry::Offline(reason) => {
+                        offline.store(&p.user, Some(&p.device), reason, &p.message);
                         finished.push(p);
                     }
                 }
+            }
+            // Concurrent, so a store with group commit writes them together.
+            for held in join_all(rehold.iter().map(|p| self.inflight.resent(p))).await {
+                held?;
             }
             self.send_tracked(to_send, &mut offline, &mut finished)
                 .await?;
@@ -507,6 +557,7 @@ impl Core {
         offline: &mut Offline,
         finished: &mut Vec<Pending>,
     ) -> anyhow::Result<()> {
+        let mut resent = Vec::new();
         for (p, outcome) in self.send(to_send).await {
             match outcome {
                 SendOutcome::Sent | SendOutcome::Busy => {
@@ -517,8 +568,7 @@ impl Core {
                         ::metrics::counter!(metrics::DELIVERED).increment(1);
                     }
                     tracing::debug!(mid = %p.message.mid, user = %p.user, device = %p.device, sends = p.sends, "sent");
-                    // False when the ack arrived meanwhile: nothing left to do.
-                    self.inflight.resent(&p).await?;
+                    resent.push(p);
                 }
                 SendOutcome::NotConnected => {
                     offline.store(
@@ -530,6 +580,11 @@ impl Core {
                     finished.push(p);
                 }
             }
+        }
+        // Concurrent, so a store with group commit writes them together. An
+        // update finds nothing when the ack arrived meanwhile: nothing to do.
+        for updated in join_all(resent.iter().map(|p| self.inflight.resent(p))).await {
+            updated?;
         }
         Ok(())
     }
@@ -585,5 +640,102 @@ impl Core {
         }
         bus::acknowledged_all(acks).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dak_wire::{ChatKind, ClientId, Mid};
+
+    use super::*;
+
+    fn pending(sends: u32) -> Pending {
+        Pending {
+            user: UserId::parse("bob").unwrap(),
+            device: DeviceId::parse("phone").unwrap(),
+            message: Message {
+                mid: Mid::from_ulid(ulid::Ulid::new()),
+                id: ClientId::parse("c1").unwrap(),
+                from: UserId::parse("alice").unwrap(),
+                from_device: DeviceId::default_device(),
+                to: "bob".into(),
+                chat: ChatKind::Direct,
+                body: None,
+                ephemeral: false,
+                notice: None,
+                ts: 1,
+            },
+            sends,
+            first_sent_ms: 1,
+            deadline_ms: 2,
+        }
+    }
+
+    fn route(socket: Option<&str>, live: bool) -> DeviceRoute {
+        DeviceRoute {
+            device: DeviceId::parse("phone").unwrap(),
+            gateway_url: socket.map(|_| "http://gateway".to_owned()),
+            connection: socket.map(str::to_owned),
+            live,
+        }
+    }
+
+    #[test]
+    fn a_delivery_whose_device_presence_does_not_know_goes_to_the_inbox() {
+        // After a restart of `dak up`, presence is empty while the in-flight
+        // file still has the deliveries of the earlier process's sockets.
+        for sends in [0, 1, 3] {
+            assert_eq!(
+                retry_plan(&pending(sends), None, 3),
+                Retry::Offline(OfflineReason::NotConnected),
+                "sends = {sends}"
+            );
+        }
+        // Known as a device, without a socket: the same.
+        assert_eq!(
+            retry_plan(&pending(1), Some(&route(None, false)), 3),
+            Retry::Offline(OfflineReason::NotConnected)
+        );
+    }
+
+    #[test]
+    fn a_delivery_whose_device_reconnected_goes_to_the_new_socket() {
+        assert_eq!(
+            retry_plan(&pending(1), Some(&route(Some("conn-2"), true)), 3),
+            Retry::Send {
+                url: "http://gateway".into(),
+                connection: "conn-2".into()
+            }
+        );
+        // Held for a socket that is gone: sent to the live one that came since.
+        assert!(matches!(
+            retry_plan(&pending(0), Some(&route(Some("conn-2"), true)), 3),
+            Retry::Send { .. }
+        ));
+    }
+
+    #[test]
+    fn a_delivery_whose_device_is_replaying_is_held_once() {
+        let replaying = route(Some("conn-2"), false);
+        assert_eq!(retry_plan(&pending(1), Some(&replaying), 3), Retry::Hold);
+        assert_eq!(
+            retry_plan(&pending(0), Some(&replaying), 3),
+            Retry::Offline(OfflineReason::AckTimeout),
+            "held past its deadline"
+        );
+    }
+
+    #[test]
+    fn a_delivery_out_of_retries_goes_to_the_inbox_wherever_its_device_is() {
+        for r in [None, Some(route(Some("conn-2"), true))] {
+            assert_eq!(
+                retry_plan(&pending(4), r.as_ref(), 3),
+                Retry::Offline(OfflineReason::AckTimeout)
+            );
+        }
+        assert!(matches!(
+            retry_plan(&pending(3), Some(&route(Some("c"), true)), 3),
+            Retry::Send { .. }
+        ));
     }
 }

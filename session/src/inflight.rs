@@ -13,6 +13,11 @@
 //! and a sorted set `<prefix>:{inflight:n}:due` (same member, score = deadline
 //! in ms). Both keys of a shard share a hash tag, so every script touches one
 //! Redis Cluster slot.
+//!
+//! `dak up` without Redis keeps them in a SQLite file ([`SqliteInFlight`]), so
+//! they survive a restart; [`MemoryInFlight`] is for tests.
+
+mod sqlite;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -22,6 +27,8 @@ use dak_runtime::store::{StoreError, StoreResult};
 use dak_wire::event::Message;
 use dak_wire::{DeviceId, Mid, UserId};
 use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteInFlight;
 
 /// One message to one device, waiting for that device's ack — or, with
 /// `sends == 0`, held until the device's socket finished its inbox replay.
@@ -84,7 +91,7 @@ pub trait InFlight: Send + Sync + 'static {
     async fn count(&self) -> StoreResult<u64>;
 }
 
-/// The in-process store of `dak up`.
+/// In-flight deliveries in process memory, forgotten when the process stops.
 #[derive(Default)]
 pub struct MemoryInFlight {
     state: Mutex<MemoryState>,

@@ -74,6 +74,13 @@ impl Session {
         Ok(Self { core, consumer })
     }
 
+    /// When presence does not outlive the process (`dak up`), hands every
+    /// delivery left in flight by an earlier process to the inbox, in order.
+    /// Call it before the gateway takes sockets and before [`Session::run`].
+    pub async fn store_orphans(&self) -> anyhow::Result<()> {
+        self.core.store_orphans().await
+    }
+
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::info!("session running");
         let core = &self.core;

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use dak_runtime::dedup::{Dedup, MemoryDedup, RedisDedup, Reservation};
+use dak_runtime::dedup::{Dedup, MemoryDedup, RedisDedup, Reservation, SqliteDedup};
 use dak_wire::{ClientId, Mid, UserId};
 
 fn mid() -> Mid {
@@ -85,4 +85,155 @@ async fn redis_dedup_keeps_the_contract() {
         Duration::from_millis(300),
     ))
     .await;
+}
+
+/// Far more entries than any test makes.
+const NO_BOUND: u64 = 1_000_000;
+
+#[tokio::test]
+async fn sqlite_dedup_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str, ttl| SqliteDedup::open(&dir.path().join(name), ttl, NO_BOUND).unwrap();
+    contract(&open("contract.db", Duration::from_secs(60))).await;
+    expiry_contract(&open("expiry.db", Duration::from_millis(300))).await;
+}
+
+/// Rows in the file, as another connection sees them.
+fn rows(path: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn client_id(n: usize) -> ClientId {
+    ClientId::parse(format!("c-{n}")).unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_dedup_survives_closing_and_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dedup.db");
+    let alice = UserId::parse("alice").unwrap();
+    let (confirmed, unconfirmed) = (mid(), mid());
+    {
+        let store = SqliteDedup::open(&path, Duration::from_secs(60), NO_BOUND).unwrap();
+        store
+            .reserve(&alice, &client_id(1), confirmed, 10)
+            .await
+            .unwrap();
+        store
+            .confirm(&alice, &client_id(1), confirmed, 10)
+            .await
+            .unwrap();
+        store
+            .reserve(&alice, &client_id(2), unconfirmed, 20)
+            .await
+            .unwrap();
+    }
+    let store = SqliteDedup::open(&path, Duration::from_secs(60), NO_BOUND).unwrap();
+    assert_eq!(
+        store
+            .reserve(&alice, &client_id(1), mid(), 30)
+            .await
+            .unwrap(),
+        Reservation::Existing {
+            mid: confirmed,
+            ts: 10,
+            confirmed: true
+        },
+        "a client resending after the restart gets its first mid"
+    );
+    assert_eq!(
+        store
+            .reserve(&alice, &client_id(2), mid(), 30)
+            .await
+            .unwrap(),
+        Reservation::Existing {
+            mid: unconfirmed,
+            ts: 20,
+            confirmed: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn sqlite_dedup_deletes_expired_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dedup.db");
+    let store = SqliteDedup::open(&path, Duration::from_millis(200), NO_BOUND).unwrap();
+    let dave = UserId::parse("dave").unwrap();
+    for n in 0..100 {
+        store.reserve(&dave, &client_id(n), mid(), 1).await.unwrap();
+    }
+    assert_eq!(rows(&path), 100);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every transaction deletes expired entries after its own work.
+    store
+        .reserve(&dave, &client_id(100), mid(), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&path),
+        1,
+        "only the entry made after the others expired"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_dedup_keeps_at_most_its_bound_dropping_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dedup.db");
+    let store = SqliteDedup::open(&path, Duration::from_secs(60), 10).unwrap();
+    let erin = UserId::parse("erin").unwrap();
+    let mids: Vec<Mid> = (0..50).map(|_| mid()).collect();
+    for (n, mid) in mids.iter().enumerate() {
+        store
+            .reserve(&erin, &client_id(n), *mid, n as u64)
+            .await
+            .unwrap();
+        // Apart in time, so the oldest is unambiguous.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(rows(&path), 10);
+    assert_eq!(
+        store
+            .reserve(&erin, &client_id(49), mid(), 99)
+            .await
+            .unwrap(),
+        Reservation::Existing {
+            mid: mids[49],
+            ts: 49,
+            confirmed: false
+        },
+        "the newest are kept"
+    );
+    assert_eq!(
+        store
+            .reserve(&erin, &client_id(40), mid(), 99)
+            .await
+            .unwrap(),
+        Reservation::Existing {
+            mid: mids[40],
+            ts: 40,
+            confirmed: false
+        }
+    );
+    assert_eq!(
+        store
+            .reserve(&erin, &client_id(0), mid(), 99)
+            .await
+            .unwrap(),
+        Reservation::New,
+        "the oldest went"
+    );
+    assert_eq!(rows(&path), 10);
+
+    // A file over a smaller bound is brought down to it.
+    drop(store);
+    let store = SqliteDedup::open(&path, Duration::from_secs(60), 4).unwrap();
+    store
+        .reserve(&erin, &client_id(50), mid(), 50)
+        .await
+        .unwrap();
+    assert_eq!(rows(&path), 4);
 }

@@ -1,7 +1,9 @@
 //! `dak up` as a process of its own, stopped (SIGTERM) or killed (SIGKILL)
 //! while a device holds messages it has not acked yet and more are arriving,
 //! then started again on the same data directory: every accepted message
-//! reaches the device once it reconnects, once each and in order; a client id
+//! reaches the device once it reconnects, once each on the new socket; what
+//! the device sees for the first time, over both sockets, is in the order
+//! sent (messages it had not acked come again, as they must); a client id
 //! resent by the sender's outbox gets its old mid and is not delivered again.
 
 use std::collections::{HashMap, HashSet};
@@ -96,10 +98,10 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
         accepted.insert(seq_of(frame["id"].as_str().unwrap()), mid_of(&frame));
     }
     // Bob's device has every one of them, and acks none.
-    let mut seen = HashSet::new();
-    while seen.len() < HELD as usize {
+    let mut first_seen: Vec<u64> = Vec::new();
+    while first_seen.len() < HELD as usize {
         let frame = bob.expect("message").await;
-        seen.insert(mid_of(&frame));
+        first_seen.push(frame["body"]["seq"].as_u64().unwrap());
     }
 
     // More keep coming while dak goes down: those answered `accepted` are
@@ -149,11 +151,14 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
         );
         assert!(mids.insert(mid.clone()), "seq {seq} delivered twice");
         received.push(seq);
+        if !first_seen.contains(&seq) {
+            first_seen.push(seq);
+        }
         bob.ack(&[&mid]).await;
     }
-    let mut in_order = received.clone();
+    let mut in_order = first_seen.clone();
     in_order.sort();
-    assert_eq!(received, in_order, "out of order after the restart");
+    assert_eq!(first_seen, in_order, "first seen out of order");
 
     // Alice's outbox resends an id accepted before the stop: same mid, and
     // bob does not get it again; the next thing he gets is a new message.
@@ -169,7 +174,13 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
     alice
         .send_message("after", "bob", json!({ "seq": 1000 }))
         .await;
-    let next = bob.expect("message").await;
+    let next = loop {
+        let frame = bob.expect_any().await;
+        if frame["type"] != "sync.done" {
+            break frame;
+        }
+    };
+    assert_eq!(next["type"], "message", "{next}");
     assert_eq!(
         next["body"]["seq"], 1000,
         "the resent id was delivered again: {next}"

@@ -362,6 +362,15 @@ impl Client {
         }
     }
 
+    /// The next frame, whatever its type, with delivered receipts acked and
+    /// passed over; fails the test after [`PATIENCE`].
+    pub async fn expect_any(&mut self) -> Value {
+        match self.next_within(PATIENCE).await {
+            Some(frame) => frame,
+            None => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
     /// Waits for the server to close the socket, returning the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + PATIENCE;

@@ -1,0 +1,315 @@
+//! One SQLite connection on a thread of its own, with group commit: the engine
+//! under the stores `dak up` keeps on disk that are called once per message
+//! (outbox dedup, in-flight deliveries).
+//!
+//! rusqlite blocks, and these stores are called from many tasks at once. Each
+//! call becomes a job on a channel. The writer thread takes every job that
+//! queued up while it was busy and runs them in one transaction, each in a
+//! savepoint of its own (a job that fails takes back only its own writes), and
+//! answers each job once that transaction has committed. One commit, and with
+//! [`Durability::PowerLoss`] one fsync, thus serves every call that arrived
+//! meanwhile, and no async worker thread ever waits for SQLite.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::{StoreError, StoreResult};
+
+/// Most jobs in one transaction, so one transaction stays short.
+const MAX_BATCH: usize = 1024;
+
+/// How often [`WriterState::upkeep`] runs while no job comes.
+const IDLE_UPKEEP: Duration = Duration::from_secs(1);
+
+/// What a committed transaction survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=NORMAL`: when a call returns, its transaction is in the WAL
+    /// file, in the operating system's page cache. It survives the process
+    /// dying in any way (SIGKILL included). A power loss or kernel crash can
+    /// lose the last transactions, never corrupt the file.
+    ProcessCrash,
+    /// `synchronous=FULL`: the WAL file is fsynced at every commit, so a call
+    /// that returned survives a power loss too.
+    PowerLoss,
+}
+
+/// What a store keeps beside its connection, on the writer thread. Jobs get it
+/// mutably; when a job or its transaction fails, it is put back as it was, so
+/// it always matches what the file holds.
+pub trait WriterState: Clone + Send + 'static {
+    /// Runs in every transaction after its jobs, and every [`IDLE_UPKEEP`]
+    /// while no job comes: bounded housekeeping such as deleting expired rows.
+    fn upkeep(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let _ = conn;
+        Ok(())
+    }
+}
+
+impl WriterState for () {}
+
+/// How a transaction ended: `Err` with what went wrong if it did not commit.
+type Outcome = Result<(), String>;
+
+/// A job has run (or, with `None`, will not run because its transaction
+/// broke off): whether it failed, and how to answer its caller.
+struct Ran {
+    failed: bool,
+    answer: Answer,
+}
+
+/// Answers a job's caller, given how its transaction ended.
+type Answer = Box<dyn FnOnce(&Outcome) + Send>;
+
+type Job<S> = Box<dyn FnOnce(Option<(&Connection, &mut S)>) -> Ran + Send>;
+
+/// The handle to a writer thread. The thread ends, and closes the connection,
+/// once every handle is dropped and the jobs already queued are done.
+pub struct Writer<S> {
+    jobs: mpsc::Sender<Job<S>>,
+}
+
+impl<S: WriterState> Writer<S> {
+    /// Opens (or creates) the file in WAL mode, runs `schema`, builds the state
+    /// from what the file holds, and starts the thread named `name`.
+    pub fn open(
+        path: &Path,
+        name: &str,
+        durability: Durability,
+        schema: &str,
+        state: impl FnOnce(&Connection) -> rusqlite::Result<S>,
+    ) -> StoreResult<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let synchronous = match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.execute_batch(schema)?;
+        let state = state(&conn)?;
+        let (jobs, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(conn, state, queue))
+            .map_err(|e| StoreError::Transaction(format!("starting {name}: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `work` on the writer thread, inside the next transaction, and
+    /// returns its result once that transaction committed.
+    pub async fn call<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut S) -> StoreResult<T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job<S> = Box::new(move |open| {
+            // Without a transaction the outcome is an error, which is what the
+            // caller gets; `Closed` is never seen.
+            let result = match open {
+                Some((conn, state)) => work(conn, state),
+                None => Err(StoreError::Closed),
+            };
+            Ran {
+                failed: result.is_err(),
+                answer: Box::new(move |outcome: &Outcome| {
+                    let answer = match outcome {
+                        Ok(()) => result,
+                        Err(e) => Err(StoreError::Transaction(e.clone())),
+                    };
+                    // The caller may have stopped waiting; nothing to do then.
+                    let _ = reply.send(answer);
+                }),
+            }
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn run<S: WriterState>(mut conn: Connection, mut state: S, queue: mpsc::Receiver<Job<S>>) {
+    loop {
+        let mut batch = Vec::new();
+        match queue.recv_timeout(IDLE_UPKEEP) {
+            Ok(job) => batch.push(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit(&mut conn, &mut state, batch);
+    }
+}
+
+/// Runs the jobs in one transaction, then answers each.
+fn commit<S: WriterState>(conn: &mut Connection, state: &mut S, batch: Vec<Job<S>>) {
+    let saved = state.clone();
+    let mut jobs = batch.into_iter();
+    let mut answers = Vec::with_capacity(jobs.len());
+    let result = run_jobs(conn, state, &mut jobs, &mut answers);
+    // Jobs left when the transaction broke off are answered without running.
+    answers.extend(jobs.map(|job| job(None).answer));
+    let outcome = result.map_err(|e| e.to_string());
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, jobs = answers.len(), "sqlite transaction failed");
+        *state = saved;
+    }
+    for answer in answers {
+        answer(&outcome);
+    }
+}
+
+fn run_jobs<S: WriterState>(
+    conn: &mut Connection,
+    state: &mut S,
+    jobs: &mut impl Iterator<Item = Job<S>>,
+    answers: &mut Vec<Answer>,
+) -> rusqlite::Result<()> {
+    // IMMEDIATE takes the write lock at once: another connection to the file
+    // (an older process still closing) makes this wait, not fail halfway.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for job in jobs {
+        if let Err(e) = execute(&tx, "SAVEPOINT job") {
+            answers.push(job(None).answer);
+            return Err(e);
+        }
+        let before = state.clone();
+        let ran = job(Some((&tx, state)));
+        answers.push(ran.answer);
+        if ran.failed {
+            *state = before;
+            execute(&tx, "ROLLBACK TO job")?;
+        }
+        execute(&tx, "RELEASE job")?;
+    }
+    execute(&tx, "SAVEPOINT upkeep")?;
+    let before = state.clone();
+    if let Err(e) = state.upkeep(&tx) {
+        tracing::warn!(error = %e, "sqlite upkeep failed");
+        *state = before;
+        execute(&tx, "ROLLBACK TO upkeep")?;
+    }
+    execute(&tx, "RELEASE upkeep")?;
+    tx.commit()
+}
+
+fn execute(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Milliseconds as SQLite stores them (a signed 64-bit integer), saturating.
+pub fn sql_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts rows inserted, and transactions (in upkeep, which ends each).
+    #[derive(Clone, Default)]
+    struct Counts {
+        rows: u64,
+        transactions: u64,
+    }
+
+    impl WriterState for Counts {
+        fn upkeep(&mut self, _: &Connection) -> rusqlite::Result<()> {
+            self.transactions += 1;
+            Ok(())
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Writer<Counts> {
+        Writer::open(
+            &dir.path().join("t.db"),
+            "test-writer",
+            Durability::ProcessCrash,
+            "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY)",
+            |_| Ok(Counts::default()),
+        )
+        .unwrap()
+    }
+
+    /// Inserts `k`; returns the rows counted so far and the transaction it ran in.
+    async fn insert(writer: &Writer<Counts>, k: i64) -> StoreResult<(u64, u64)> {
+        writer
+            .call(move |conn, counts| {
+                conn.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                counts.rows += 1;
+                Ok((counts.rows, counts.transactions))
+            })
+            .await
+    }
+
+    async fn rows(writer: &Writer<Counts>) -> i64 {
+        writer
+            .call(|conn, _| Ok(conn.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap()
+    }
+
+    /// Keeps the writer thread busy, so the calls made meanwhile queue up.
+    async fn busy(writer: &Writer<Counts>) {
+        writer
+            .call(|_, _| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_takes_back_only_its_own_writes_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open(&dir);
+        let ((), (a, b, c)) = tokio::join!(busy(&writer), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::join!(insert(&writer, 1), insert(&writer, 1), insert(&writer, 2))
+        });
+        let (a, c) = (a.unwrap(), c.unwrap());
+        assert!(matches!(b, Err(StoreError::Sqlite(_))), "duplicate key");
+        assert_eq!(a.1, c.1, "one transaction");
+        assert_eq!(c.0, 2, "the failed job's count was put back");
+        assert_eq!(rows(&writer).await, 2);
+    }
+
+    #[tokio::test]
+    async fn calls_that_queue_up_share_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open(&dir);
+        let ((), results) = tokio::join!(busy(&writer), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            futures_util::future::join_all((0..500).map(|k| insert(&writer, k))).await
+        });
+        let transactions: Vec<u64> = results.into_iter().map(|r| r.unwrap().1).collect();
+        assert!(
+            transactions.iter().all(|t| *t == transactions[0]),
+            "500 calls queued behind a busy writer commit together"
+        );
+        assert_eq!(rows(&writer).await, 500);
+    }
+
+    #[tokio::test]
+    async fn what_a_call_wrote_is_in_the_file_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open(&dir);
+        insert(&writer, 7).await.unwrap();
+        let reader = Connection::open(dir.path().join("t.db")).unwrap();
+        let found: i64 = reader
+            .query_row("SELECT COUNT(*) FROM t WHERE k = 7", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(found, 1);
+    }
+}

@@ -1,0 +1,318 @@
+//! In-flight deliveries in a SQLite file, the store of `dak up` without Redis,
+//! so that a restart keeps every delivery that was sent (or held) and not acked.
+//!
+//! Table `inflight`: one row per (`user`, `device`, `mid`), with the deadline
+//! in ms (indexed, for [`InFlight::claim_due`]), `held` (the delivery's
+//! position among its device's held deliveries, or NULL; partly indexed per
+//! device) and `record`, the [`Pending`] as JSON. As in the other stores the
+//! stored record keeps the deadline it was written with; the `deadline`
+//! column alone moves with a claim's lease.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use dak_runtime::sqlite::{sql_ms, Durability, Writer, WriterState};
+use dak_runtime::store::StoreResult;
+use dak_wire::{DeviceId, Mid, UserId};
+use rusqlite::{params, OptionalExtension};
+
+use super::{decode, encode, InFlight, Pending};
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS inflight (
+        user TEXT NOT NULL,
+        device TEXT NOT NULL,
+        mid TEXT NOT NULL,
+        deadline INTEGER NOT NULL,
+        held INTEGER,
+        record TEXT NOT NULL,
+        UNIQUE (user, device, mid)
+    );
+    CREATE INDEX IF NOT EXISTS inflight_due ON inflight (deadline);
+    CREATE INDEX IF NOT EXISTS inflight_held ON inflight (user, device, held)
+        WHERE held IS NOT NULL;";
+
+/// Leases up to ?3 deliveries due at ?1 until ?2, by the deadline index.
+const CLAIM: &str = "
+    UPDATE inflight SET deadline = ?2
+    WHERE rowid IN (SELECT rowid FROM inflight WHERE deadline <= ?1 ORDER BY deadline LIMIT ?3)
+    RETURNING record";
+
+/// The held deliveries of device ?2 of user ?1, in the order they were held.
+const HELD: &str = "
+    SELECT record FROM inflight
+    WHERE user = ?1 AND device = ?2 AND held IS NOT NULL ORDER BY held";
+
+/// In-flight deliveries in a SQLite file (WAL, `synchronous=FULL`), for one
+/// session instance: the file is not shared between processes.
+///
+/// `synchronous=FULL` (an fsync per transaction) rather than the `NORMAL` of
+/// the other files: session commits its `dak.deliver` offset once `begin`
+/// returned, so a record lost while that offset commit survives is a message
+/// lost. With `NORMAL` a power loss could do that; with `FULL` a call that
+/// returned is on disk. Group commit (see [`dak_runtime::sqlite`]) spreads
+/// each fsync over every call that queued up meanwhile.
+pub struct SqliteInFlight {
+    writer: Writer<HeldOrder>,
+}
+
+/// The next position to give a held delivery. Positions only need to grow, so
+/// one counter serves every device.
+#[derive(Clone)]
+struct HeldOrder {
+    next: i64,
+}
+
+impl HeldOrder {
+    fn take(&mut self) -> i64 {
+        self.next += 1;
+        self.next - 1
+    }
+}
+
+impl WriterState for HeldOrder {}
+
+/// A delivery as the writer thread stores it, encoded on the caller's thread.
+struct Row {
+    user: String,
+    device: String,
+    mid: String,
+    deadline: i64,
+    held: bool,
+    record: String,
+}
+
+impl Row {
+    fn of(delivery: &Pending) -> Self {
+        Self {
+            user: delivery.user.to_string(),
+            device: delivery.device.to_string(),
+            mid: delivery.message.mid.to_string(),
+            deadline: sql_ms(delivery.deadline_ms),
+            held: delivery.is_held(),
+            record: encode(delivery),
+        }
+    }
+}
+
+impl SqliteInFlight {
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let writer = Writer::open(
+            path,
+            "dak-inflight-db",
+            Durability::PowerLoss,
+            SCHEMA,
+            |conn| {
+                let last: i64 =
+                    conn.query_row("SELECT COALESCE(MAX(held), 0) FROM inflight", [], |r| {
+                        r.get(0)
+                    })?;
+                Ok(HeldOrder { next: last + 1 })
+            },
+        )?;
+        Ok(Self { writer })
+    }
+}
+
+#[async_trait]
+impl InFlight for SqliteInFlight {
+    async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Row> = deliveries.iter().map(Row::of).collect();
+        self.writer
+            .call(move |conn, order| {
+                let mut insert = conn.prepare_cached(
+                    "INSERT INTO inflight (user, device, mid, deadline, held, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (user, device, mid) DO NOTHING",
+                )?;
+                let mut fresh = Vec::with_capacity(rows.len());
+                for r in rows {
+                    let held = r.held.then(|| order.take());
+                    let inserted = insert
+                        .execute(params![r.user, r.device, r.mid, r.deadline, held, r.record])?;
+                    fresh.push(inserted == 1);
+                }
+                Ok(fresh)
+            })
+            .await
+    }
+
+    async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
+        let (user, device) = (user.to_string(), device.to_string());
+        let records: Vec<String> = self
+            .writer
+            .call(move |conn, _| {
+                let records = conn
+                    .prepare_cached(HELD)?
+                    .query_map(params![user, device], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                conn.prepare_cached(
+                    "UPDATE inflight SET held = NULL
+                     WHERE user = ?1 AND device = ?2 AND held IS NOT NULL",
+                )?
+                .execute(params![user, device])?;
+                Ok(records)
+            })
+            .await?;
+        let held: StoreResult<Vec<Pending>> = records.iter().map(|json| decode(json)).collect();
+        // Taken while held; one sent meanwhile by the retry loop stays as it is.
+        Ok(held?.into_iter().filter(Pending::is_held).collect())
+    }
+
+    async fn ack(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> StoreResult<Vec<Option<Pending>>> {
+        if mids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (user, device) = (user.to_string(), device.to_string());
+        let mids: Vec<String> = mids.iter().map(Mid::to_string).collect();
+        let found: Vec<Option<String>> = self
+            .writer
+            .call(move |conn, _| {
+                let mut delete = conn.prepare_cached(
+                    "DELETE FROM inflight WHERE user = ?1 AND device = ?2 AND mid = ?3
+                     RETURNING record",
+                )?;
+                let mut found = Vec::with_capacity(mids.len());
+                for mid in mids {
+                    found.push(
+                        delete
+                            .query_row(params![user, device, mid], |r| r.get(0))
+                            .optional()?,
+                    );
+                }
+                Ok(found)
+            })
+            .await?;
+        found
+            .iter()
+            .map(|json| json.as_deref().map(decode).transpose())
+            .collect()
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Pending>> {
+        let (now, leased) = (sql_ms(now_ms), sql_ms(now_ms.saturating_add(lease_ms)));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let records: Vec<String> = self
+            .writer
+            .call(move |conn, _| {
+                let records = conn
+                    .prepare_cached(CLAIM)?
+                    .query_map(params![now, leased, limit], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(records)
+            })
+            .await?;
+        records.iter().map(|json| decode(json)).collect()
+    }
+
+    async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
+        let row = Row::of(delivery);
+        self.writer
+            .call(move |conn, order| {
+                // A delivery held again keeps the place it still has, if any.
+                // (The other stores list it a second time, and return it at
+                // both places; once, at the first, is enough.)
+                let place = row.held.then(|| order.take());
+                let updated = conn
+                    .prepare_cached(
+                        "UPDATE inflight SET deadline = ?4, record = ?5, held = COALESCE(held, ?6)
+                         WHERE user = ?1 AND device = ?2 AND mid = ?3",
+                    )?
+                    .execute(params![
+                        row.user,
+                        row.device,
+                        row.mid,
+                        row.deadline,
+                        row.record,
+                        place
+                    ])?;
+                Ok(updated == 1)
+            })
+            .await
+    }
+
+    async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<(String, String, String)> = deliveries
+            .iter()
+            .map(|d| {
+                (
+                    d.user.to_string(),
+                    d.device.to_string(),
+                    d.message.mid.to_string(),
+                )
+            })
+            .collect();
+        self.writer
+            .call(move |conn, _| {
+                let mut delete = conn.prepare_cached(
+                    "DELETE FROM inflight WHERE user = ?1 AND device = ?2 AND mid = ?3",
+                )?;
+                for (user, device, mid) in keys {
+                    delete.execute(params![user, device, mid])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn count(&self) -> StoreResult<u64> {
+        self.writer
+            .call(|conn, _| Ok(conn.query_row("SELECT COUNT(*) FROM inflight", [], |r| r.get(0))?))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How SQLite runs a statement of the store.
+    fn plan(sql: &str) -> String {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let unbound = vec![rusqlite::types::Null; explain.parameter_count()];
+        let steps: Vec<String> = explain
+            .query_map(rusqlite::params_from_iter(unbound), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        steps.join("\n")
+    }
+
+    #[test]
+    fn claiming_finds_due_deliveries_by_the_deadline_index() {
+        let plan = plan(CLAIM);
+        assert!(plan.contains("INDEX inflight_due (deadline<?)"), "{plan}");
+        assert!(!plan.contains("SCAN"), "{plan}");
+    }
+
+    #[test]
+    fn taking_held_deliveries_reads_only_the_devices_held_ones() {
+        let plan = plan(HELD);
+        assert!(
+            plan.contains("INDEX inflight_held (user=? AND device=?"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
+    }
+}
