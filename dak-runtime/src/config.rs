@@ -24,15 +24,15 @@ pub struct ProcessArgs {
 /// Kafka: where the brokers are and what the topics are called.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
-    /// Bootstrap servers, `host:port[,host:port…]`. Unset in `dak up`: the embedded
-    /// mock cluster is used.
+    /// Bootstrap servers, `host:port[,host:port…]`. Unset in `dak up`: the
+    /// embedded durable log (`bus.db` in the data directory) is the bus.
     #[arg(long = "kafka-brokers", env = "DAK_KAFKA_BROKERS")]
     pub brokers: Option<String>,
     /// Prepended to every topic name, e.g. `staging.` gives `staging.dak.inbound`.
     #[arg(long, env = "DAK_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
     /// Partitions of each topic created at start-up [default: 12; 1 on the
-    /// embedded cluster, whose one process gains nothing from more].
+    /// embedded log, whose one process gains nothing from more].
     #[arg(long, env = "DAK_KAFKA_PARTITIONS")]
     pub partitions: Option<i32>,
     /// Replication factor of each topic created at start-up.
@@ -41,10 +41,10 @@ pub struct KafkaArgs {
     /// Producer `linger.ms`: how long records wait to be batched [default: 1].
     #[arg(long, env = "DAK_KAFKA_LINGER_MS")]
     pub linger_ms: Option<u32>,
-    /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker for
-    /// new records [default: 10; 2 on the embedded cluster]. Kafka brokers answer as
-    /// soon as records arrive; the embedded mock cluster waits it out, so there
-    /// it bounds each hop's latency, and a lower value costs idle CPU.
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker
+    /// when there is nothing to read [default: 100]. Brokers answer as soon as
+    /// records arrive, so it does not delay delivery; lower values only make
+    /// idle consumers ask more often.
     #[arg(long, env = "DAK_KAFKA_FETCH_WAIT_MS")]
     pub fetch_wait_ms: Option<u32>,
     /// Consumer `session.timeout.ms`: how long a consumer that died without

@@ -75,14 +75,26 @@ impl IntoResponse for ApiError {
 }
 
 /// axum answers an oversize body with a plain-text 413; clients get the same
-/// JSON error shape as for every other refusal.
+/// JSON error shape as for every other refusal. The rest of such a body is
+/// never read, so the connection cannot carry another request: the answer
+/// says `Connection: close`, or a client reusing the connection would see its
+/// next request fail.
 async fn json_body_limit(response: Response) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        return ApiError::new(ErrorCode::TooLarge, "request body too large").into_response();
-    }
+    let mut response = if is_json {
+        response
+    } else {
+        ApiError::new(ErrorCode::TooLarge, "request body too large").into_response()
+    };
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
     response
 }

@@ -3,7 +3,7 @@
 //! WebSocket get the same mid rules, the same dedup and the same durability.
 //!
 //! Submitting is two steps so a connection can pipeline: [`Ingress::submit`]
-//! queues the record in order, and [`Pending::accepted`] waits until Kafka
+//! queues the record in order, and [`Pending::accepted`] waits until the bus
 //! acknowledged it. Only then may the client hear `accepted`.
 
 use std::sync::{Arc, Mutex};
@@ -12,17 +12,16 @@ use dak_wire::event::{self, Ack, Connected, InboundEvent, Message, Notice, PushT
 use dak_wire::frame::{GroupRequest, Outgoing, ReceiptRequest};
 use dak_wire::group::GroupCommand;
 use dak_wire::{ChatKind, ClientId, Mid};
-use rdkafka::producer::DeliveryFuture;
 
 use crate::auth::Identity;
+use crate::bus::{BusError, ProduceFuture, Producer};
 use crate::dedup::{Dedup, Reservation};
-use crate::kafka::{self, Producer};
 use crate::metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -43,11 +42,11 @@ pub struct Ingress {
     mids: Arc<Mutex<ulid::Generator>>,
 }
 
-/// A message queued for Kafka, not yet acknowledged.
+/// A message queued on the bus, not yet acknowledged.
 pub struct Pending {
     accepted: Accepted,
     from: Identity,
-    delivery: Option<DeliveryFuture>,
+    delivery: Option<ProduceFuture>,
     /// Set when the mid was reserved in the dedup store and is to be confirmed.
     dedup: Option<Arc<dyn Dedup>>,
 }
@@ -149,7 +148,7 @@ impl Ingress {
         })
     }
 
-    /// Queues a typing notice, without waiting for Kafka: it is worth nothing
+    /// Queues a typing notice, without waiting for the bus: it is worth nothing
     /// late, and nothing is lost if it never arrives.
     pub fn typing(&self, from: &Identity, to: String, chat: ChatKind) -> Result<(), IngressError> {
         let mid = self.next_mid();
@@ -203,7 +202,7 @@ impl Ingress {
 
     /// Queues the event for `mid`, accepted at `ts`, on `dak.inbound`, keyed by
     /// the sender. A `reserved` mid came from the dedup store and is confirmed
-    /// there once Kafka has it.
+    /// there once the bus has it.
     fn enqueue(
         &self,
         from: &Identity,
@@ -238,22 +237,22 @@ impl Ingress {
         let delivery =
             self.producer
                 .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
-        kafka::acknowledged(delivery).await?;
+        delivery.await?;
         Ok(())
     }
 
-    /// Queues a device's push-token registration and waits for Kafka.
+    /// Queues a device's push-token registration and waits for the bus.
     pub async fn push_token(&self, token: PushToken) -> Result<(), IngressError> {
         let key = token.user.to_string();
         let event = InboundEvent::PushToken(token);
         let delivery = self
             .producer
             .enqueue(&self.topic, &key, &event::encode(&event))?;
-        kafka::acknowledged(delivery).await?;
+        delivery.await?;
         Ok(())
     }
 
-    /// Queues a device's ack on `dak.inbound` and waits for Kafka.
+    /// Queues a device's ack on `dak.inbound` and waits for the bus.
     pub async fn ack(&self, from: &Identity, mids: Vec<Mid>) -> Result<(), IngressError> {
         let event = InboundEvent::Ack(Ack {
             user: from.user.clone(),
@@ -263,7 +262,7 @@ impl Ingress {
         let delivery =
             self.producer
                 .enqueue(&self.topic, from.user.as_str(), &event::encode(&event))?;
-        kafka::acknowledged(delivery).await?;
+        delivery.await?;
         Ok(())
     }
 }
@@ -293,10 +292,10 @@ impl Pending {
         &self.accepted.id
     }
 
-    /// Waits for Kafka's acknowledgement and records the mid as durable.
+    /// Waits for the bus to acknowledge it and records the mid as durable.
     pub async fn accepted(self) -> Result<Accepted, IngressError> {
         if let Some(delivery) = self.delivery {
-            kafka::acknowledged(delivery).await?;
+            delivery.await?;
             let a = &self.accepted;
             if let Some(dedup) = &self.dedup {
                 dedup.confirm(&self.from.user, &a.id, a.mid, a.ts).await?;

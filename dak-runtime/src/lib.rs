@@ -3,8 +3,9 @@
 //! - [`config`]: the `DAK_…` settings every service shares (Kafka, Redis, admin, auth).
 //! - [`telemetry`]: tracing set-up, text or JSON.
 //! - [`shutdown`]: one cancellation signal for a process, with a grace period.
-//! - [`kafka`]: topics, the idempotent producer, at-least-once consumers, and the
-//!   embedded mock cluster `dak up` runs on.
+//! - [`bus`]: the event bus seam: topics, producers with durable
+//!   acknowledgements, at-least-once consumer groups; on Kafka or on the
+//!   embedded durable log `dak up` runs on.
 //! - [`redis`]: connecting to Redis.
 //! - [`admin`]: `/livez`, `/readyz` and `/metrics`.
 //! - [`auth`]: client JWTs and the internal token.
@@ -19,12 +20,12 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod dedup;
 pub mod gateway;
 pub mod http;
 pub mod ingress;
-pub mod kafka;
 pub mod metrics;
 pub mod presence;
 pub mod process;

@@ -103,6 +103,13 @@ pub trait Presence: Send + Sync + 'static {
     async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()>;
     /// Every known device of each user, with its gateway if connected.
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>>;
+    /// Whether the sockets this store knows can outlive the process that
+    /// reads it. Not for the in-process store of `dak up`: its gateway, and so
+    /// every socket, died with the process before it, so whatever was in
+    /// flight to a socket at start-up was in flight to a dead one.
+    fn outlives_the_process(&self) -> bool {
+        true
+    }
 }
 
 /// The in-process presence of `dak up`.
@@ -126,6 +133,10 @@ struct UserPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
+    fn outlives_the_process(&self) -> bool {
+        false
+    }
+
     async fn connect(&self, conn: &Connection) -> StoreResult<()> {
         let mut state = self.state.lock().expect("presence lock");
         let user = state.users.entry(conn.user.clone()).or_default();

@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Readiness};
+use crate::bus::{Bus, KafkaConfig, Producer};
 use crate::config::{KafkaArgs, ProcessArgs, StoreArgs};
 use crate::dedup::{Dedup, RedisDedup};
-use crate::kafka::{self, KafkaConfig, Producer};
 use crate::presence::{Presence, RedisPresence};
 use crate::shutdown::{self, Shutdown};
 use crate::telemetry;
@@ -25,7 +25,7 @@ pub struct ConfigError(pub String);
 pub type Tasks = JoinSet<anyhow::Result<()>>;
 
 /// What a binary starts: the tasks to supervise, and what they use that must
-/// outlive them all (the embedded Kafka cluster of `dak up`).
+/// outlive them all (the embedded bus of `dak up`).
 pub struct Started {
     pub tasks: Tasks,
     pub keep_alive: Vec<Box<dyn Send>>,
@@ -128,14 +128,14 @@ pub fn spawn_admin(
 
 /// Kafka for a service running on its own: `DAK_KAFKA_BROKERS` is required, and
 /// the topics are created if missing.
-pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(KafkaConfig, Producer)> {
+pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(Bus, Producer)> {
     let brokers = args.brokers.clone().ok_or_else(|| {
         ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into())
     })?;
-    let kafka = KafkaConfig::new(brokers, args);
-    kafka::create_topics(&kafka).await?;
-    let producer = Producer::new(&kafka)?;
-    Ok((kafka, producer))
+    let bus = Bus::kafka(KafkaConfig::new(brokers, args));
+    bus.create_topics().await?;
+    let producer = bus.producer()?;
+    Ok((bus, producer))
 }
 
 /// Redis for a service running on its own: `DAK_REDIS_URL` is required.
@@ -161,10 +161,10 @@ pub fn redis_dedup(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> 
     ))
 }
 
-/// Readiness check: Kafka answers metadata requests.
-pub fn kafka_check(readiness: &mut Readiness, producer: &Producer) {
+/// Readiness check: the bus answers (Kafka: a metadata request).
+pub fn bus_check(readiness: &mut Readiness, producer: &Producer) {
     let producer = producer.clone();
-    readiness.add("kafka", move || {
+    readiness.add("bus", move || {
         let producer = producer.clone();
         async move { producer.check().await }
     });

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |shutdown| async move {
-                let running = dak::up::start(*args, dak::up::Bus::FromArgs, shutdown).await?;
+                let running = dak::up::start(*args, shutdown).await?;
                 if let Some(secret) = &running.jwt_secret {
                     println!("DAK_JWT_SECRET={secret}");
                     println!("(generated for this run; set DAK_JWT_SECRET to keep tokens valid across restarts)");
@@ -62,13 +62,17 @@ fn main() -> ExitCode {
                     "admin: http://{}/metrics /livez /readyz",
                     running.admin_addr
                 );
-                tracing::info!(public = %running.public_addr, admin = %running.admin_addr, brokers = %running.kafka.brokers, "dak up");
+                tracing::info!(public = %running.public_addr, admin = %running.admin_addr, bus = %running.bus.describe(), "dak up");
                 Ok(dak_runtime::process::Started {
                     tasks: running.tasks,
+                    // The embedded log's writer finishes its last commits
+                    // when the last handle goes, after every task ended.
                     keep_alive: running
-                        .embedded
+                        .bus
+                        .embedded_log()
+                        .cloned()
                         .into_iter()
-                        .map(|e| Box::new(e) as Box<dyn Send>)
+                        .map(|log| Box::new(log) as Box<dyn Send>)
                         .collect(),
                 })
             })

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
+use dak_runtime::bus::{Bus, Log, LogOptions};
 use dak_runtime::config::{
     self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
 };
 use dak_runtime::dedup::{Dedup, SqliteDedup};
 use dak_runtime::ingress::Ingress;
-use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
@@ -44,14 +44,11 @@ pub struct UpArgs {
     pub push: push::Config,
     #[command(flatten)]
     pub scylla: config::ScyllaArgs,
-}
-
-/// Where the event bus comes from.
-pub enum Bus {
-    /// `DAK_KAFKA_BROKERS` if set, else a mock cluster of this process's own.
-    FromArgs,
-    /// A mock cluster that outlives this stack (tests share one per binary).
-    Shared(Arc<EmbeddedKafka>),
+    /// How long the embedded bus keeps a record that some consumer has not
+    /// read (a record every consumer has read goes at once). Only without
+    /// `DAK_KAFKA_BROKERS`.
+    #[arg(long, env = "DAK_BUS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub bus_retention: Duration,
 }
 
 /// A started stack: its addresses, and the tasks to supervise.
@@ -60,13 +57,11 @@ pub struct Running {
     pub internal_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub jwt_secret: Option<String>,
-    pub kafka: KafkaConfig,
+    pub bus: Bus,
     pub tasks: Tasks,
-    /// The mock cluster this stack runs on, if any: drop it after the tasks ended.
-    pub embedded: Option<Arc<EmbeddedKafka>>,
 }
 
-pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Result<Running> {
+pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Running> {
     let generated_secret = args.auth.jwt_secret.is_none() && args.auth.jwt_public_key.is_none();
     if generated_secret {
         args.auth.jwt_secret = Some(config::random_secret());
@@ -78,10 +73,10 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         .clone()
         .unwrap_or_else(config::random_secret);
 
-    let (kafka, embedded) = kafka(&args.kafka, bus).await?;
-    let producer = Producer::new(&kafka)?;
+    let bus = open_bus(&args).await?;
+    let producer = bus.producer()?;
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
 
     let (presence, dedup, inflight): (Arc<dyn Presence>, Arc<dyn Dedup>, Arc<dyn InFlight>) =
         match &args.store.redis_url {
@@ -124,7 +119,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let groups = group_router::standalone::open_store(&args.data.data_dir, &args.scylla).await?;
     group_router::standalone::store_check(&mut readiness, &groups);
 
-    let ingress = Ingress::new(producer.clone(), kafka.topics.inbound.clone(), dedup);
+    let ingress = Ingress::new(producer.clone(), bus.topics().inbound.clone(), dedup);
     let limits = args.gateway.limits.limits();
     let group_config = group_router::Config {
         max_members: limits.max_group_members,
@@ -144,7 +139,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits, presence.clone());
     let persistence = persistence::Persistence::build(
         args.persistence,
-        &kafka,
+        &bus,
         persistence::Deps {
             inbox,
             producer: producer.clone(),
@@ -154,17 +149,17 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     )?;
     let group_router = group_router::GroupRouter::build(
         group_config,
-        &kafka,
+        &bus,
         group_router::Deps {
             store: groups,
             producer: producer.clone(),
             verifier,
         },
     )?;
-    let router = message_router::MessageRouter::build(&kafka, producer.clone())?;
+    let router = message_router::MessageRouter::build(&bus, producer.clone())?;
     let session = session::Session::build(
         args.session,
-        &kafka,
+        &bus,
         session::Deps {
             inflight,
             presence: presence.clone(),
@@ -173,11 +168,15 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         },
     )?;
 
+    // Before any socket: deliveries in flight to the sockets of an earlier
+    // process go to their inboxes ahead of anything newer.
+    session.store_orphans().await?;
+
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     let push = push::Push::build(
         &args.push,
-        &kafka,
+        &bus,
         push::Deps {
             tokens,
             presence: presence.clone(),
@@ -213,7 +212,7 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
     let flush_on = shutdown.clone();
     shutdown::spawn(&mut tasks, "producer", async move {
         flush_on.cancelled().await;
-        producer.flush(Duration::from_secs(5));
+        producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });
 
@@ -224,9 +223,8 @@ pub async fn start(mut args: UpArgs, bus: Bus, shutdown: Shutdown) -> anyhow::Re
         jwt_secret: generated_secret
             .then(|| args.auth.jwt_secret.clone())
             .flatten(),
-        kafka,
+        bus,
         tasks,
-        embedded,
     })
 }
 
@@ -250,19 +248,27 @@ async fn open_files(
     opened.await?
 }
 
-async fn kafka(
-    args: &KafkaArgs,
-    bus: Bus,
-) -> anyhow::Result<(KafkaConfig, Option<Arc<EmbeddedKafka>>)> {
-    let embedded = match bus {
-        Bus::Shared(cluster) => cluster,
-        Bus::FromArgs if args.brokers.is_some() => {
-            let (kafka, _) = process::connect_kafka(args).await?;
-            return Ok((kafka, None));
-        }
-        Bus::FromArgs => Arc::new(EmbeddedKafka::start()?),
+/// The bus: Kafka when `DAK_KAFKA_BROKERS` is set, else the embedded durable
+/// log in `bus.db` under the data directory.
+async fn open_bus(args: &UpArgs) -> anyhow::Result<Bus> {
+    if args.kafka.brokers.is_some() {
+        let (bus, _) = process::connect_kafka(&args.kafka).await?;
+        return Ok(bus);
+    }
+    let dir = &args.data.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ConfigError(format!("cannot create {}: {e}", dir.display())))?;
+    let options = LogOptions {
+        partitions: args.kafka.partitions.unwrap_or(1).max(1) as u32,
+        retention: args.bus_retention,
+        ..LogOptions::default()
     };
-    let kafka = KafkaConfig::embedded(embedded.brokers().to_owned(), args);
-    embedded.create_topics(&kafka.topics, kafka.partitions)?;
-    Ok((kafka, Some(embedded)))
+    let path = dir.join("bus.db");
+    let log = tokio::task::spawn_blocking(move || Log::open(&path, options)).await??;
+    let bus = Bus::log(
+        log,
+        dak_runtime::bus::Topics::with_prefix(&args.kafka.topic_prefix),
+    );
+    bus.create_topics().await?;
+    Ok(bus)
 }

@@ -35,7 +35,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
-use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
+use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, DeliverEvent, GroupEvent};
@@ -67,7 +67,7 @@ pub struct Deps {
 }
 
 pub struct GroupRouter {
-    consumer: EventConsumer,
+    consumer: Consumer,
     shared: Arc<Shared>,
 }
 
@@ -87,21 +87,20 @@ struct Working {
 }
 
 impl GroupRouter {
-    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+    pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
+        let topics = bus.topics();
         ::metrics::describe_counter!(COMMANDS, "Group commands handled, by op and result");
         ::metrics::describe_counter!(
             FANNED_OUT,
             "Deliveries group-router wrote to dak.deliver, by kind"
         );
-        let prefix = kafka.topics.group.trim_end_matches("dak.group");
-        let consumer =
-            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.group])?;
+        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.group])?;
         let shared = Arc::new(Shared {
             config,
             store: deps.store,
             producer: deps.producer,
             verifier: deps.verifier,
-            deliver_topic: kafka.topics.deliver.clone(),
+            deliver_topic: topics.deliver.clone(),
         });
         Ok(Self { consumer, shared })
     }
@@ -124,7 +123,7 @@ impl GroupRouter {
                 }
             })
             .await;
-        shared.producer.flush(Duration::from_secs(5));
+        shared.producer.flush(Duration::from_secs(5)).await;
         Ok(())
     }
 }
@@ -201,11 +200,7 @@ impl Shared {
                 acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
             }
         }
-        for result in
-            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
-        {
-            result?;
-        }
+        bus::acknowledged_all(acks).await?;
 
         let changes: Vec<GroupChange> = groups
             .into_values()

@@ -67,13 +67,13 @@ pub fn store_check(readiness: &mut Readiness, store: &Arc<dyn GroupStore>) {
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let store = open_store(&args.data_dir, &args.scylla).await?;
     let public = process::bind("the groups API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     store_check(&mut readiness, &store);
     let config = Config {
         max_members: args.limits.group_max_members,
@@ -83,7 +83,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         producer: producer.clone(),
         verifier,
     };
-    let router = GroupRouter::build(config, &kafka, deps)?;
+    let router = GroupRouter::build(config, &bus, deps)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
@@ -94,7 +94,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     );
     shutdown::spawn(&mut tasks, "group-router", async move {
         router.run(shutdown).await?;
-        producer.flush(Duration::from_secs(5));
+        producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });
     Ok(tasks.into())

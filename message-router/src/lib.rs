@@ -19,7 +19,7 @@
 
 pub mod standalone;
 
-use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
+use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent};
@@ -32,7 +32,7 @@ pub const GROUP: &str = "dak.message-router";
 const BATCH: usize = 1000;
 
 pub struct MessageRouter {
-    consumer: EventConsumer,
+    consumer: Consumer,
     producer: Producer,
     deliver_topic: String,
     offline_topic: String,
@@ -49,14 +49,15 @@ pub enum Route {
 }
 
 impl MessageRouter {
-    pub fn build(config: &KafkaConfig, producer: Producer) -> Result<Self, KafkaError> {
-        let consumer = EventConsumer::new(config, &group_name(config), &[&config.topics.inbound])?;
+    pub fn build(bus: &Bus, producer: Producer) -> Result<Self, BusError> {
+        let topics = bus.topics();
+        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.inbound])?;
         Ok(Self {
             consumer,
             producer,
-            deliver_topic: config.topics.deliver.clone(),
-            offline_topic: config.topics.offline.clone(),
-            group_topic: config.topics.group.clone(),
+            deliver_topic: topics.deliver.clone(),
+            offline_topic: topics.offline.clone(),
+            group_topic: topics.group.clone(),
         })
     }
 
@@ -71,7 +72,7 @@ impl MessageRouter {
                 }
             })
             .await;
-        self.producer.flush(std::time::Duration::from_secs(5));
+        self.producer.flush(std::time::Duration::from_secs(5)).await;
         Ok(())
     }
 
@@ -124,20 +125,9 @@ impl MessageRouter {
                 }
             }
         }
-        for result in
-            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
-        {
-            result?;
-        }
+        bus::acknowledged_all(acks).await?;
         Ok(())
     }
-}
-
-/// The consumer group, namespaced by the topic prefix so test runs and
-/// deployments sharing a cluster do not share offsets.
-fn group_name(config: &KafkaConfig) -> String {
-    let prefix = config.topics.inbound.trim_end_matches("dak.inbound");
-    format!("{prefix}{GROUP}")
 }
 
 /// Decides where one `dak.inbound` record goes.

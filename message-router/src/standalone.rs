@@ -17,11 +17,11 @@ pub struct Args {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
-    let router = MessageRouter::build(&kafka, producer)?;
+    process::bus_check(&mut readiness, &producer);
+    let router = MessageRouter::build(&bus, producer)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());

@@ -28,8 +28,8 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
+use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
 use dak_runtime::gateway::Gateways;
-use dak_runtime::kafka::{self, EventConsumer, KafkaConfig, KafkaError, Producer, Record};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, OfflineEvent};
@@ -66,7 +66,7 @@ pub struct Deps {
 }
 
 pub struct Persistence {
-    consumer: EventConsumer,
+    consumer: Consumer,
     shared: Arc<Shared>,
 }
 
@@ -80,18 +80,17 @@ struct Shared {
 }
 
 impl Persistence {
-    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+    pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
+        let topics = bus.topics();
         describe();
-        let prefix = kafka.topics.offline.trim_end_matches("dak.offline");
-        let consumer =
-            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.offline])?;
+        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.offline])?;
         let shared = Arc::new(Shared {
             gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
             config,
             inbox: deps.inbox,
             producer: deps.producer,
             verifier: deps.verifier,
-            deliver_topic: kafka.topics.deliver.clone(),
+            deliver_topic: topics.deliver.clone(),
         });
         Ok(Self { consumer, shared })
     }
@@ -113,7 +112,7 @@ impl Persistence {
             }
         });
         tokio::join!(consume, shared.expiry_loop(&shutdown));
-        shared.producer.flush(Duration::from_secs(5));
+        shared.producer.flush(Duration::from_secs(5)).await;
         Ok(())
     }
 }
@@ -185,11 +184,7 @@ impl Shared {
             let payload = event::encode(&DeliverEvent::Message(receipt));
             acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
         }
-        for result in
-            futures_util::future::join_all(acks.into_iter().map(kafka::acknowledged)).await
-        {
-            result?;
-        }
+        bus::acknowledged_all(acks).await?;
         Ok(())
     }
 
@@ -251,7 +246,7 @@ impl Shared {
         let delivery =
             self.producer
                 .enqueue(&self.deliver_topic, user.as_str(), &event::encode(&event))?;
-        kafka::acknowledged(delivery).await?;
+        delivery.await?;
         Ok(())
     }
 

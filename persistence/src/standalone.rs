@@ -73,13 +73,13 @@ pub fn inbox_check(readiness: &mut Readiness, inbox: &Arc<dyn Inbox>) {
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let inbox = args.data.open_inbox(&args.scylla).await?;
     let public = process::bind("the sync API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     inbox_check(&mut readiness, &inbox);
     let deps = Deps {
         inbox,
@@ -87,7 +87,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         verifier,
         internal_token,
     };
-    let persistence = Persistence::build(args.persistence, &kafka, deps)?;
+    let persistence = Persistence::build(args.persistence, &bus, deps)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
@@ -98,7 +98,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     );
     shutdown::spawn(&mut tasks, "persistence", async move {
         persistence.run(shutdown).await?;
-        producer.flush(Duration::from_secs(5));
+        producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });
     Ok(tasks.into())

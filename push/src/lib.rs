@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::kafka::{EventConsumer, KafkaConfig, KafkaError, Record};
+use dak_runtime::bus::{Bus, BusError, Consumer, Record};
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, Message, Notice, OfflineEvent};
@@ -110,7 +110,7 @@ pub struct Deps {
 }
 
 pub struct Push {
-    consumer: EventConsumer,
+    consumer: Consumer,
     deps: Deps,
     ttl: Duration,
 }
@@ -124,9 +124,9 @@ struct Wake {
 }
 
 impl Push {
-    pub fn build(config: &Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
+    pub fn build(config: &Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         metrics::describe();
-        let consumer = EventConsumer::new(kafka, &group_name(kafka), &[&kafka.topics.offline])?;
+        let consumer = bus.consumer(&bus.topics().group(GROUP), &[&bus.topics().offline])?;
         Ok(Self {
             consumer,
             deps,
@@ -321,13 +321,6 @@ impl Push {
 fn skipped(reason: &'static str, message: &Message) {
     ::metrics::counter!(metrics::SKIPPED, "reason" => reason).increment(1);
     tracing::debug!(mid = %message.mid, reason, "not pushing");
-}
-
-/// The consumer group, namespaced by the topic prefix so test runs and
-/// deployments sharing a cluster do not share offsets.
-fn group_name(config: &KafkaConfig) -> String {
-    let prefix = config.topics.offline.trim_end_matches("dak.offline");
-    format!("{prefix}{GROUP}")
 }
 
 fn notification(

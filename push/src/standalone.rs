@@ -61,12 +61,12 @@ pub async fn open_tokens(
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let sender = crate::sender(&args.push).map_err(|e| ConfigError(e.to_string()))?;
     let tokens = open_tokens(&args.data_dir, &args.scylla).await?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     process::redis_check(&mut readiness, &redis);
     tokens_check(&mut readiness, &tokens);
     let deps = Deps {
@@ -74,7 +74,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         presence: process::redis_presence(&redis, &args.store),
         sender,
     };
-    let push = Push::build(&args.push, &kafka, deps)?;
+    let push = Push::build(&args.push, &bus, deps)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());

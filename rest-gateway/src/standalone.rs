@@ -30,28 +30,28 @@ pub struct Args {
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let public = process::bind("the public API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
     let ingress = Ingress::new(
         producer.clone(),
-        kafka.topics.inbound.clone(),
+        bus.topics().inbound.clone(),
         process::redis_dedup(&redis, &args.store),
     );
     let presence = process::redis_presence(&redis, &args.store);
     let gateway = RestGateway::new(verifier, ingress, args.limits.limits(), presence);
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     process::redis_check(&mut readiness, &redis);
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     shutdown::spawn(&mut tasks, "public API", async move {
         dak_runtime::http::serve(public, gateway.router(), shutdown).await?;
-        producer.flush(Duration::from_secs(5));
+        producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });
     tracing::info!(public = %args.public.public_addr, "rest-gateway listening");

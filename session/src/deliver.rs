@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dak_runtime::bus::{self, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
-use dak_runtime::kafka::{self, DeliveryFuture, Producer, Record};
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
@@ -20,6 +20,10 @@ use crate::{Config, Deps};
 
 /// Most deliveries the retry loop claims at once.
 const CLAIM_LIMIT: usize = 1000;
+
+/// A deadline past every real one (about 73 million years from 1970), and
+/// far enough below `i64::MAX` that a store may add a lease to it.
+const ORPHAN_HORIZON_MS: u64 = (i64::MAX as u64) / 4;
 
 pub(crate) struct Core {
     config: Config,
@@ -122,8 +126,8 @@ impl Core {
         }
     }
 
-    pub(crate) fn flush(&self) {
-        self.producer.flush(Duration::from_secs(5));
+    pub(crate) async fn flush(&self) {
+        self.producer.flush(Duration::from_secs(5)).await;
     }
 
     fn ack_deadline(&self, now: u64) -> u64 {
@@ -374,7 +378,7 @@ impl Core {
     /// Removes acked deliveries, sends the senders a `delivered` receipt for
     /// each, and forwards what was not in flight to storage as a `drop`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
-        let mut forwards: Vec<DeliveryFuture> = Vec::new();
+        let mut forwards: Vec<ProduceFuture> = Vec::new();
         // Concurrent, so a store with group commit removes them together. The
         // calls still reach the store in the order of the acks.
         let found = join_all(
@@ -433,9 +437,7 @@ impl Core {
                 )?);
             }
         }
-        for result in join_all(forwards.into_iter().map(kafka::acknowledged)).await {
-            result?;
-        }
+        bus::acknowledged_all(forwards).await?;
         Ok(())
     }
 
@@ -462,13 +464,39 @@ impl Core {
         }
     }
 
+    /// At start-up, when presence does not outlive the process (`dak up`):
+    /// every delivery still in flight went to a socket of a process that is
+    /// gone. Each goes to the device's inbox now, in the order it was sent,
+    /// before anything newer for the device is routed, so the replay on the
+    /// device's next connect keeps the conversation's order. Run it before
+    /// the gateway takes sockets.
+    pub(crate) async fn store_orphans(&self) -> anyhow::Result<()> {
+        if self.presence.outlives_the_process() {
+            return Ok(());
+        }
+        self.retry_due_at(Some(ORPHAN_HORIZON_MS)).await
+    }
+
     async fn retry_due(&self) -> anyhow::Result<()> {
-        let lease = self.config.retry_lease.as_millis() as u64;
+        self.retry_due_at(None).await
+    }
+
+    /// Claims what is due by `horizon` (default: now) and acts on each.
+    /// Claims up to a horizon take no lease, so that whatever a crash leaves
+    /// claimed is due again at the next start-up.
+    async fn retry_due_at(&self, horizon: Option<u64>) -> anyhow::Result<()> {
+        let lease = match horizon {
+            Some(_) => 0,
+            None => self.config.retry_lease.as_millis() as u64,
+        };
         loop {
             let now = now_ms();
             // Claimed deliveries are leased, so this loop ends once everything
             // due was claimed.
-            let claimed = self.inflight.claim_due(now, lease, CLAIM_LIMIT).await?;
+            let claimed = self
+                .inflight
+                .claim_due(horizon.unwrap_or(now), lease, CLAIM_LIMIT)
+                .await?;
             if claimed.is_empty() {
                 return Ok(());
             }
@@ -479,7 +507,12 @@ impl Core {
             let routes = self.routes(claimed.iter().map(|p| &p.user)).await?;
             for mut p in claimed {
                 let route = routes[&p.user].iter().find(|r| r.device == p.device);
-                match retry_plan(&p, route, self.config.retries) {
+                let plan = match horizon {
+                    // Orphans: their socket is gone whatever presence says.
+                    Some(_) => Retry::Offline(OfflineReason::NotConnected),
+                    None => retry_plan(&p, route, self.config.retries),
+                };
+                match plan {
                     Retry::Send { url, connection } => {
                         if p.is_held() {
                             p.first_sent_ms = now;
@@ -605,9 +638,7 @@ impl Core {
                 &event::encode(event),
             )?);
         }
-        for result in join_all(acks.into_iter().map(kafka::acknowledged)).await {
-            result?;
-        }
+        bus::acknowledged_all(acks).await?;
         Ok(())
     }
 }

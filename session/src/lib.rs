@@ -39,7 +39,7 @@ pub mod standalone;
 
 use std::sync::Arc;
 
-use dak_runtime::kafka::{EventConsumer, KafkaConfig, KafkaError, Producer};
+use dak_runtime::bus::{Bus, BusError, Consumer, Producer};
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
 
@@ -63,21 +63,22 @@ pub struct Deps {
 
 pub struct Session {
     core: Core,
-    consumer: EventConsumer,
+    consumer: Consumer,
 }
 
 impl Session {
-    pub fn build(config: Config, kafka: &KafkaConfig, deps: Deps) -> Result<Self, KafkaError> {
-        let prefix = kafka.topics.deliver.trim_end_matches("dak.deliver");
-        let consumer =
-            EventConsumer::new(kafka, &format!("{prefix}{GROUP}"), &[&kafka.topics.deliver])?;
-        let core = Core::new(
-            config,
-            deps,
-            kafka.topics.offline.clone(),
-            kafka.topics.deliver.clone(),
-        );
+    pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
+        let topics = bus.topics();
+        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.deliver])?;
+        let core = Core::new(config, deps, topics.offline.clone(), topics.deliver.clone());
         Ok(Self { core, consumer })
+    }
+
+    /// When presence does not outlive the process (`dak up`), hands every
+    /// delivery left in flight by an earlier process to the inbox, in order.
+    /// Call it before the gateway takes sockets and before [`Session::run`].
+    pub async fn store_orphans(&self) -> anyhow::Result<()> {
+        self.core.store_orphans().await
     }
 
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -90,7 +91,7 @@ impl Session {
             }
         });
         tokio::join!(deliveries, core.retry_loop(&shutdown));
-        core.flush();
+        core.flush().await;
         Ok(())
     }
 }

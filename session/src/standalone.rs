@@ -27,12 +27,12 @@ pub struct Args {
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let internal_token = process::internal_token(&args.internal)?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     process::redis_check(&mut readiness, &redis);
     let deps = Deps {
         inflight: Arc::new(RedisInFlight::new(redis.clone(), &args.store.redis_prefix)),
@@ -40,7 +40,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         producer,
         internal_token,
     };
-    let session = Session::build(args.session, &kafka, deps)?;
+    let session = Session::build(args.session, &bus, deps)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());

@@ -34,7 +34,7 @@ pub struct Args {
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
-    let (kafka, producer) = process::connect_kafka(&args.kafka).await?;
+    let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
 
     let public = process::bind("the public API", args.public.public_addr).await?;
@@ -48,7 +48,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
 
     let ingress = Ingress::new(
         producer.clone(),
-        kafka.topics.inbound.clone(),
+        bus.topics().inbound.clone(),
         process::redis_dedup(&redis, &args.store),
     );
     let deps = Deps {
@@ -62,7 +62,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let gateway = WsGateway::new(args.gateway, deps, shutdown.clone());
 
     let mut readiness = Readiness::default();
-    process::kafka_check(&mut readiness, &producer);
+    process::bus_check(&mut readiness, &producer);
     process::redis_check(&mut readiness, &redis);
 
     let mut tasks = Tasks::new();
@@ -79,7 +79,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     );
     shutdown::spawn(&mut tasks, "presence heartbeat", async move {
         gateway.run().await?;
-        producer.flush(Duration::from_secs(5));
+        producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });
     tracing::info!(public = %args.public.public_addr, "ws-gateway listening");

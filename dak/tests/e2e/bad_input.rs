@@ -304,6 +304,11 @@ async fn rest_refuses_bad_input_clearly() {
         .await
         .unwrap();
     assert_eq!(huge.status().as_u16(), 413);
+    assert_eq!(
+        huge.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the unread rest of the body ends the connection, and the client is told"
+    );
     let body: Value = huge.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_large");
 

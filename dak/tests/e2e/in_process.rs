@@ -299,7 +299,7 @@ async fn metrics_and_health_are_served() {
         .await
         .unwrap();
     assert!(text.contains("dak_connected_devices"), "{text}");
-    // Consumer lag comes from librdkafka's statistics, every 5 s.
+    // Consumer lag: reported by each consumer of the embedded bus.
     let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
     loop {
         let text = reqwest::get(format!("http://{}/metrics", stack.admin))

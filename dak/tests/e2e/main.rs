@@ -1,9 +1,10 @@
-//! End-to-end tests of the delivery path: clients on real sockets, through Kafka,
-//! session and the gateways, back to clients.
+//! End-to-end tests of the delivery path: clients on real sockets, through the
+//! bus, session and the gateways, back to clients.
 //!
-//! `in_process` runs `dak up`'s wiring on librdkafka's mock cluster (with the
-//! in-process stores and with Redis); `services` runs each service as its own
-//! process against Apache Kafka and Redis.
+//! `in_process` runs `dak up`'s wiring on its embedded durable bus (with the
+//! embedded stores and with Redis); `services` runs each service as its own
+//! process against Apache Kafka and Redis; `restart` stops and kills `dak up`
+//! processes and starts them again on the same data directory.
 
 mod bad_input;
 mod bench;
@@ -12,5 +13,6 @@ mod group_services;
 mod groups;
 mod in_process;
 mod offline;
+mod restart;
 mod services;
 mod support;

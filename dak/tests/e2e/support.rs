@@ -1,4 +1,4 @@
-//! Test harness: dak stacks (in process on the shared mock cluster, or as separate
+//! Test harness: dak stacks (in process on the embedded bus, or as separate
 //! processes against Apache Kafka and Redis), WebSocket clients, and a watcher
 //! on `dak.offline`.
 
@@ -8,21 +8,19 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
-use dak_runtime::kafka::EmbeddedKafka;
+use dak_runtime::bus::Bus;
 use dak_runtime::shutdown::{self, Shutdown};
 use dak_wire::event::{self, OfflineEvent};
 use dak_wire::{DeviceId, UserId};
 use futures_util::{SinkExt, StreamExt};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::Message as _;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// How long a test waits for something that should happen. Generous: the first
-/// message of a fresh stack waits for consumer groups to form (~3 s on the mock).
+/// How long a test waits for something that should happen. Generous: on Kafka,
+/// the first message of fresh services waits for consumer groups to form.
 pub const PATIENCE: Duration = Duration::from_secs(45);
 
 pub const SECRET: &str = "test-secret";
@@ -42,14 +40,6 @@ pub fn token(user: &str, device: &str) -> String {
         &DeviceId::parse(device).unwrap(),
         Duration::from_secs(3600),
     )
-}
-
-/// One mock cluster per test binary: it is slow to form groups on first use.
-fn shared_cluster() -> Arc<EmbeddedKafka> {
-    static CLUSTER: OnceLock<Arc<EmbeddedKafka>> = OnceLock::new();
-    CLUSTER
-        .get_or_init(|| Arc::new(EmbeddedKafka::start().expect("mock cluster")))
-        .clone()
 }
 
 #[derive(Parser)]
@@ -96,11 +86,12 @@ enum MetricsGuard {
     Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
-/// `dak up` in this process, on the shared mock cluster with its own topics.
+/// `dak up` in this process, on an embedded bus of its own (in its data
+/// directory).
 pub struct Stack {
     pub public: SocketAddr,
     pub admin: SocketAddr,
-    pub brokers: String,
+    pub bus: Bus,
     pub topic_prefix: String,
     data_dir: tempfile::TempDir,
     shutdown: Shutdown,
@@ -169,13 +160,9 @@ impl Stack {
         args.extend(options.extra);
         let cli = UpCli::try_parse_from(args).expect("test arguments parse");
         let shutdown = Shutdown::new();
-        let running = dak::up::start(
-            cli.up,
-            dak::up::Bus::Shared(shared_cluster()),
-            shutdown.clone(),
-        )
-        .await
-        .expect("stack starts");
+        let running = dak::up::start(cli.up, shutdown.clone())
+            .await
+            .expect("stack starts");
         let supervisor = tokio::spawn(shutdown::supervise(
             running.tasks,
             shutdown.clone(),
@@ -184,7 +171,7 @@ impl Stack {
         Stack {
             public: running.public_addr,
             admin: running.admin_addr,
-            brokers: running.kafka.brokers.clone(),
+            bus: running.bus.clone(),
             topic_prefix,
             data_dir,
             shutdown,
@@ -198,7 +185,7 @@ impl Stack {
     }
 
     pub fn offline(&self) -> OfflineWatcher {
-        OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
+        OfflineWatcher::new(&self.bus)
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
@@ -375,6 +362,15 @@ impl Client {
         }
     }
 
+    /// The next frame, whatever its type, with delivered receipts acked and
+    /// passed over; fails the test after [`PATIENCE`].
+    pub async fn expect_any(&mut self) -> Value {
+        match self.next_within(PATIENCE).await {
+            Some(frame) => frame,
+            None => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
     /// Waits for the server to close the socket, returning the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -394,23 +390,23 @@ impl Client {
     }
 }
 
-/// Reads `dak.offline` from the beginning.
+/// Reads `dak.offline` from the beginning, as a consumer group of its own.
 pub struct OfflineWatcher {
-    consumer: StreamConsumer,
+    consumer: dak_runtime::bus::Consumer,
+    shutdown: Shutdown,
+    buffered: std::sync::Mutex<std::collections::VecDeque<Vec<u8>>>,
 }
 
 impl OfflineWatcher {
-    pub fn new(brokers: &str, topic: &str) -> Self {
-        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("broker.address.family", "v4")
-            .set("group.id", unique("watch-"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
+    pub fn new(bus: &Bus) -> Self {
+        let consumer = bus
+            .consumer(&unique("watch-"), &[&bus.topics().offline])
             .expect("watcher consumer");
-        consumer.subscribe(&[topic]).expect("subscribe");
-        Self { consumer }
+        Self {
+            consumer,
+            shutdown: Shutdown::new(),
+            buffered: Default::default(),
+        }
     }
 
     /// The next `store` or `drop` (replay requests and push tokens are skipped).
@@ -430,24 +426,19 @@ impl OfflineWatcher {
         }
     }
 
-    /// The next event, unless none arrives within `wait`. Transient client errors
-    /// (the broker still starting, the topic not created yet) are waited out.
+    /// The next event, unless none arrives within `wait`.
     pub async fn next_within(&self, wait: Duration) -> Option<OfflineEvent> {
-        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, self.consumer.recv())
-                .await
-                .ok()?
-            {
-                Ok(message) => {
-                    let payload = message.payload().expect("payload");
-                    return Some(event::decode(payload).expect("a valid offline event"));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "watcher waiting for the broker");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            if let Some(payload) = self.buffered.lock().unwrap().pop_front() {
+                return Some(event::decode(&payload).expect("a valid offline event"));
             }
+            let batch = tokio::time::timeout(wait, self.consumer.next_batch(100, &self.shutdown))
+                .await
+                .ok()??;
+            self.buffered
+                .lock()
+                .unwrap()
+                .extend(batch.into_iter().map(|r| r.payload));
         }
     }
 }
@@ -467,6 +458,10 @@ pub struct Process {
 }
 
 impl Process {
+    pub fn from_child(child: Child) -> Self {
+        Self { child }
+    }
+
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -554,7 +549,19 @@ impl Services {
     }
 
     pub fn offline(&self) -> OfflineWatcher {
-        OfflineWatcher::new(&self.brokers, &format!("{}dak.offline", self.topic_prefix))
+        let args = dak_runtime::config::KafkaArgs {
+            brokers: Some(self.brokers.clone()),
+            topic_prefix: self.topic_prefix.clone(),
+            partitions: None,
+            replication: 1,
+            linger_ms: None,
+            fetch_wait_ms: None,
+            session_timeout_ms: 6000,
+        };
+        OfflineWatcher::new(&Bus::kafka(dak_runtime::bus::KafkaConfig::new(
+            self.brokers.clone(),
+            &args,
+        )))
     }
 
     /// Starts a ws-gateway on free public and internal ports; returns the

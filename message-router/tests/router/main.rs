@@ -1,16 +1,15 @@
-//! message-router against librdkafka's mock cluster: inbound events in, routed
-//! events out, keyed by recipient, garbage skipped without stalling.
+//! message-router on both buses (the embedded log, and Apache Kafka at
+//! `DAK_TEST_KAFKA_BROKERS`): inbound events in, routed events out, keyed by
+//! recipient, garbage skipped without stalling.
 
 use std::time::Duration;
 
+use dak_runtime::bus::{Bus, KafkaConfig, Log, LogOptions, Topics};
 use dak_runtime::config::KafkaArgs;
-use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, Ack, DeliverEvent, InboundEvent, Message};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use message_router::MessageRouter;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::Message as _;
 use serde_json::value::RawValue;
 
 fn message(from: &str, to: &str, seq: u32) -> Message {
@@ -29,25 +28,46 @@ fn message(from: &str, to: &str, seq: u32) -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
-    let cluster = EmbeddedKafka::start().unwrap();
+async fn routes_on_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        &dir.path().join("bus.db"),
+        LogOptions {
+            partitions: 4,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let topics = Topics::with_prefix(&format!("r{}.", ulid::Ulid::new()));
+    routes_messages_and_acks_to_the_recipients_stream_in_order(Bus::log(log, topics)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_on_kafka() {
+    let brokers = std::env::var("DAK_TEST_KAFKA_BROKERS")
+        .expect("DAK_TEST_KAFKA_BROKERS names the test Kafka (scripts/test sets it)");
     let args = KafkaArgs {
-        brokers: None,
+        brokers: Some(brokers.clone()),
         topic_prefix: format!("r{}.", ulid::Ulid::new()),
         partitions: Some(4),
         replication: 1,
-        linger_ms: Some(1),
-        fetch_wait_ms: Some(10),
-        session_timeout_ms: 10_000,
+        linger_ms: None,
+        fetch_wait_ms: None,
+        session_timeout_ms: 6_000,
     };
-    let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
-    cluster
-        .create_topics(&kafka.topics, kafka.partitions)
-        .unwrap();
-    let producer = Producer::new(&kafka).unwrap();
+    routes_messages_and_acks_to_the_recipients_stream_in_order(Bus::kafka(KafkaConfig::new(
+        brokers, &args,
+    )))
+    .await;
+}
+
+async fn routes_messages_and_acks_to_the_recipients_stream_in_order(bus: Bus) {
+    bus.create_topics().await.unwrap();
+    let producer = bus.producer().unwrap();
+    let kafka = &bus;
 
     let shutdown = Shutdown::new();
-    let router = MessageRouter::build(&kafka, producer.clone()).unwrap();
+    let router = MessageRouter::build(&bus, producer.clone()).unwrap();
     let running = tokio::spawn(router.run(shutdown.clone()));
 
     // 50 messages from alice to bob, garbage in the middle, then bob's ack.
@@ -55,7 +75,7 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
     for seq in 0..50 {
         if seq == 25 {
             producer
-                .send(&kafka.topics.inbound, "alice", b"{not an event")
+                .send(&kafka.topics().inbound, "alice", b"{not an event")
                 .await
                 .unwrap();
         }
@@ -63,7 +83,7 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
         mids.push(m.mid);
         producer
             .send(
-                &kafka.topics.inbound,
+                &kafka.topics().inbound,
                 "alice",
                 &event::encode(&InboundEvent::Message(m)),
             )
@@ -77,30 +97,37 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order() {
     };
     producer
         .send(
-            &kafka.topics.inbound,
+            &kafka.topics().inbound,
             "bob",
             &event::encode(&InboundEvent::Ack(ack.clone())),
         )
         .await
         .unwrap();
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.brokers())
-        .set("group.id", "router-test-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
+    let consumer = bus
+        .consumer(
+            &bus.topics().group("router-test-reader"),
+            &[&bus.topics().deliver],
+        )
         .unwrap();
-    consumer.subscribe(&[&kafka.topics.deliver]).unwrap();
+    let reading = Shutdown::new();
 
     let mut routed = Vec::new();
     let mut acks = Vec::new();
+    let mut records = std::collections::VecDeque::new();
     while routed.len() < 50 || acks.is_empty() {
-        let record = tokio::time::timeout(Duration::from_secs(45), consumer.recv())
-            .await
-            .expect("routed events within 45 s")
-            .unwrap();
-        assert_eq!(record.key(), Some(&b"bob"[..]), "keyed by the recipient");
-        match event::decode::<DeliverEvent>(record.payload().unwrap()).unwrap() {
+        if records.is_empty() {
+            let batch =
+                tokio::time::timeout(Duration::from_secs(45), consumer.next_batch(100, &reading))
+                    .await
+                    .expect("routed events within 45 s")
+                    .unwrap();
+            records.extend(batch);
+            continue;
+        }
+        let record = records.pop_front().unwrap();
+        assert_eq!(record.key, b"bob", "keyed by the recipient");
+        match event::decode::<DeliverEvent>(&record.payload).unwrap() {
             DeliverEvent::Message(d) => {
                 assert_eq!(d.recipient.as_str(), "bob");
                 routed.push(d.message.mid);

@@ -1,6 +1,6 @@
 //! push's integration tests, all against real servers: the token store on a
 //! SQLite file, `FcmSender` against a local fake of Google's OAuth and FCM
-//! endpoints, and the whole service on librdkafka's mock cluster with Redis
+//! endpoints, and the whole service on the embedded bus with Redis
 //! presence (`DAK_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
 
 mod fake_fcm;

@@ -1,11 +1,10 @@
-//! The whole push service: `dak.offline` on librdkafka's mock cluster, presence
-//! in Redis, tokens in SQLite, and FcmSender against the fake Google.
+//! The whole push service: `dak.offline` on the embedded log, presence in
+//! Redis, tokens in SQLite, and FcmSender against the fake Google.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dak_runtime::config::KafkaArgs;
-use dak_runtime::kafka::{EmbeddedKafka, KafkaConfig, Producer};
+use dak_runtime::bus::{Bus, Log, LogOptions, Producer, Topics};
 use dak_runtime::presence::{Connection, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, Message, OfflineEvent, OfflineReason, Platform, PushToken};
@@ -44,35 +43,30 @@ struct Harness {
     tokens: Arc<SqliteTokens>,
     presence: Arc<RedisPresence>,
     producer: Producer,
-    kafka: KafkaConfig,
+    bus: Bus,
     shutdown: Shutdown,
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
     config: push::Config,
     dir: tempfile::TempDir,
-    _cluster: EmbeddedKafka,
 }
 
 impl Harness {
     async fn start() -> Self {
         dak_runtime::telemetry::init_for_tests();
-        let cluster = EmbeddedKafka::start().unwrap();
-        let args = KafkaArgs {
-            brokers: None,
-            topic_prefix: format!("p{}.", ulid::Ulid::new()),
-            partitions: Some(2),
-            replication: 1,
-            linger_ms: Some(1),
-            fetch_wait_ms: Some(10),
-            session_timeout_ms: 10_000,
-        };
-        let kafka = KafkaConfig::new(cluster.brokers().to_owned(), &args);
-        cluster
-            .create_topics(&kafka.topics, kafka.partitions)
-            .unwrap();
-        let producer = Producer::new(&kafka).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(
+            &dir.path().join("bus.db"),
+            LogOptions {
+                partitions: 2,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        let bus = Bus::log(log, Topics::with_prefix(""));
+        bus.create_topics().await.unwrap();
+        let producer = bus.producer().unwrap();
 
         let fake = FakeFcm::start().await;
-        let dir = tempfile::tempdir().unwrap();
         let config = crate::config(&fake, dir.path());
         let tokens = Arc::new(SqliteTokens::open(push::tokens_path(dir.path())).unwrap());
         let redis_url =
@@ -85,25 +79,24 @@ impl Harness {
             &format!("push-test-{}", ulid::Ulid::new()),
         ));
         let shutdown = Shutdown::new();
-        let running = spawn(&config, &kafka, &tokens, &presence, &shutdown);
+        let running = spawn(&config, &bus, &tokens, &presence, &shutdown);
         Self {
             fake,
             tokens,
             presence,
             producer,
-            kafka,
+            bus,
             shutdown,
             running,
             config,
             dir,
-            _cluster: cluster,
         }
     }
 
     async fn publish(&self, key: &UserId, event: &OfflineEvent) {
         self.producer
             .send(
-                &self.kafka.topics.offline,
+                &self.bus.topics().offline,
                 key.as_str(),
                 &event::encode(event),
             )
@@ -141,7 +134,7 @@ impl Harness {
         let tokens = Arc::new(SqliteTokens::open(push::tokens_path(self.dir.path())).unwrap());
         self.running = spawn(
             &self.config,
-            &self.kafka,
+            &self.bus,
             &tokens,
             &self.presence,
             &self.shutdown,
@@ -157,7 +150,7 @@ impl Harness {
 
 fn spawn(
     config: &push::Config,
-    kafka: &KafkaConfig,
+    bus: &Bus,
     tokens: &Arc<SqliteTokens>,
     presence: &Arc<RedisPresence>,
     shutdown: &Shutdown,
@@ -167,7 +160,7 @@ fn spawn(
         presence: presence.clone(),
         sender: Arc::new(FcmSender::new(config).unwrap()),
     };
-    let service = Push::build(config, kafka, deps).unwrap();
+    let service = Push::build(config, bus, deps).unwrap();
     tokio::spawn(service.run(shutdown.clone()))
 }
 
@@ -206,7 +199,7 @@ async fn offline_devices_are_woken_once_per_message_and_connected_ones_not_at_al
     )
     .await;
     h.producer
-        .send(&h.kafka.topics.offline, "bob", b"{not an event")
+        .send(&h.bus.topics().offline, "bob", b"{not an event")
         .await
         .unwrap();
     h.register("bob", "phone", "tok-bob-phone", Platform::Android)

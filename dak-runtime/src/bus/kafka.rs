@@ -1,0 +1,268 @@
+//! The bus on a Kafka cluster, through rdkafka: start-up topic creation, the
+//! idempotent producer (`acks=all`), and at-least-once consumers.
+//!
+//! Consumers use librdkafka's auto-commit of *stored* offsets: a handler
+//! stores a record's offset only after it finished with it, so a crash replays
+//! what was not finished and never skips it (DESIGN §6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+pub use rdkafka::error::KafkaError;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::statistics::Statistics;
+use rdkafka::util::Timeout;
+
+use super::{Record, Topics};
+use crate::config::KafkaArgs;
+use crate::shutdown::Shutdown;
+
+/// Resolved Kafka settings: bootstrap servers and topics.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Topics,
+    pub partitions: i32,
+    pub replication: i32,
+    pub linger_ms: u32,
+    pub fetch_wait_ms: u32,
+    pub session_timeout_ms: u32,
+}
+
+impl KafkaConfig {
+    /// Settings for a Kafka cluster: what `args` sets, or the defaults.
+    pub fn new(brokers: String, args: &KafkaArgs) -> Self {
+        Self {
+            brokers,
+            topics: Topics::with_prefix(&args.topic_prefix),
+            partitions: args.partitions.unwrap_or(12),
+            replication: args.replication,
+            linger_ms: args.linger_ms.unwrap_or(1),
+            fetch_wait_ms: args.fetch_wait_ms.unwrap_or(100),
+            session_timeout_ms: args.session_timeout_ms,
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            // A record written right after another would otherwise wait for
+            // the broker's delayed ACK.
+            .set("socket.nagle.disable", "true")
+            .set("log_level", "4");
+        config
+    }
+}
+
+/// Creates the topics that do not exist yet, through the admin API.
+pub async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let topics: Vec<NewTopic> = config
+        .topics
+        .all()
+        .into_iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(%topic, "creating topic"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The idempotent producer every service writes with. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: FutureProducer,
+}
+
+impl KafkaProducer {
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        let inner = config
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Self { inner })
+    }
+
+    pub fn enqueue(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<DeliveryFuture, KafkaError> {
+        self.inner
+            .send_result(FutureRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+    }
+
+    /// Readiness: the cluster answers a metadata request.
+    pub async fn check(&self) -> Result<(), String> {
+        let producer = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Waits for queued records to be acknowledged, for a clean shutdown.
+    pub async fn flush(&self, timeout: Duration) {
+        let producer = self.inner.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)));
+        match flushed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
+            Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
+        }
+    }
+}
+
+/// Reports consumer lag from librdkafka's statistics as `dak_consumer_lag`.
+struct LagReporter {
+    group: String,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            // Lag behind what handlers finished (stored offsets), where known.
+            let lag: i64 = topic
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0 && p.desired)
+                .map(|p| {
+                    if p.consumer_lag_stored >= 0 {
+                        p.consumer_lag_stored
+                    } else {
+                        p.consumer_lag.max(0)
+                    }
+                })
+                .sum();
+            ::metrics::gauge!(crate::metrics::CONSUMER_LAG, "group" => self.group.clone(), "topic" => name.clone())
+                .set(lag as f64);
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
+/// A consumer-group member that stores offsets only when told to.
+pub struct KafkaConsumer {
+    inner: Arc<StreamConsumer<LagReporter>>,
+    group: String,
+}
+
+impl KafkaConsumer {
+    pub fn new(config: &KafkaConfig, group: &str, topics: &[&str]) -> Result<Self, KafkaError> {
+        let inner: StreamConsumer<LagReporter> = config
+            .client_config()
+            .set("group.id", group)
+            .set("statistics.interval.ms", "5000")
+            .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", "1000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create_with_context(LagReporter {
+                group: group.to_owned(),
+            })?;
+        inner.subscribe(topics)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            group: group.to_owned(),
+        })
+    }
+
+    /// Waits for the next record, then takes whatever else is already
+    /// buffered, up to `max`. Returns `None` once `shutdown` fires.
+    pub async fn next_batch(&self, max: usize, shutdown: &Shutdown) -> Option<Vec<Record>> {
+        let first = loop {
+            let received = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                received = self.inner.recv() => received.map(|m| record(&m)),
+            };
+            match received {
+                Ok(record) => break record,
+                Err(e) => {
+                    tracing::warn!(group = %self.group, error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.inner.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(record(&m)),
+                _ => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Stores the offsets of `records`: they are committed with the next
+    /// auto-commit.
+    pub fn done(&self, records: &[Record]) {
+        for r in records {
+            if let Err(e) = self.inner.store_offset(&r.topic, r.partition, r.offset) {
+                tracing::warn!(group = %self.group, error = %e, "storing offset");
+            }
+        }
+    }
+
+    /// Commits what was stored, before leaving the group. librdkafka's commit
+    /// blocks, so it runs off the async workers.
+    pub async fn commit(&self) {
+        let inner = self.inner.clone();
+        let group = self.group.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || inner.commit_consumer_state(CommitMode::Sync));
+        match committed.await {
+            Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+            Ok(Err(e)) => tracing::warn!(%group, error = %e, "final commit"),
+            Err(e) => tracing::warn!(%group, error = %e, "final commit task failed"),
+        }
+    }
+}
+
+fn record(m: &BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().unwrap_or_default().to_vec(),
+        payload: m.payload().unwrap_or_default().to_vec(),
+    }
+}

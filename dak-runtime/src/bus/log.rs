@@ -1,0 +1,854 @@
+//! The embedded durable log: `dak up`'s event bus, in one SQLite file.
+//!
+//! It keeps the bus contract of Kafka for one process:
+//!
+//! - **Durable acknowledgements.** Appends go to one writer thread, which
+//!   writes everything queued since its last commit in one transaction and
+//!   commits it with `synchronous=FULL` (the WAL is fsynced), then answers each
+//!   append. While one commit syncs, the next batch queues up: group commit.
+//! - **Order per key.** A topic has a fixed number of partitions; a record's
+//!   key picks its partition, and offsets within a partition follow the order
+//!   in which appends reached the writer.
+//! - **Consumer groups.** A group's position per partition is kept in the
+//!   `offsets` table, written in the writer's transactions, so a commit is
+//!   atomic. A consumer starts from its group's committed offset, or from the
+//!   oldest record kept; one consumer per group at a time (like a Kafka group
+//!   whose one partition goes to one member).
+//! - **Woken by appends.** Consumers wait on a notification that the writer
+//!   fires after each commit; nothing polls, so an idle log costs no CPU.
+//! - **Backlog on disk.** The newest records of each partition are also kept
+//!   in memory (up to [`LogOptions::tail_bytes`]) so that consumers that keep
+//!   up never read the file; a consumer behind that reads from SQLite.
+//! - **Retention.** A record is deleted once every group that reads its topic
+//!   has committed past it, or once it is older than
+//!   [`LogOptions::retention`], whichever comes first.
+//!
+//! Tables: `partitions (topic, partition, next_offset)`, `offsets (grp, topic,
+//! partition, next_offset)` and one table per topic partition, `"log:<topic>:<n>"
+//! (offset INTEGER PRIMARY KEY, key, payload, at_ms)`: a rowid table, so
+//! appends go to the end of its B-tree and a read by offset is a range scan.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{oneshot, Notify};
+
+use super::Record;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("no topic `{0}` in the log")]
+    UnknownTopic(String),
+    #[error("consumer group `{0}` already has a consumer in this process")]
+    GroupBusy(String),
+    #[error("the log's writer has stopped")]
+    Closed,
+    #[error("writing failed: {0}")]
+    Write(String),
+}
+
+/// Settings of an embedded log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Partitions of each topic created.
+    pub partitions: u32,
+    /// Records older than this are deleted even if a group has not read them.
+    pub retention: Duration,
+    /// Bytes of payload kept in memory per partition for consumers that keep up.
+    pub tail_bytes: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            partitions: 1,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            tail_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Most appends written in one transaction.
+const MAX_BATCH: usize = 4096;
+/// How often the writer deletes what every group has read.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// A handle to the log, cheap to clone. The writer thread ends when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    options: LogOptions,
+    writer: std::sync::mpsc::Sender<Command>,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Groups with a live consumer.
+    busy: Mutex<HashSet<String>>,
+    /// Fired after every commit that appended records.
+    appended: Notify,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Topic {
+    name: String,
+    partitions: Vec<Partition>,
+}
+
+struct Partition {
+    table: String,
+    tail: Mutex<Tail>,
+}
+
+/// What the writer made durable and the newest of it in memory.
+#[derive(Default)]
+struct Tail {
+    /// Offset of the oldest record kept in the file.
+    start: i64,
+    /// The next offset to be made durable: consumers may read below it.
+    end: i64,
+    /// The newest durable records, ending at `end`.
+    records: VecDeque<Arc<Stored>>,
+    bytes: usize,
+}
+
+struct Stored {
+    offset: i64,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+enum Command {
+    Append {
+        topic: Arc<Topic>,
+        partition: usize,
+        key: Vec<u8>,
+        payload: Vec<u8>,
+        done: oneshot::Sender<Result<i64, LogError>>,
+    },
+    Commit {
+        group: String,
+        topic: String,
+        partition: usize,
+        next_offset: i64,
+    },
+    CreateTopic {
+        name: String,
+        done: std::sync::mpsc::Sender<Result<Arc<Topic>, LogError>>,
+    },
+    Flush {
+        done: oneshot::Sender<()>,
+    },
+    Synchronous {
+        done: std::sync::mpsc::Sender<String>,
+    },
+}
+
+impl Log {
+    /// Opens (or creates) the log in `path`, recovering every topic in it.
+    pub fn open(path: &Path, options: LogOptions) -> Result<Self, LogError> {
+        let conn = open_connection(path)?;
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS partitions (
+                 topic TEXT NOT NULL, partition INTEGER NOT NULL,
+                 next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
+             CREATE TABLE IF NOT EXISTS offsets (
+                 grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+                 next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition));",
+        )?;
+        let topics = load_topics(&conn)?;
+        let (writer, commands) = std::sync::mpsc::channel();
+        let inner = Arc::new(Inner {
+            path: path.to_owned(),
+            options,
+            writer,
+            topics: Mutex::new(topics),
+            busy: Mutex::default(),
+            appended: Notify::new(),
+            thread: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let thread = std::thread::Builder::new()
+            .name("dak-log-writer".into())
+            .spawn(move || Writer::new(conn, weak).run(commands))
+            .map_err(|_| LogError::Closed)?;
+        *inner.thread.lock().expect("log lock") = Some(thread);
+        Ok(Self { inner })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Creates the topics that do not exist yet, each with the configured
+    /// number of partitions. An existing topic keeps its partitions.
+    pub fn create_topics(&self, names: &[&str]) -> Result<(), LogError> {
+        for name in names {
+            if self.topic(name).is_ok() {
+                continue;
+            }
+            let (done, answer) = std::sync::mpsc::channel();
+            self.inner
+                .writer
+                .send(Command::CreateTopic {
+                    name: (*name).to_owned(),
+                    done,
+                })
+                .map_err(|_| LogError::Closed)?;
+            let topic = answer.recv().map_err(|_| LogError::Closed)??;
+            self.inner
+                .topics
+                .lock()
+                .expect("log lock")
+                .insert(topic.name.clone(), topic);
+        }
+        Ok(())
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
+        self.inner
+            .topics
+            .lock()
+            .expect("log lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownTopic(name.to_owned()))
+    }
+
+    /// Queues a record; the receiver answers with its offset once it is on disk.
+    pub fn append(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<oneshot::Receiver<Result<i64, LogError>>, LogError> {
+        let topic = self.topic(topic)?;
+        let partition = partition_of(key, topic.partitions.len());
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Command::Append {
+                topic,
+                partition,
+                key: key.to_vec(),
+                payload: payload.to_vec(),
+                done,
+            })
+            .map_err(|_| LogError::Closed)?;
+        Ok(answer)
+    }
+
+    /// Waits until everything queued before this call was written.
+    pub async fn flush(&self) {
+        let (done, answer) = oneshot::channel();
+        if self.inner.writer.send(Command::Flush { done }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    /// A consumer of `topics` for `group`, starting at the group's committed
+    /// offsets (or the oldest records kept).
+    pub fn consumer(&self, group: &str, topics: &[&str]) -> Result<LogConsumer, LogError> {
+        let mut positions = Vec::new();
+        let reader = open_connection(&self.inner.path)?;
+        for name in topics {
+            let topic = self.topic(name)?;
+            for (index, partition) in topic.partitions.iter().enumerate() {
+                let committed: Option<i64> = reader
+                    .query_row(
+                        "SELECT next_offset FROM offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+                        params![group, topic.name, index as i64],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                let start = partition.tail.lock().expect("log lock").start;
+                let position = committed.unwrap_or(start).max(start);
+                if committed.is_none() {
+                    // Registered at once, so that retention keeps what this
+                    // group has not read yet.
+                    self.commit(group, &topic.name, index, position);
+                }
+                positions.push(Position {
+                    topic: topic.clone(),
+                    partition: index,
+                    next: position,
+                    committed: position,
+                });
+            }
+        }
+        if !self
+            .inner
+            .busy
+            .lock()
+            .expect("log lock")
+            .insert(group.to_owned())
+        {
+            return Err(LogError::GroupBusy(group.to_owned()));
+        }
+        let consumer = LogConsumer {
+            log: self.clone(),
+            group: group.to_owned(),
+            positions,
+            reader: Arc::new(Mutex::new(reader)),
+            turn: 0,
+        };
+        consumer.report_lag();
+        Ok(consumer)
+    }
+
+    fn commit(&self, group: &str, topic: &str, partition: usize, next_offset: i64) {
+        let _ = self.inner.writer.send(Command::Commit {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            next_offset,
+        });
+    }
+
+    /// The writer connection's `PRAGMA synchronous`: `FULL` means every
+    /// commit is fsynced before its appends are acknowledged.
+    pub fn synchronous(&self) -> String {
+        let (done, answer) = std::sync::mpsc::channel();
+        if self
+            .inner
+            .writer
+            .send(Command::Synchronous { done })
+            .is_err()
+        {
+            return "closed".into();
+        }
+        answer.recv().unwrap_or_else(|_| "closed".into())
+    }
+
+    /// Records of `topic` kept, over every partition (for metrics and tests).
+    pub fn len(&self, topic: &str) -> Result<i64, LogError> {
+        let topic = self.topic(topic)?;
+        Ok(topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let tail = p.tail.lock().expect("log lock");
+                tail.end - tail.start
+            })
+            .sum())
+    }
+
+    /// Whether `topic` keeps no record.
+    pub fn is_empty(&self, topic: &str) -> Result<bool, LogError> {
+        Ok(self.len(topic)? == 0)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The writer holds only a weak reference; closing the channel ends it.
+        let (closed, _) = std::sync::mpsc::channel();
+        self.writer = closed;
+        if let Some(thread) = self.thread.lock().expect("log lock").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The partition of a key: FNV-1a, so it is the same in every process.
+fn partition_of(key: &[u8], partitions: usize) -> usize {
+    let hash = key.iter().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+    });
+    hash as usize % partitions.max(1)
+}
+
+fn table_name(topic: &str, partition: usize) -> String {
+    format!("\"log:{}:{partition}\"", topic.replace('"', "\"\""))
+}
+
+fn open_connection(path: &Path) -> Result<Connection, LogError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL;")?;
+    Ok(conn)
+}
+
+fn load_topics(conn: &Connection) -> Result<HashMap<String, Arc<Topic>>, LogError> {
+    let mut rows: Vec<(String, i64, i64)> = conn
+        .prepare("SELECT topic, partition, next_offset FROM partitions ORDER BY topic, partition")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut topics: HashMap<String, Vec<Partition>> = HashMap::new();
+    for (name, index, next_offset) in rows.drain(..) {
+        let table = table_name(&name, index as usize);
+        let start: Option<i64> =
+            conn.query_row(&format!("SELECT MIN(offset) FROM {table}"), [], |row| {
+                row.get(0)
+            })?;
+        topics.entry(name).or_default().push(Partition {
+            table,
+            tail: Mutex::new(Tail {
+                start: start.unwrap_or(next_offset),
+                end: next_offset,
+                ..Tail::default()
+            }),
+        });
+    }
+    Ok(topics
+        .into_iter()
+        .map(|(name, partitions)| (name.clone(), Arc::new(Topic { name, partitions })))
+        .collect())
+}
+
+/// The one thread that writes to the file.
+struct Writer {
+    conn: Connection,
+    log: std::sync::Weak<Inner>,
+    last_retention: std::time::Instant,
+}
+
+impl Writer {
+    fn new(conn: Connection, log: std::sync::Weak<Inner>) -> Self {
+        Self {
+            conn,
+            log,
+            last_retention: std::time::Instant::now(),
+        }
+    }
+
+    fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        // Whether anything was written since retention last ran: an idle log
+        // wakes once per RETENTION_EVERY and does nothing.
+        let mut written = false;
+        loop {
+            match commands.recv_timeout(RETENTION_EVERY) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match commands.try_recv() {
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                    self.write(batch);
+                    written = true;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if written && self.last_retention.elapsed() >= RETENTION_EVERY {
+                written = false;
+                self.last_retention = std::time::Instant::now();
+                if let Err(e) = self.apply_retention() {
+                    tracing::warn!(error = %e, "embedded log retention failed");
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batch: Vec<Command>) {
+        let mut appended = Vec::new();
+        let mut flushed = Vec::new();
+        let result = self.write_all(batch, &mut appended, &mut flushed);
+        match result {
+            Ok(()) => {
+                // Durable now: into the tails, then tell the producers and
+                // wake the consumers.
+                let tail_bytes = self
+                    .log
+                    .upgrade()
+                    .map(|log| log.options.tail_bytes)
+                    .unwrap_or(0);
+                let mut done = Vec::with_capacity(appended.len());
+                for (topic, partition, stored, answer) in appended {
+                    let mut tail = topic.partitions[partition].tail.lock().expect("log lock");
+                    tail.end = stored.offset + 1;
+                    tail.bytes += stored.key.len() + stored.payload.len();
+                    let offset = stored.offset;
+                    tail.records.push_back(Arc::new(stored));
+                    while tail.bytes > tail_bytes {
+                        let Some(old) = tail.records.pop_front() else {
+                            break;
+                        };
+                        tail.bytes -= old.key.len() + old.payload.len();
+                    }
+                    done.push((answer, offset));
+                }
+                for (answer, offset) in done {
+                    let _ = answer.send(Ok(offset));
+                }
+                if let Some(log) = self.log.upgrade() {
+                    log.appended.notify_waiters();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedded log write failed");
+                let reason = e.to_string();
+                for (_, _, _, answer) in appended {
+                    let _ = answer.send(Err(LogError::Write(reason.clone())));
+                }
+            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn write_all(
+        &mut self,
+        batch: Vec<Command>,
+        appended: &mut Vec<(
+            Arc<Topic>,
+            usize,
+            Stored,
+            oneshot::Sender<Result<i64, LogError>>,
+        )>,
+        flushed: &mut Vec<oneshot::Sender<()>>,
+    ) -> Result<(), LogError> {
+        let partitions = self.partitions();
+        let tx = self.conn.transaction()?;
+        let now = crate::now_ms() as i64;
+        // Next offsets of the partitions this batch appends to.
+        let mut next: HashMap<(String, usize), i64> = HashMap::new();
+        for command in batch {
+            match command {
+                Command::Append {
+                    topic,
+                    partition,
+                    key,
+                    payload,
+                    done,
+                } => {
+                    let p = &topic.partitions[partition];
+                    let offset = next
+                        .entry((topic.name.clone(), partition))
+                        .or_insert_with(|| p.tail.lock().expect("log lock").end);
+                    tx.prepare_cached(&format!(
+                        "INSERT INTO {} (offset, key, payload, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                        p.table
+                    ))?
+                    .execute(params![*offset, &key, &payload, now])?;
+                    let stored = Stored {
+                        offset: *offset,
+                        key,
+                        payload,
+                    };
+                    *offset += 1;
+                    appended.push((topic, partition, stored, done));
+                }
+                Command::Commit {
+                    group,
+                    topic,
+                    partition,
+                    next_offset,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                    )?
+                    .execute(params![group, topic, partition as i64, next_offset])?;
+                }
+                Command::CreateTopic { name, done } => {
+                    let created = create_topic(&tx, &name, partitions);
+                    let _ = done.send(created);
+                }
+                Command::Flush { done } => flushed.push(done),
+                Command::Synchronous { done } => {
+                    let level: i64 = tx.query_row("PRAGMA synchronous", [], |row| row.get(0))?;
+                    let name = match level {
+                        0 => "OFF",
+                        1 => "NORMAL",
+                        2 => "FULL",
+                        _ => "EXTRA",
+                    };
+                    let _ = done.send(name.to_owned());
+                }
+            }
+        }
+        for ((topic, partition), next_offset) in &next {
+            tx.prepare_cached(
+                "UPDATE partitions SET next_offset = ?3 WHERE topic = ?1 AND partition = ?2",
+            )?
+            .execute(params![topic, *partition as i64, next_offset])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn partitions(&self) -> u32 {
+        self.log
+            .upgrade()
+            .map(|log| log.options.partitions)
+            .unwrap_or(1)
+    }
+
+    /// Deletes what every group reading a topic has committed past, and what
+    /// is older than the retention.
+    fn apply_retention(&mut self) -> Result<(), LogError> {
+        let Some(log) = self.log.upgrade() else {
+            return Ok(());
+        };
+        let topics: Vec<Arc<Topic>> = log
+            .topics
+            .lock()
+            .expect("log lock")
+            .values()
+            .cloned()
+            .collect();
+        let oldest_kept = crate::now_ms() as i64 - log.options.retention.as_millis() as i64;
+        for topic in topics {
+            for (index, partition) in topic.partitions.iter().enumerate() {
+                let read_by_all: Option<i64> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT MIN(next_offset) FROM offsets WHERE topic = ?1 AND partition = ?2",
+                    )?
+                    .query_row(params![topic.name, index as i64], |row| row.get(0))?;
+                let expired: Option<i64> = self
+                    .conn
+                    .prepare_cached(&format!(
+                        "SELECT MAX(offset) + 1 FROM {} WHERE at_ms < ?1",
+                        partition.table
+                    ))?
+                    .query_row(params![oldest_kept], |row| row.get(0))?;
+                let (start, end) = {
+                    let tail = partition.tail.lock().expect("log lock");
+                    (tail.start, tail.end)
+                };
+                let new_start = read_by_all
+                    .unwrap_or(start)
+                    .max(expired.unwrap_or(start))
+                    .min(end);
+                if new_start <= start {
+                    continue;
+                }
+                self.conn
+                    .prepare_cached(&format!(
+                        "DELETE FROM {} WHERE offset < ?1",
+                        partition.table
+                    ))?
+                    .execute(params![new_start])?;
+                partition.tail.lock().expect("log lock").start = new_start;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn create_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Arc<Topic>, LogError> {
+    let existing: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM partitions WHERE topic = ?1",
+        params![name],
+        |row| row.get(0),
+    )?;
+    let count = if existing > 0 {
+        existing as u32
+    } else {
+        partitions.max(1)
+    };
+    let mut parts = Vec::new();
+    for index in 0..count as usize {
+        let table = table_name(name, index);
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                 offset INTEGER PRIMARY KEY, key BLOB NOT NULL,
+                 payload BLOB NOT NULL, at_ms INTEGER NOT NULL)"
+        ))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO partitions (topic, partition, next_offset) VALUES (?1, ?2, 0)",
+            params![name, index as i64],
+        )?;
+        let next_offset: i64 = conn.query_row(
+            "SELECT next_offset FROM partitions WHERE topic = ?1 AND partition = ?2",
+            params![name, index as i64],
+            |row| row.get(0),
+        )?;
+        parts.push(Partition {
+            table,
+            tail: Mutex::new(Tail {
+                start: next_offset,
+                end: next_offset,
+                ..Tail::default()
+            }),
+        });
+    }
+    Ok(Arc::new(Topic {
+        name: name.to_owned(),
+        partitions: parts,
+    }))
+}
+
+/// Where a consumer is in one partition.
+struct Position {
+    topic: Arc<Topic>,
+    partition: usize,
+    /// The next offset to hand out.
+    next: i64,
+    /// The next offset after what the handler finished.
+    committed: i64,
+}
+
+/// A consumer group's member on the embedded log.
+pub struct LogConsumer {
+    log: Log,
+    group: String,
+    positions: Vec<Position>,
+    reader: Arc<Mutex<Connection>>,
+    /// The partition to look at first, so that a busy one does not starve
+    /// the others.
+    turn: usize,
+}
+
+impl LogConsumer {
+    /// Waits for records, then returns up to `max` of one partition, in order.
+    /// Records handed out are not handed out again by this consumer; a new
+    /// consumer of the group starts from what was committed.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
+        loop {
+            // Registered before looking, so an append in between is not missed.
+            let log = self.log.clone();
+            let appended = log.inner.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let count = self.positions.len();
+            for step in 0..count {
+                let index = (self.turn + step) % count;
+                let batch = self.read(index, max).await?;
+                if !batch.is_empty() {
+                    self.turn = (index + 1) % count;
+                    return Ok(batch);
+                }
+            }
+            appended.await;
+        }
+    }
+
+    async fn read(&mut self, index: usize, max: usize) -> Result<Vec<Record>, LogError> {
+        let position = &mut self.positions[index];
+        let partition = &position.topic.partitions[position.partition];
+        let (from_memory, start, end) = {
+            let tail = partition.tail.lock().expect("log lock");
+            // Retention may have passed a position of a group that did not
+            // hold it back (an age bound): skip to what is kept.
+            position.next = position.next.max(tail.start);
+            if position.next >= tail.end {
+                return Ok(Vec::new());
+            }
+            let first_in_memory = tail.records.front().map(|r| r.offset).unwrap_or(tail.end);
+            let records: Option<Vec<Arc<Stored>>> = (position.next >= first_in_memory).then(|| {
+                let skip = (position.next - first_in_memory) as usize;
+                tail.records.iter().skip(skip).take(max).cloned().collect()
+            });
+            (records, tail.start, tail.end)
+        };
+        let _ = start;
+        let topic = position.topic.name.clone();
+        let partition_index = position.partition as i32;
+        let records: Vec<Record> = match from_memory {
+            Some(records) => records
+                .iter()
+                .map(|r| Record {
+                    topic: topic.clone(),
+                    partition: partition_index,
+                    offset: r.offset,
+                    key: r.key.clone(),
+                    payload: r.payload.clone(),
+                })
+                .collect(),
+            None => {
+                let reader = self.reader.clone();
+                let table = partition.table.clone();
+                let from = position.next;
+                let limit = (max as i64).min(end - from);
+                tokio::task::spawn_blocking(move || -> Result<Vec<Record>, LogError> {
+                    let conn = reader.lock().expect("log reader lock");
+                    let mut statement = conn.prepare_cached(&format!(
+                        "SELECT offset, key, payload FROM {table} WHERE offset >= ?1 ORDER BY offset LIMIT ?2"
+                    ))?;
+                    let rows = statement.query_map(params![from, limit], |row| {
+                        Ok(Record {
+                            topic: topic.clone(),
+                            partition: partition_index,
+                            offset: row.get(0)?,
+                            key: row.get(1)?,
+                            payload: row.get(2)?,
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<_, _>>()?)
+                })
+                .await
+                .map_err(|_| LogError::Closed)??
+            }
+        };
+        if let Some(last) = records.last() {
+            position.next = last.offset + 1;
+        }
+        Ok(records)
+    }
+
+    /// Marks `records` finished; their group's offsets are committed in the
+    /// writer's next transaction.
+    pub fn done(&mut self, records: &[Record]) {
+        self.commit_offsets(records);
+        self.report_lag();
+    }
+
+    fn commit_offsets(&mut self, records: &[Record]) {
+        for record in records {
+            if let Some(position) = self
+                .positions
+                .iter_mut()
+                .find(|p| p.partition as i32 == record.partition && p.topic.name == record.topic)
+            {
+                if record.offset + 1 > position.committed {
+                    position.committed = record.offset + 1;
+                    self.log.commit(
+                        &self.group,
+                        &position.topic.name,
+                        position.partition,
+                        position.committed,
+                    );
+                }
+            }
+        }
+    }
+
+    /// `dak_consumer_lag`: records of each topic this group has not finished.
+    fn report_lag(&self) {
+        let mut lag: HashMap<&str, i64> = HashMap::new();
+        for position in &self.positions {
+            let end = position.topic.partitions[position.partition]
+                .tail
+                .lock()
+                .expect("log lock")
+                .end;
+            *lag.entry(&position.topic.name).or_default() += (end - position.committed).max(0);
+        }
+        for (topic, lag) in lag {
+            ::metrics::gauge!(crate::metrics::CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.to_owned())
+                .set(lag as f64);
+        }
+    }
+
+    /// Waits until every commit made so far is written.
+    pub async fn commit(&self) {
+        self.log.flush().await;
+    }
+}
+
+impl Drop for LogConsumer {
+    fn drop(&mut self) {
+        self.log
+            .inner
+            .busy
+            .lock()
+            .expect("log lock")
+            .remove(&self.group);
+    }
+}

@@ -1,0 +1,387 @@
+//! The bus contract: one suite, run on both engines — the embedded log (a
+//! SQLite file of each test's own) and Apache Kafka (`DAK_TEST_KAFKA_BROKERS`,
+//! which scripts/test starts, with a topic prefix of each test's own).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dak_runtime::bus::{Bus, Consumer, KafkaConfig, Log, LogOptions, Record, Topics};
+use dak_runtime::config::KafkaArgs;
+use dak_runtime::shutdown::Shutdown;
+
+/// How long a test waits for records that should come. Kafka's group joins
+/// take a few seconds.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+const PARTITIONS: u32 = 4;
+
+fn unique() -> String {
+    ulid::Ulid::new().to_string().to_lowercase()
+}
+
+/// A bus of one engine, with its topics created.
+enum Engine {
+    Log,
+    Kafka,
+}
+
+struct TestBus {
+    bus: Bus,
+    _dir: tempfile::TempDir,
+}
+
+async fn bus(engine: Engine) -> TestBus {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("t{}.", unique());
+    let bus = match engine {
+        Engine::Log => {
+            let log = Log::open(
+                &dir.path().join("bus.db"),
+                LogOptions {
+                    partitions: PARTITIONS,
+                    ..LogOptions::default()
+                },
+            )
+            .unwrap();
+            Bus::log(log, Topics::with_prefix(&prefix))
+        }
+        Engine::Kafka => {
+            let brokers = std::env::var("DAK_TEST_KAFKA_BROKERS").unwrap_or_else(|_| {
+                panic!("the Kafka bus suite needs DAK_TEST_KAFKA_BROKERS; scripts/test sets it")
+            });
+            let args = KafkaArgs {
+                brokers: Some(brokers.clone()),
+                topic_prefix: prefix,
+                partitions: Some(PARTITIONS as i32),
+                replication: 1,
+                linger_ms: None,
+                fetch_wait_ms: None,
+                session_timeout_ms: 6000,
+            };
+            Bus::kafka(KafkaConfig::new(brokers, &args))
+        }
+    };
+    bus.create_topics().await.expect("topics created");
+    TestBus { bus, _dir: dir }
+}
+
+/// Reads until `n` records came, or fails after [`PATIENCE`].
+async fn read(consumer: &Consumer, n: usize) -> Vec<Record> {
+    let shutdown = Shutdown::new();
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while records.len() < n {
+        let batch =
+            tokio::time::timeout_at(deadline, consumer.next_batch(n - records.len(), &shutdown))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {n} records within {PATIENCE:?}", records.len()))
+                .expect("not shut down");
+        records.extend(batch);
+    }
+    records
+}
+
+fn text(record: &Record) -> String {
+    String::from_utf8(record.payload.clone()).unwrap()
+}
+
+/// Produces `n` records for each of `keys`, as `key:i`, and waits for every
+/// acknowledgement.
+async fn produce(bus: &Bus, keys: &[&str], n: usize) {
+    let producer = bus.producer().unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..n {
+        for key in keys {
+            let payload = format!("{key}:{i}");
+            deliveries.push(
+                producer
+                    .enqueue(&bus.topics().deliver, key, payload.as_bytes())
+                    .unwrap(),
+            );
+        }
+    }
+    dak_runtime::bus::acknowledged_all(deliveries)
+        .await
+        .expect("every record acknowledged");
+}
+
+/// Each key's records, in the order they were read.
+fn by_key(records: &[Record]) -> HashMap<String, Vec<usize>> {
+    let mut keys: HashMap<String, Vec<usize>> = HashMap::new();
+    for record in records {
+        let text = text(record);
+        let (key, i) = text.split_once(':').unwrap();
+        keys.entry(key.to_owned())
+            .or_default()
+            .push(i.parse().unwrap());
+    }
+    keys
+}
+
+async fn records_of_one_key_keep_their_order(engine: Engine) {
+    let t = bus(engine).await;
+    let keys = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    produce(&t.bus, &keys, 200).await;
+    let group = t.bus.topics().group("order");
+    let consumer = t.bus.consumer(&group, &[&t.bus.topics().deliver]).unwrap();
+    let records = read(&consumer, keys.len() * 200).await;
+    let keys_read = by_key(&records);
+    assert_eq!(keys_read.len(), keys.len());
+    for (key, seqs) in keys_read {
+        assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "{key} out of order");
+    }
+    let partitions: std::collections::HashSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert!(partitions.len() > 1, "keys spread over partitions");
+}
+
+async fn a_consumer_resumes_after_what_its_group_committed(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 10).await;
+    let group = t.bus.topics().group("resume");
+    let topic = t.bus.topics().deliver.clone();
+    {
+        let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+        let first = read(&consumer, 10).await;
+        // The first six are done; the rest were read, not finished.
+        consumer.done(&first[..6]).await;
+        consumer.commit().await;
+    }
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    let again = read(&consumer, 4).await;
+    assert_eq!(
+        again.iter().map(text).collect::<Vec<_>>(),
+        ["k:6", "k:7", "k:8", "k:9"],
+        "what was not committed comes again, and only that"
+    );
+}
+
+async fn a_consumer_that_dies_without_committing_leaves_everything_to_the_next(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 5).await;
+    let group = t.bus.topics().group("dies");
+    let topic = t.bus.topics().deliver.clone();
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    assert_eq!(read(&consumer, 5).await.len(), 5);
+    drop(consumer);
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    assert_eq!(
+        read(&consumer, 5)
+            .await
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>(),
+        ["k:0", "k:1", "k:2", "k:3", "k:4"]
+    );
+}
+
+async fn every_group_gets_every_record(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["a", "b"], 50).await;
+    let topic = t.bus.topics().deliver.clone();
+    let one = t
+        .bus
+        .consumer(&t.bus.topics().group("one"), &[&topic])
+        .unwrap();
+    let two = t
+        .bus
+        .consumer(&t.bus.topics().group("two"), &[&topic])
+        .unwrap();
+    let (a, b) = tokio::join!(read(&one, 100), read(&two, 100));
+    assert_eq!(by_key(&a), by_key(&b));
+}
+
+async fn a_waiting_consumer_gets_what_is_produced_later(engine: Engine) {
+    let t = bus(engine).await;
+    let topic = t.bus.topics().deliver.clone();
+    let consumer = t
+        .bus
+        .consumer(&t.bus.topics().group("later"), &[&topic])
+        .unwrap();
+    let (records, ()) = tokio::join!(read(&consumer, 3), async {
+        // Kafka: the consumer must have joined its group before the first
+        // record, or auto.offset.reset=earliest still finds it; either way it
+        // arrives.
+        tokio::task::yield_now().await;
+        produce(&t.bus, &["x"], 3).await;
+    });
+    assert_eq!(
+        records.iter().map(text).collect::<Vec<_>>(),
+        ["x:0", "x:1", "x:2"]
+    );
+}
+
+macro_rules! both_engines {
+    ($($case:ident),* $(,)?) => {
+        mod log {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Engine::Log).await;
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Engine::Kafka).await;
+                }
+            )*
+        }
+    };
+}
+
+both_engines!(
+    records_of_one_key_keep_their_order,
+    a_consumer_resumes_after_what_its_group_committed,
+    a_consumer_that_dies_without_committing_leaves_everything_to_the_next,
+    every_group_gets_every_record,
+    a_waiting_consumer_gets_what_is_produced_later,
+);
+
+mod embedded {
+    //! What only the embedded log promises: its own durability and retention.
+
+    use super::*;
+
+    fn open(path: &std::path::Path) -> Log {
+        Log::open(path, LogOptions::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_record_is_in_the_file_before_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.db");
+        let log = open(&path);
+        log.create_topics(&["t"]).unwrap();
+        for i in 0..20 {
+            let offset = log
+                .append("t", b"k", format!("r{i}").as_bytes())
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+            // Another connection, as another process would read the file.
+            let reader = rusqlite::Connection::open(&path).unwrap();
+            let payload: Vec<u8> = reader
+                .query_row(
+                    "SELECT payload FROM \"log:t:0\" WHERE offset = ?1",
+                    [offset],
+                    |row| row.get(0),
+                )
+                .expect("the acknowledged record is committed");
+            assert_eq!(payload, format!("r{i}").as_bytes());
+        }
+        assert_eq!(log.synchronous(), "FULL", "commits are fsynced");
+    }
+
+    #[tokio::test]
+    async fn records_and_offsets_survive_a_process_that_never_closed_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.db");
+        let log = open(&path);
+        log.create_topics(&["t"]).unwrap();
+        for i in 0..10 {
+            log.append("t", b"k", format!("r{i}").as_bytes())
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        let consumer = bus.consumer("g", &["t"]).unwrap();
+        let first = read(&consumer, 10).await;
+        consumer.done(&first[..4]).await;
+        consumer.commit().await;
+        // No shutdown, no close: as after a SIGKILL, the file is all there is.
+        std::mem::forget(consumer);
+        std::mem::forget(bus);
+        std::mem::forget(log);
+
+        let log = open(&path);
+        assert_eq!(log.len("t").unwrap(), 10, "every acknowledged record");
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        let consumer = bus.consumer("g", &["t"]).unwrap();
+        assert_eq!(text(&read(&consumer, 1).await[0]), "r4");
+        let offset = log
+            .append("t", b"k", b"r10")
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(offset, 10, "offsets go on where they were");
+    }
+
+    #[tokio::test]
+    async fn a_record_goes_once_every_group_committed_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(&dir.path().join("bus.db"));
+        log.create_topics(&["t"]).unwrap();
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        let fast = bus.consumer("fast", &["t"]).unwrap();
+        let slow = bus.consumer("slow", &["t"]).unwrap();
+        for i in 0..10 {
+            log.append("t", b"k", format!("r{i}").as_bytes())
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let all = read(&fast, 10).await;
+        fast.done(&all).await;
+        fast.commit().await;
+        let some = read(&slow, 3).await;
+        slow.done(&some).await;
+        slow.commit().await;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while log.len("t").unwrap() != 7 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kept {} records, expected the 7 that slow has not read",
+                log.len("t").unwrap()
+            );
+            // Retention runs in the writer at most once a second.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rest = read(&slow, 7).await;
+        assert_eq!(text(&rest[0]), "r3", "nothing slow needs was deleted");
+    }
+
+    #[tokio::test]
+    async fn a_second_consumer_of_a_live_group_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(&dir.path().join("bus.db"));
+        log.create_topics(&["t"]).unwrap();
+        let _first = log.consumer("g", &["t"]).unwrap();
+        assert!(log.consumer("g", &["t"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_consumer_far_behind_reads_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(
+            &dir.path().join("bus.db"),
+            LogOptions {
+                tail_bytes: 100,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        log.create_topics(&["t"]).unwrap();
+        let mut deliveries = Vec::new();
+        for i in 0..1000 {
+            deliveries.push(
+                log.append("t", b"k", format!("r{i:04}").as_bytes())
+                    .unwrap(),
+            );
+        }
+        for delivery in deliveries {
+            delivery.await.unwrap().unwrap();
+        }
+        let bus = Bus::log(log, Topics::with_prefix(""));
+        let consumer = bus.consumer("g", &["t"]).unwrap();
+        let records = read(&consumer, 1000).await;
+        let expected: Vec<String> = (0..1000).map(|i| format!("r{i:04}")).collect();
+        assert_eq!(records.iter().map(text).collect::<Vec<_>>(), expected);
+    }
+}
