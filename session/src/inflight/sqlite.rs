@@ -32,11 +32,10 @@ const SCHEMA: &str = "
     CREATE INDEX IF NOT EXISTS inflight_held ON inflight (user, device, held)
         WHERE held IS NOT NULL;";
 
-/// Leases up to ?3 deliveries due at ?1 until ?2, by the deadline index.
-const CLAIM: &str = "
-    UPDATE inflight SET deadline = ?2
-    WHERE rowid IN (SELECT rowid FROM inflight WHERE deadline <= ?1 ORDER BY deadline LIMIT ?3)
-    RETURNING record";
+/// Up to ?2 deliveries due at ?1, earliest deadline first, by the deadline
+/// index (which holds the rowid, so ties come in the order rows were made).
+const DUE: &str = "
+    SELECT rowid, record FROM inflight WHERE deadline <= ?1 ORDER BY deadline, rowid LIMIT ?2";
 
 /// The held deliveries of device ?2 of user ?1, in the order they were held.
 const HELD: &str = "
@@ -207,11 +206,16 @@ impl InFlight for SqliteInFlight {
         let records: Vec<String> = self
             .writer
             .call(move |conn, _| {
-                let records = conn
-                    .prepare_cached(CLAIM)?
-                    .query_map(params![now, leased, limit], |r| r.get(0))?
+                let due: Vec<(i64, String)> = conn
+                    .prepare_cached(DUE)?
+                    .query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?;
-                Ok(records)
+                let mut lease =
+                    conn.prepare_cached("UPDATE inflight SET deadline = ?2 WHERE rowid = ?1")?;
+                for (rowid, _) in &due {
+                    lease.execute(params![rowid, leased])?;
+                }
+                Ok(due.into_iter().map(|(_, record)| record).collect())
             })
             .await?;
         records.iter().map(|json| decode(json)).collect()
@@ -299,9 +303,10 @@ mod tests {
 
     #[test]
     fn claiming_finds_due_deliveries_by_the_deadline_index() {
-        let plan = plan(CLAIM);
+        let plan = plan(DUE);
         assert!(plan.contains("INDEX inflight_due (deadline<?)"), "{plan}");
         assert!(!plan.contains("SCAN"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
     }
 
     #[test]

@@ -324,3 +324,20 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
     );
     assert!(acks[1].is_none(), "acked before the restart");
 }
+
+/// `dak up` hands the deliveries of an earlier process to the inbox in the
+/// order of their deadlines (the order they were sent), so the SQLite store
+/// claims earliest deadline first, as the in-process one does.
+#[tokio::test]
+async fn sqlite_inflight_claims_the_earliest_deadline_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteInFlight::open(&dir.path().join("inflight.db")).unwrap();
+    let deliveries: Vec<Pending> = [5_000, 1_000, 4_000, 2_000, 3_000]
+        .into_iter()
+        .map(|deadline| delivery("heidi", "phone", deadline))
+        .collect();
+    store.begin(&deliveries).await.unwrap();
+    let claimed = store.claim_due(10_000, 0, 100).await.unwrap();
+    let deadlines: Vec<u64> = claimed.iter().map(|p| p.deadline_ms).collect();
+    assert_eq!(deadlines, vec![1_000, 2_000, 3_000, 4_000, 5_000]);
+}
