@@ -1,10 +1,13 @@
 //! `dak up` as a process of its own, stopped (SIGTERM) or killed (SIGKILL)
 //! while a device holds messages it has not acked yet and more are arriving,
 //! then started again on the same data directory: every accepted message
-//! reaches the device once it reconnects, once each on the new socket; what
-//! the device sees for the first time, over both sockets, is in the order
-//! sent (messages it had not acked come again, as they must); a client id
-//! resent by the sender's outbox gets its old mid and is not delivered again.
+//! reaches the device once it reconnects, once each on the new socket, and
+//! the messages it held come back in the order sent (it had not acked them,
+//! so they must come again); a client id resent by the sender's outbox gets
+//! its old mid and is not delivered again.
+//!
+//! A message sent while the process stops may be durable without its sender
+//! having heard `accepted`: it may arrive too, but at most once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -98,10 +101,9 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
         accepted.insert(seq_of(frame["id"].as_str().unwrap()), mid_of(&frame));
     }
     // Bob's device has every one of them, and acks none.
-    let mut first_seen: Vec<u64> = Vec::new();
-    while first_seen.len() < HELD as usize {
+    for seq in 0..HELD {
         let frame = bob.expect("message").await;
-        first_seen.push(frame["body"]["seq"].as_u64().unwrap());
+        assert_eq!(frame["body"]["seq"], seq);
     }
 
     // More keep coming while dak goes down: those answered `accepted` are
@@ -129,11 +131,11 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
     let mut received: Vec<u64> = Vec::new();
     let mut mids = HashSet::new();
     let deadline = Instant::now() + PATIENCE;
-    while received.len() < accepted.len() {
+    while !accepted.keys().all(|seq| received.contains(seq)) {
         assert!(
             Instant::now() < deadline,
             "bob got {} of {} accepted messages after the restart",
-            received.len(),
+            accepted.keys().filter(|seq| received.contains(seq)).count(),
             accepted.len()
         );
         let Some(frame) = bob.next_within(Duration::from_secs(1)).await else {
@@ -142,23 +144,16 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
         if frame["type"] != "message" {
             continue;
         }
-        let mid = mid_of(&frame);
-        let seq = frame["body"]["seq"].as_u64().unwrap();
-        assert_eq!(
-            accepted.get(&seq),
-            Some(&mid),
-            "an accepted message, under its mid"
-        );
-        assert!(mids.insert(mid.clone()), "seq {seq} delivered twice");
+        let seq = receive(&frame, &accepted, &mut mids);
         received.push(seq);
-        if !first_seen.contains(&seq) {
-            first_seen.push(seq);
-        }
-        bob.ack(&[&mid]).await;
+        bob.ack(&[&mid_of(&frame)]).await;
     }
-    let mut in_order = first_seen.clone();
-    in_order.sort();
-    assert_eq!(first_seen, in_order, "first seen out of order");
+    let held: Vec<u64> = received.iter().copied().filter(|seq| *seq < HELD).collect();
+    assert_eq!(
+        held,
+        (0..HELD).collect::<Vec<_>>(),
+        "the held messages again, in order"
+    );
 
     // Alice's outbox resends an id accepted before the stop: same mid, and
     // bob does not get it again; the next thing he gets is a new message.
@@ -174,17 +169,35 @@ async fn restart_loses_nothing(stop: impl FnOnce(&mut Process)) {
     alice
         .send_message("after", "bob", json!({ "seq": 1000 }))
         .await;
-    let next = loop {
+    // Before it, only what was sent during the stop and not yet seen.
+    loop {
         let frame = bob.expect_any().await;
-        if frame["type"] != "sync.done" {
-            break frame;
+        if frame["type"] == "message" && frame["body"]["seq"] == 1000 {
+            break;
         }
-    };
-    assert_eq!(next["type"], "message", "{next}");
-    assert_eq!(
-        next["body"]["seq"], 1000,
-        "the resent id was delivered again: {next}"
-    );
+        if frame["type"] == "message" {
+            receive(&frame, &accepted, &mut mids);
+            bob.ack(&[&mid_of(&frame)]).await;
+        }
+    }
+}
+
+/// Checks a message bob got after the restart and returns its seq: one that
+/// alice sent, under the mid she heard if she heard one, and not one bob
+/// already got on this socket.
+fn receive(
+    frame: &serde_json::Value,
+    accepted: &HashMap<u64, String>,
+    mids: &mut HashSet<String>,
+) -> u64 {
+    let mid = mid_of(frame);
+    let seq = frame["body"]["seq"].as_u64().unwrap();
+    assert!(seq < HELD + IN_FLIGHT, "a message alice sent: {frame}");
+    if let Some(accepted_mid) = accepted.get(&seq) {
+        assert_eq!(accepted_mid, &mid, "an accepted message, under its mid");
+    }
+    assert!(mids.insert(mid), "seq {seq} delivered twice: {frame}");
+    seq
 }
 
 fn seq_of(id: &str) -> u64 {
