@@ -118,13 +118,13 @@ impl Dedup for MemoryDedup {
 /// Dedup in Redis, shared by every gateway.
 #[derive(Clone)]
 pub struct RedisDedup {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::redis::Connection,
     prefix: String,
     ttl: Duration,
 }
 
 impl RedisDedup {
-    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str, ttl: Duration) -> Self {
+    pub fn new(conn: crate::redis::Connection, prefix: &str, ttl: Duration) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),

@@ -15,8 +15,17 @@
 //!   in process, in Redis, or in a SQLite file.
 //! - [`sqlite`]: one SQLite connection on a thread of its own with group commit,
 //!   for the stores called once per message (dedup, in-flight deliveries).
-//! - [`http`]: serving an axum router until shutdown.
-//! - [`scylla`]: a ScyllaDB session and keyspace for the stores kept there.
+//! - [`http`]: serving an axum router until shutdown, and the one mapping from
+//!   error codes to REST answers.
+//! - [`scylla`]: a ScyllaDB or Cassandra session and keyspace for the stores
+//!   kept there.
+//! - [`ingress`]: how both gateways turn what a client sent into events on
+//!   `dak.inbound` (mids, dedup, durability).
+//! - [`gateway`]: the client of a gateway's `/internal/v1/send`.
+//! - [`store`]: the error type the stores share.
+//! - [`metrics`]: metric names and their descriptions.
+//! - [`process`]: what every binary does around its services (runtime,
+//!   signals, exit codes, connecting to Kafka and Redis).
 
 pub mod admin;
 pub mod auth;

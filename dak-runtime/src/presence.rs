@@ -252,7 +252,7 @@ impl Presence for MemoryPresence {
 /// Presence in Redis, shared by every gateway and session instance.
 #[derive(Clone)]
 pub struct RedisPresence {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::redis::Connection,
     prefix: String,
 }
 
@@ -276,7 +276,7 @@ end
 return 0";
 
 impl RedisPresence {
-    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: crate::redis::Connection, prefix: &str) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),

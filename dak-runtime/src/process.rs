@@ -139,21 +139,18 @@ pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(Bus, Producer)> 
 }
 
 /// Redis for a service running on its own: `DAK_REDIS_URL` is required.
-pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<redis::aio::ConnectionManager> {
+pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<crate::redis::Connection> {
     let url = store.redis_url.as_deref().ok_or_else(|| {
         ConfigError("DAK_REDIS_URL is required when a service runs on its own".into())
     })?;
     Ok(crate::redis::connect(url).await?)
 }
 
-pub fn redis_presence(
-    redis: &redis::aio::ConnectionManager,
-    store: &StoreArgs,
-) -> Arc<dyn Presence> {
+pub fn redis_presence(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<dyn Presence> {
     Arc::new(RedisPresence::new(redis.clone(), &store.redis_prefix))
 }
 
-pub fn redis_dedup(redis: &redis::aio::ConnectionManager, store: &StoreArgs) -> Arc<dyn Dedup> {
+pub fn redis_dedup(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<dyn Dedup> {
     Arc::new(RedisDedup::new(
         redis.clone(),
         &store.redis_prefix,
@@ -171,7 +168,7 @@ pub fn bus_check(readiness: &mut Readiness, producer: &Producer) {
 }
 
 /// Readiness check: Redis answers PING.
-pub fn redis_check(readiness: &mut Readiness, redis: &redis::aio::ConnectionManager) {
+pub fn redis_check(readiness: &mut Readiness, redis: &crate::redis::Connection) {
     let redis = redis.clone();
     readiness.add("redis", move || {
         let redis = redis.clone();

@@ -282,12 +282,12 @@ return 0";
 /// In-flight deliveries in Redis, shared by every session instance.
 #[derive(Clone)]
 pub struct RedisInFlight {
-    conn: redis::aio::ConnectionManager,
+    conn: dak_runtime::redis::Connection,
     prefix: String,
 }
 
 impl RedisInFlight {
-    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: dak_runtime::redis::Connection, prefix: &str) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),

@@ -5,6 +5,7 @@
 
 mod dedup;
 mod presence;
+mod redis_connection;
 
 pub fn redis_url() -> String {
     std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

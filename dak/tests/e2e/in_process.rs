@@ -13,7 +13,7 @@ fn unlimited() -> Options {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_exchange_1000_messages_in_order_in_memory() {
+async fn two_clients_exchange_1000_messages_in_order_on_the_embedded_stores() {
     let stack = Stack::start(unlimited()).await;
     let alice = stack.connect("alice", "phone").await;
     let bob = stack.connect("bob", "phone").await;
