@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::support::{kafka, rest_sync_all, token, Client, KafkaBroker, RedisServer, Services};
+use crate::support::{kafka, rest_sync_all, token, Client, Server, Services};
 
 /// Messages streamed; the fault comes after a third of them were accepted.
 const MESSAGES: u64 = 300;
@@ -22,35 +22,28 @@ const WINDOW: usize = 32;
 /// How long the failed server stays down.
 const DOWNTIME: Duration = Duration::from_secs(2);
 
+/// The server killed mid-stream.
 enum Fault {
-    Kafka(KafkaBroker),
-    Redis(RedisServer),
+    Kafka(Server),
+    Redis(Server),
 }
 
 impl Fault {
-    fn kill(&mut self) {
+    fn server(&mut self) -> &mut Server {
         match self {
-            Fault::Kafka(broker) => broker.kill(),
-            Fault::Redis(redis) => redis.kill(),
-        }
-    }
-
-    async fn restart(&mut self) {
-        match self {
-            Fault::Kafka(broker) => broker.restart().await,
-            Fault::Redis(redis) => redis.restart().await,
+            Fault::Kafka(server) | Fault::Redis(server) => server,
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_broker_killed_mid_stream_loses_nothing() {
-    stream_through(Fault::Kafka(KafkaBroker::start().await)).await;
+    stream_through(Fault::Kafka(Server::kafka().await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_stream_loses_nothing() {
-    stream_through(Fault::Redis(RedisServer::start().await)).await;
+    stream_through(Fault::Redis(Server::redis().await)).await;
 }
 
 /// Each delivery of a mid to bob's device, with when it arrived.
@@ -128,9 +121,9 @@ async fn stream_through(mut fault: Fault) {
         }
         if fault_at.is_none() && accepted.len() as u64 >= MESSAGES / 3 {
             fault_at = Some(Instant::now());
-            fault.kill();
+            fault.server().kill();
             tokio::time::sleep(DOWNTIME).await;
-            fault.restart().await;
+            fault.server().restart().await;
         }
     }
     let fault_at = fault_at.expect("the fault happened");

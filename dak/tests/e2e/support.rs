@@ -885,105 +885,99 @@ async fn wait_listening(name: &str, process: &mut Process, port: u16, patience: 
     }
 }
 
-/// A single-node Apache Kafka of one test's own, for a test that kills the
-/// broker: it runs `scripts/engines/kafka` on a data directory that outlives
-/// the process, so a restart finds its topics, records and offsets again.
-pub struct KafkaBroker {
+/// A server of one test's own that the test kills (SIGKILL) and starts
+/// again on the same port and data directory: Apache Kafka or Redis.
+pub struct Server {
+    name: &'static str,
     process: Option<Process>,
     dir: tempfile::TempDir,
     port: u16,
+    /// The command that runs the server in `dir` on `port`.
+    command: fn(&std::path::Path, u16) -> Command,
 }
 
-impl KafkaBroker {
-    pub async fn start() -> Self {
-        let mut broker = Self {
-            process: None,
-            dir: tempfile::tempdir().expect("broker data dir"),
-            port: free_port_pair(),
-        };
-        broker.restart().await;
-        broker
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL of the JVM: nothing flushed, nothing closed.
-    pub fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            process.kill();
-        }
-    }
-
-    /// Starts the broker on the same port and data directory.
-    pub async fn restart(&mut self) {
-        assert!(self.process.is_none(), "the broker still runs");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines/kafka");
-        let log = std::fs::File::create(self.dir.path().join("stdout.log")).expect("log file");
-        let child = Command::new(script)
-            .arg(self.dir.path().join("node"))
-            .arg(self.port.to_string())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("starting scripts/engines/kafka");
-        let mut process = Process { child };
-        wait_listening("kafka", &mut process, self.port, Duration::from_secs(120)).await;
-        self.process = Some(process);
-    }
-}
-
-/// A redis-server of one test's own, with every write in its append-only file
-/// before it answers, for a test that kills Redis and starts it again.
-pub struct RedisServer {
-    process: Option<Process>,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl RedisServer {
-    pub async fn start() -> Self {
+impl Server {
+    async fn start(
+        name: &'static str,
+        port: u16,
+        command: fn(&std::path::Path, u16) -> Command,
+    ) -> Self {
         let mut server = Self {
+            name,
             process: None,
-            dir: tempfile::tempdir().expect("redis data dir"),
-            port: free_port(),
+            dir: tempfile::tempdir().expect("server data dir"),
+            port,
+            command,
         };
         server.restart().await;
         server
     }
 
+    /// A single-node Apache Kafka (`scripts/engines/kafka`): a restart finds
+    /// its topics, records and committed offsets again.
+    pub async fn kafka() -> Self {
+        Self::start("kafka", free_port_pair(), |dir, port| {
+            let mut command = Command::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/engines/kafka"
+            ));
+            command.arg(dir.join("node")).arg(port.to_string());
+            command
+        })
+        .await
+    }
+
+    /// A redis-server that writes every command to its append-only file
+    /// before it answers, so a restart loses nothing it acknowledged.
+    pub async fn redis() -> Self {
+        Self::start("redis-server", free_port(), |dir, port| {
+            let mut command = Command::new("redis-server");
+            command
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .args(["--maxmemory-policy", "noeviction"])
+                .arg("--dir")
+                .arg(dir);
+            command
+        })
+        .await
+    }
+
+    /// Kafka's `host:port`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Redis's URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// SIGKILL: nothing flushed, nothing closed.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
             process.kill();
         }
     }
 
+    /// Starts the server again, on the same port and data directory.
     pub async fn restart(&mut self) {
-        assert!(self.process.is_none(), "redis still runs");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .args(["--maxmemory-policy", "noeviction"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        assert!(self.process.is_none(), "{} still runs", self.name);
+        let log = std::fs::File::create(self.dir.path().join("stdout.log")).expect("log file");
+        let child = (self.command)(self.dir.path(), self.port)
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
             .spawn()
-            .expect("starting redis-server (scripts/test installs it)");
+            .unwrap_or_else(|e| panic!("starting {} (scripts/test installs it): {e}", self.name));
         let mut process = Process { child };
-        wait_listening("redis", &mut process, self.port, Duration::from_secs(30)).await;
+        wait_listening(self.name, &mut process, self.port, Duration::from_secs(120)).await;
         self.process = Some(process);
     }
 }
