@@ -293,16 +293,93 @@ impl Pending {
     }
 
     /// Waits for the bus to acknowledge it and records the mid as durable.
+    /// Once the bus has it the message is accepted, whatever the dedup store
+    /// says: a confirm that fails only means a resend of the same id is
+    /// produced again, under the same mid (which the recipient drops), while
+    /// answering `unavailable` would make the client resend for certain.
     pub async fn accepted(self) -> Result<Accepted, IngressError> {
         if let Some(delivery) = self.delivery {
             delivery.await?;
             let a = &self.accepted;
             if let Some(dedup) = &self.dedup {
-                dedup.confirm(&self.from.user, &a.id, a.mid, a.ts).await?;
+                if let Err(e) = dedup.confirm(&self.from.user, &a.id, a.mid, a.ts).await {
+                    ::metrics::counter!(metrics::DEDUP_CONFIRM_FAILURES).increment(1);
+                    tracing::warn!(mid = %a.mid, id = %a.id, error = %e, "accepted, but the dedup entry stays unconfirmed");
+                }
             }
             ::metrics::counter!(metrics::ACCEPTED).increment(1);
             tracing::debug!(mid = %a.mid, id = %a.id, "accepted");
         }
         Ok(self.accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Bus, Log, LogOptions, Topics};
+    use crate::dedup::MemoryDedup;
+    use crate::store::StoreResult;
+    use dak_wire::{DeviceId, UserId};
+
+    /// The in-process dedup store, with a confirm that always fails, as when
+    /// Redis times out right after the bus acknowledged the message.
+    struct ConfirmFails(MemoryDedup);
+
+    #[async_trait::async_trait]
+    impl Dedup for ConfirmFails {
+        async fn reserve(
+            &self,
+            from: &UserId,
+            id: &ClientId,
+            mid: Mid,
+            ts: u64,
+        ) -> StoreResult<Reservation> {
+            self.0.reserve(from, id, mid, ts).await
+        }
+
+        async fn confirm(&self, _: &UserId, _: &ClientId, _: Mid, _: u64) -> StoreResult<()> {
+            Err(crate::store::StoreError::Corrupt("confirm refused".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_on_the_bus_is_accepted_even_if_its_dedup_confirm_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&dir.path().join("bus.db"), LogOptions::default()).unwrap();
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        bus.create_topics().await.unwrap();
+        let dedup = Arc::new(ConfirmFails(MemoryDedup::new(
+            std::time::Duration::from_secs(60),
+        )));
+        let ingress = Ingress::new(bus.producer().unwrap(), bus.topics().inbound.clone(), dedup);
+        let alice = Identity {
+            user: UserId::parse("alice").unwrap(),
+            device: DeviceId::parse("phone").unwrap(),
+        };
+        let message = Outgoing {
+            id: ClientId::parse("c-1").unwrap(),
+            to: "bob".into(),
+            chat: ChatKind::Direct,
+            body: serde_json::value::RawValue::from_string("\"hi\"".into()).unwrap(),
+            ephemeral: false,
+        };
+        let first = ingress
+            .submit(&alice, message.clone())
+            .await
+            .unwrap()
+            .accepted()
+            .await
+            .expect("durable on the bus, so accepted");
+        assert_eq!(log.len(&bus.topics().inbound).unwrap(), 1);
+        // The resend keeps the mid (the entry was reserved under it).
+        let again = ingress
+            .submit(&alice, message)
+            .await
+            .unwrap()
+            .accepted()
+            .await
+            .unwrap();
+        assert_eq!(again.mid, first.mid);
     }
 }

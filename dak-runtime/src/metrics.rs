@@ -19,6 +19,7 @@ pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
+pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
 
 /// Records how long ago the message accepted at `accepted_ms` was accepted, as
 /// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
@@ -35,7 +36,11 @@ pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         ACCEPTED,
-        "messages accepted from clients (durable in Kafka)"
+        "messages accepted from clients (durable on the bus)"
+    );
+    describe_counter!(
+        DEDUP_CONFIRM_FAILURES,
+        "messages accepted although their dedup entry could not be marked durable (a resend is produced again, under the same mid)"
     );
     describe_counter!(
         DELIVERED,
