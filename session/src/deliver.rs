@@ -11,7 +11,7 @@ use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
 use dak_wire::send::{SendItem, SendOutcome};
-use dak_wire::{DeviceId, Message, ReceiptState, ServerFrame, UserId};
+use dak_wire::{DeviceId, Message, Mid, ReceiptState, ServerFrame, UserId};
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
@@ -33,6 +33,11 @@ pub(crate) struct Core {
     producer: Producer,
     offline_topic: String,
     deliver_topic: String,
+    /// The deliveries [`Core::store_orphans`] handed to the inboxes. If the
+    /// earlier process died before committing its `dak.deliver` offset, the
+    /// same deliveries are read again; they are in the inbox already, so they
+    /// are not sent live a second time.
+    orphans: std::sync::Mutex<std::collections::HashSet<(UserId, DeviceId, Mid)>>,
 }
 
 /// Events for `dak.offline` collected while handling a batch, published together.
@@ -123,7 +128,13 @@ impl Core {
             producer: deps.producer,
             offline_topic,
             deliver_topic,
+            orphans: Default::default(),
         }
+    }
+
+    fn is_orphan(&self, user: &UserId, device: &DeviceId, mid: Mid) -> bool {
+        let orphans = self.orphans.lock().expect("orphans lock");
+        !orphans.is_empty() && orphans.contains(&(user.clone(), device.clone(), mid))
     }
 
     pub(crate) async fn flush(&self) {
@@ -229,7 +240,10 @@ impl Core {
                 continue;
             }
             for route in devices {
-                if from_here(route) || d.device.as_ref().is_some_and(|only| only != &route.device) {
+                if from_here(route)
+                    || d.device.as_ref().is_some_and(|only| only != &route.device)
+                    || self.is_orphan(&d.recipient, &route.device, d.message.mid)
+                {
                     continue;
                 }
                 let pending = |sends, deadline_ms| Pending {
@@ -531,6 +545,13 @@ impl Core {
                         rehold.push(p);
                     }
                     Retry::Offline(reason) => {
+                        if horizon.is_some() {
+                            self.orphans.lock().expect("orphans lock").insert((
+                                p.user.clone(),
+                                p.device.clone(),
+                                p.message.mid,
+                            ));
+                        }
                         offline.store(&p.user, Some(&p.device), reason, &p.message);
                         finished.push(p);
                     }
