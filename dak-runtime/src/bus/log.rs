@@ -732,7 +732,7 @@ impl LogConsumer {
     async fn read(&mut self, index: usize, max: usize) -> Result<Vec<Record>, LogError> {
         let position = &mut self.positions[index];
         let partition = &position.topic.partitions[position.partition];
-        let (from_memory, start, end) = {
+        let (from_memory, end) = {
             let tail = partition.tail.lock().expect("log lock");
             // Retention may have passed a position of a group that did not
             // hold it back (an age bound): skip to what is kept.
@@ -745,9 +745,8 @@ impl LogConsumer {
                 let skip = (position.next - first_in_memory) as usize;
                 tail.records.iter().skip(skip).take(max).cloned().collect()
             });
-            (records, tail.start, tail.end)
+            (records, tail.end)
         };
-        let _ = start;
         let topic = position.topic.name.clone();
         let partition_index = position.partition as i32;
         let records: Vec<Record> = match from_memory {
