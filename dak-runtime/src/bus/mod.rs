@@ -111,14 +111,6 @@ impl Bus {
         }
     }
 
-    /// The Kafka settings, when the bus is Kafka.
-    pub fn kafka_config(&self) -> Option<&KafkaConfig> {
-        match &self.engine {
-            Engine::Kafka(config) => Some(config),
-            Engine::Log(_) => None,
-        }
-    }
-
     /// The embedded log, when the bus is one.
     pub fn embedded_log(&self) -> Option<&Log> {
         match &self.engine {
