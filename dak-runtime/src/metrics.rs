@@ -10,7 +10,7 @@ pub const OFFLINED: &str = "dak_messages_offlined_total";
 pub const DUPLICATES: &str = "dak_duplicate_sends_total";
 pub const ROUTED: &str = "dak_events_routed_total";
 pub const REJECTED: &str = "dak_client_errors_total";
-pub const DROPPED_EVENTS: &str = "dak_events_dropped_total";
+pub const DEAD_LETTERS: &str = "dak_dead_letters_total";
 pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
@@ -68,8 +68,8 @@ pub(crate) fn describe() {
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");
     describe_counter!(
-        DROPPED_EVENTS,
-        "Kafka events that could not be decoded and were skipped, by topic"
+        DEAD_LETTERS,
+        "records parked in the dead-letter topic, by source topic and consumer group: not a valid event, or failing while the records around them went through"
     );
     describe_histogram!(
         ACK_LATENCY,

@@ -35,8 +35,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
-use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
-use dak_runtime::metrics;
+use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, DeliverEvent, GroupEvent};
 use dak_wire::GroupId;
@@ -73,6 +72,7 @@ pub struct GroupRouter {
 
 struct Shared {
     config: Config,
+    dead_letters: DeadLetters,
     store: Arc<dyn GroupStore>,
     producer: Producer,
     verifier: Verifier,
@@ -94,8 +94,11 @@ impl GroupRouter {
             FANNED_OUT,
             "Deliveries group-router wrote to dak.deliver, by kind"
         );
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.group])?;
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.group])?
+            .with_dead_letters(deps.producer.clone());
         let shared = Arc::new(Shared {
+            dead_letters: consumer.dead_letters(),
             config,
             store: deps.store,
             producer: deps.producer,
@@ -132,16 +135,13 @@ impl Shared {
     async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(records.len());
         for record in records {
-            // An event that cannot be read, or names no valid group, is skipped:
+            // An event that cannot be read, or names no valid group, is parked:
             // failing the batch would stall the partition on it for good.
             let decoded =
                 event::decode::<GroupEvent>(&record.payload).and_then(|e| Ok((group_of(&e)?, e)));
             match decoded {
                 Ok(e) => events.push(e),
-                Err(e) => {
-                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "group").increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping group event");
-                }
+                Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
         if events.is_empty() {

@@ -69,8 +69,16 @@ pub struct Session {
 impl Session {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.deliver])?;
-        let core = Core::new(config, deps, topics.offline.clone(), topics.deliver.clone());
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.deliver])?
+            .with_dead_letters(deps.producer.clone());
+        let core = Core::new(
+            config,
+            deps,
+            consumer.dead_letters(),
+            topics.offline.clone(),
+            topics.deliver.clone(),
+        );
         Ok(Self { core, consumer })
     }
 
