@@ -769,6 +769,7 @@ mod tests {
         system.notice = Some(Notice::Group(SystemEvent {
             event: SystemKind::Added,
             users: vec![UserId::parse("dave").unwrap()],
+            count: None,
             by: alice(),
             name: None,
         }));

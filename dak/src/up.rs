@@ -123,6 +123,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let limits = args.gateway.limits.limits();
     let group_config = group_router::Config {
         max_members: limits.max_group_members,
+        notice_users: args.gateway.limits.group_notice_users,
     };
     let ws = ws_gateway::WsGateway::new(
         args.gateway,

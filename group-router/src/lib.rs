@@ -48,6 +48,10 @@ pub const GROUP: &str = "dak.group-router";
 /// Records taken from `dak.group` per batch.
 const BATCH: usize = 500;
 
+/// Bytes of deliveries a batch may have waiting for the bus at once; past it,
+/// the fan-out waits for acknowledgements.
+const MAX_OUTSTANDING_BYTES: usize = 16 * 1024 * 1024;
+
 pub const COMMANDS: &str = "dak_group_commands_total";
 pub const FANNED_OUT: &str = "dak_group_deliveries_total";
 
@@ -56,6 +60,8 @@ pub struct Config {
     /// Most members of a group (`DAK_GROUP_MAX_MEMBERS`, shared with the
     /// gateways' limits).
     pub max_members: usize,
+    /// Most users one notice names (`DAK_GROUP_NOTICE_USERS`).
+    pub notice_users: usize,
 }
 
 /// Everything group-router needs from outside.
@@ -169,7 +175,7 @@ impl Shared {
             })
             .collect();
 
-        let mut acks = Vec::new();
+        let mut deliveries = bus::Bounded::new(&self.producer, MAX_OUTSTANDING_BYTES);
         for (id, e) in events {
             let working = groups.get_mut(&id).expect("every group was loaded");
             let (applied, kind) = match e {
@@ -185,7 +191,7 @@ impl Shared {
                         dak_wire::group::GroupOp::Remove { .. } => "remove",
                         dak_wire::group::GroupOp::Rename { .. } => "rename",
                     };
-                    let applied = apply::command(&mut working.group, c, self.config.max_members);
+                    let applied = apply::command(&mut working.group, c, &self.config);
                     ::metrics::counter!(COMMANDS, "op" => op, "result" => applied.result)
                         .increment(1);
                     (applied, "notice")
@@ -197,10 +203,10 @@ impl Shared {
             for d in applied.deliveries {
                 let key = d.recipient.to_string();
                 let payload = event::encode(&DeliverEvent::Message(d));
-                acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
+                deliveries.send(&self.deliver_topic, &key, &payload).await?;
             }
         }
-        bus::acknowledged_all(acks).await?;
+        deliveries.wait().await?;
 
         let changes: Vec<GroupChange> = groups
             .into_values()

@@ -247,6 +247,64 @@ impl Future for ProduceFuture {
     }
 }
 
+/// Produces many records while at most `max_bytes` of them wait for their
+/// acknowledgement: a large fan-out waits for the bus to catch up instead of
+/// filling the producer's queue and failing. A queue found full (other records
+/// of the process fill it too) is waited out the same way, once.
+pub struct Bounded<'a> {
+    producer: &'a Producer,
+    acks: Vec<ProduceFuture>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl<'a> Bounded<'a> {
+    pub fn new(producer: &'a Producer, max_bytes: usize) -> Self {
+        Self {
+            producer,
+            acks: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// Queues one record, first waiting for what is outstanding when this
+    /// record would pass the bound.
+    pub async fn send(&mut self, topic: &str, key: &str, payload: &[u8]) -> Result<(), BusError> {
+        if self.bytes + payload.len() > self.max_bytes {
+            self.wait().await?;
+        }
+        let ack = match self.producer.enqueue(topic, key, payload) {
+            Err(e) if e.is_queue_full() && !self.acks.is_empty() => {
+                self.wait().await?;
+                self.producer.enqueue(topic, key, payload)?
+            }
+            ack => ack?,
+        };
+        self.acks.push(ack);
+        self.bytes += payload.len();
+        Ok(())
+    }
+
+    /// Waits for every record queued so far.
+    pub async fn wait(&mut self) -> Result<(), BusError> {
+        self.bytes = 0;
+        acknowledged_all(std::mem::take(&mut self.acks)).await
+    }
+}
+
+impl BusError {
+    /// The producer's queue is full: waiting for acknowledgements makes room.
+    pub fn is_queue_full(&self) -> bool {
+        matches!(
+            self,
+            BusError::Kafka(rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::QueueFull
+            ))
+        )
+    }
+}
+
 /// Waits for every acknowledgement in `deliveries`; the first error wins.
 pub async fn acknowledged_all(deliveries: Vec<ProduceFuture>) -> Result<(), BusError> {
     for result in futures_util::future::join_all(deliveries).await {

@@ -319,6 +319,27 @@ async fn records_that_all_fail_are_retried_not_parked(engine: Engine) {
     );
 }
 
+async fn a_bounded_fan_out_waits_for_room_and_keeps_order(engine: Engine) {
+    let t = bus(engine).await;
+    let producer = t.bus.producer().unwrap();
+    let topic = t.bus.topics().deliver.clone();
+    // Room for about three records at a time: the sender waits every third.
+    let mut bounded = dak_runtime::bus::Bounded::new(&producer, 20);
+    for i in 0..30 {
+        bounded
+            .send(&topic, "k", format!("k:{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    bounded.wait().await.unwrap();
+    let consumer = t
+        .bus
+        .consumer(&t.bus.topics().group("bounded"), &[&topic])
+        .unwrap();
+    let records = read(&consumer, 30).await;
+    assert_eq!(by_key(&records)["k"], (0..30).collect::<Vec<_>>());
+}
+
 macro_rules! both_engines {
     ($($case:ident),* $(,)?) => {
         mod log {
@@ -348,6 +369,7 @@ both_engines!(
     a_waiting_consumer_gets_what_is_produced_later,
     a_record_that_always_fails_is_parked_and_the_rest_go_through,
     records_that_all_fail_are_retried_not_parked,
+    a_bounded_fan_out_waits_for_room_and_keeps_order,
 );
 
 mod embedded {
