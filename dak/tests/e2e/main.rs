@@ -4,7 +4,8 @@
 //! `in_process` runs `dak up`'s wiring on its embedded durable bus (with the
 //! embedded stores and with Redis); `services` runs each service as its own
 //! process against Apache Kafka and Redis; `restart` stops and kills `dak up`
-//! processes and starts them again on the same data directory.
+//! processes and starts them again on the same data directory; `faults` and
+//! `soak` kill the broker, Redis and the services under traffic.
 
 mod bad_input;
 mod bench;
@@ -15,4 +16,5 @@ mod in_process;
 mod offline;
 mod restart;
 mod services;
+mod soak;
 mod support;
