@@ -84,6 +84,11 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             // empty; dedup and in-flight deliveries outlive a restart.
             None => {
                 let (dedup, inflight) = open_files(&args.data.data_dir, &args.store).await?;
+                let store = inflight.clone();
+                readiness.add("inflight", move || {
+                    let store = store.clone();
+                    async move { store.count().await.map(|_| ()).map_err(|e| e.to_string()) }
+                });
                 (Arc::new(MemoryPresence::default()), dedup, inflight)
             }
             Some(_) => {

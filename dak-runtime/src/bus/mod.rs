@@ -201,7 +201,7 @@ impl Producer {
     pub async fn check(&self) -> Result<(), String> {
         match self {
             Producer::Kafka(producer) => producer.check().await,
-            Producer::Log(_) => Ok(()),
+            Producer::Log(log) => log.writer_answers().await.map_err(|e| e.to_string()),
         }
     }
 
