@@ -131,11 +131,29 @@ pub struct AuthArgs {
     #[arg(long, env = "DAK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// A PEM public key file; with it, tokens are verified with `DAK_JWT_ALGORITHM`
-    /// (RS256 or EdDSA) instead of the HS256 secret.
+    /// (RS256, ES256 or EdDSA) instead of the HS256 secret.
     #[arg(long, env = "DAK_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<std::path::PathBuf>,
     #[arg(long, env = "DAK_JWT_ALGORITHM", default_value = "RS256")]
     pub jwt_algorithm: String,
+    /// An identity provider's JWKS URL; with it, tokens carrying a `kid` are
+    /// verified with the key of that id it serves, instead of the HS256 secret.
+    #[arg(long, env = "DAK_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How old the fetched JWKS may grow before it is fetched again.
+    #[arg(long, env = "DAK_JWT_JWKS_REFRESH", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+    /// Least time between two JWKS fetches, also when tokens name unknown `kid`s.
+    #[arg(long, env = "DAK_JWT_JWKS_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_min_interval: Duration,
+    /// Accepted `aud` values, comma-separated; when set, a token must carry
+    /// one of them. Unset: any `aud`, or none, is accepted.
+    #[arg(long, env = "DAK_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// Accepted `iss` values, comma-separated; when set, a token must carry
+    /// one of them. Unset: any `iss`, or none, is accepted.
+    #[arg(long, env = "DAK_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
 }
 
 /// The internal API between session and the gateways.

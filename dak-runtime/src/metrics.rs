@@ -20,6 +20,7 @@ pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
 pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
+pub const JWKS_FETCH_FAILURES: &str = "dak_jwks_fetch_failures_total";
 
 /// Records how long ago the message accepted at `accepted_ms` was accepted, as
 /// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
@@ -64,6 +65,10 @@ pub(crate) fn describe() {
     describe_counter!(
         RECEIPTS,
         "delivered receipts sent back to senders when a device acked (session) or synced (persistence)"
+    );
+    describe_counter!(
+        JWKS_FETCH_FAILURES,
+        "failed refreshes of the JWKS (DAK_JWT_JWKS_URL); the keys fetched before stay in use"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");

@@ -62,11 +62,15 @@ pub struct Running {
 }
 
 pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Running> {
-    let generated_secret = args.auth.jwt_secret.is_none() && args.auth.jwt_public_key.is_none();
+    let generated_secret = args.auth.jwt_secret.is_none()
+        && args.auth.jwt_public_key.is_none()
+        && args.auth.jwt_jwks_url.is_none();
     if generated_secret {
         args.auth.jwt_secret = Some(config::random_secret());
     }
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = args
         .internal
         .internal_token

@@ -71,7 +71,9 @@ pub fn inbox_check(readiness: &mut Readiness, inbox: &Arc<dyn Inbox>) {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let inbox = args.data.open_inbox(&args.scylla).await?;

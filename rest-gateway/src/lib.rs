@@ -90,9 +90,9 @@ impl RestGateway {
     }
 }
 
-fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
+async fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    Ok(shared.verifier.verify_header(header)?)
+    Ok(shared.verifier.verify_header(header).await?)
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
@@ -155,7 +155,7 @@ async fn send_messages(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<SendAnswer>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let request: SendBody = parse_json(&body)?;
     if request.messages.is_empty() || request.messages.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -238,7 +238,7 @@ async fn send_acks(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let request: AckBody = parse_json(&body)?;
     let mids = parse_mids(&request.mids)?;
     let count = mids.len();
@@ -264,7 +264,7 @@ async fn register_push_token(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let device = DeviceId::parse(device)?;
     if device != identity.device {
         return Err(ApiError::new(
@@ -339,7 +339,7 @@ async fn send_receipts(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let request: ReceiptsBody = parse_json(&body)?;
     if request.receipts.is_empty() || request.receipts.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -391,7 +391,7 @@ async fn create_group(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let request: CreateGroupBody = parse_json(&body)?;
     let group = GroupId::parse(
         request
@@ -411,7 +411,7 @@ async fn add_members(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let group = GroupId::parse(group)?;
     let request: MembersBody = parse_json(&body)?;
     let members = request
@@ -429,7 +429,7 @@ async fn remove_member(
     Path((group, user)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let op = GroupOp::Remove {
         user: UserId::parse(user)?,
     };
@@ -442,7 +442,7 @@ async fn rename_group(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
+    let identity = authenticate(&shared, &headers).await?;
     let group = GroupId::parse(group)?;
     let request: NameBody = parse_json(&body)?;
     let op = GroupOp::Rename {

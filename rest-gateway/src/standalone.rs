@@ -29,7 +29,9 @@ pub struct Args {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let public = process::bind("the public API", args.public.public_addr).await?;

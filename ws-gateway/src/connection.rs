@@ -43,7 +43,7 @@ pub(crate) async fn upgrade(
     let token = auth::bearer(header).or(query.access_token.as_deref());
     let identity = match token {
         None => return ApiError::from(auth::AuthError::Missing).into_response(),
-        Some(token) => match shared.deps.verifier.verify(token) {
+        Some(token) => match shared.deps.verifier.verify(token).await {
             Ok(identity) => identity,
             Err(e) => return ApiError::from(e).into_response(),
         },

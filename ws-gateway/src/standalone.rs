@@ -32,7 +32,9 @@ pub struct Args {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
