@@ -178,6 +178,26 @@ pub struct PublicArgs {
     /// WebSocket and REST for clients.
     #[arg(long, env = "DAK_PUBLIC_ADDR", default_value = "127.0.0.1:8080")]
     pub public_addr: SocketAddr,
+    /// How long a client may take to send a request's headers (also how long
+    /// an idle keep-alive connection stays open); then the connection is
+    /// closed. `0s`: no limit.
+    #[arg(long, env = "DAK_HTTP_HEADER_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Most HTTP connections the public API serves at once (WebSockets stop
+    /// counting once upgraded); further ones wait in the listen backlog.
+    /// `0`: no limit.
+    #[arg(long, env = "DAK_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
+}
+
+impl PublicArgs {
+    pub fn connection_limits(&self) -> crate::http::ConnectionLimits {
+        crate::http::ConnectionLimits {
+            header_timeout: (!self.http_header_timeout.is_zero())
+                .then_some(self.http_header_timeout),
+            max_connections: (self.http_max_connections > 0).then_some(self.http_max_connections),
+        }
+    }
 }
 
 /// The delivery limits clients see.

@@ -122,7 +122,7 @@ pub fn spawn_admin(
     shutdown::spawn(
         tasks,
         "admin",
-        crate::http::serve(listener, router, shutdown),
+        crate::http::serve(listener, router, Default::default(), shutdown),
     );
 }
 

@@ -12,6 +12,7 @@ use dak_runtime::config::{
     self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
 };
 use dak_runtime::dedup::{Dedup, SqliteDedup};
+use dak_runtime::http::ConnectionLimits;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, Tasks};
@@ -34,6 +35,8 @@ pub struct UpArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub gateway: ws_gateway::Config,
+    #[command(flatten)]
+    pub rest: rest_gateway::Config,
     #[command(flatten)]
     pub session: session::Config,
     #[command(flatten)]
@@ -140,7 +143,13 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         },
         shutdown.clone(),
     );
-    let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits, presence.clone());
+    let rest = rest_gateway::RestGateway::new(
+        args.rest.rate_limit(),
+        verifier.clone(),
+        ingress,
+        limits,
+        presence.clone(),
+    );
     let persistence = persistence::Persistence::build(
         args.persistence,
         &bus,
@@ -196,12 +205,22 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     shutdown::spawn(
         &mut tasks,
         "public API",
-        dak_runtime::http::serve(public, public_router, shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            public_router,
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(
         &mut tasks,
         "internal API",
-        dak_runtime::http::serve(internal, ws.internal_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            internal,
+            ws.internal_router(),
+            ConnectionLimits::NONE,
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));

@@ -92,7 +92,12 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "groups API",
-        dak_runtime::http::serve(public, router.router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            router.router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "group-router", async move {
         router.run(shutdown).await?;

@@ -96,7 +96,12 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "sync API",
-        dak_runtime::http::serve(public, persistence.router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            persistence.router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "persistence", async move {
         persistence.run(shutdown).await?;

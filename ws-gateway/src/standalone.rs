@@ -72,12 +72,22 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "public API",
-        dak_runtime::http::serve(public, gateway.public_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            gateway.public_router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(
         &mut tasks,
         "internal API",
-        dak_runtime::http::serve(internal, gateway.internal_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            internal,
+            gateway.internal_router(),
+            dak_runtime::http::ConnectionLimits::NONE,
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "presence heartbeat", async move {
         gateway.run().await?;
