@@ -13,6 +13,7 @@ pub const REJECTED: &str = "dak_client_errors_total";
 pub const DROPPED_EVENTS: &str = "dak_events_dropped_total";
 pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
+pub const STALLED_SOCKETS: &str = "dak_ws_stalled_sockets_closed_total";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
 pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
@@ -69,6 +70,10 @@ pub(crate) fn describe() {
     describe_counter!(
         JWKS_FETCH_FAILURES,
         "failed refreshes of the JWKS (DAK_JWT_JWKS_URL); the keys fetched before stay in use"
+    );
+    describe_counter!(
+        STALLED_SOCKETS,
+        "sockets closed because a write to them stayed stuck for the idle timeout"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");

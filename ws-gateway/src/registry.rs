@@ -4,17 +4,17 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use axum::extract::ws::Utf8Bytes;
 use dak_wire::{DeviceId, UserId};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
 
 pub type Key = (UserId, DeviceId);
 
 #[derive(Clone)]
 pub struct Handle {
     pub connection_id: String,
-    pub frames: mpsc::Sender<Utf8Bytes>,
+    pub frames: Outbox,
     /// Cancelled when a newer socket of the same device takes over.
     pub replaced: CancellationToken,
 }
@@ -49,11 +49,7 @@ impl Registry {
     }
 
     /// The device's socket: its connection id and frame queue.
-    pub fn get(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-    ) -> Option<(String, mpsc::Sender<Utf8Bytes>)> {
+    pub fn get(&self, user: &UserId, device: &DeviceId) -> Option<(String, Outbox)> {
         // Borrowed-key lookup would need a (str, str) key; ids are short, cloning is cheap.
         let key = (user.clone(), device.clone());
         let sockets = self.sockets.lock().expect("registry lock");
