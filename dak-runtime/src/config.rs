@@ -73,6 +73,10 @@ pub struct StoreArgs {
     /// before `DAK_DEDUP_TTL`.
     #[arg(long, env = "DAK_DEDUP_MAX_ENTRIES", default_value_t = 10_000_000)]
     pub dedup_max_entries: u64,
+    /// Most (sender, client id) entries kept in Redis for one sender; beyond
+    /// it that sender's oldest go first, even before `DAK_DEDUP_TTL`.
+    #[arg(long, env = "DAK_DEDUP_MAX_PER_USER", default_value_t = 10_000)]
+    pub dedup_max_per_user: u64,
     /// How long a gateway's presence outlives its last heartbeat.
     #[arg(long, env = "DAK_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,

@@ -17,6 +17,7 @@ pub const STALLED_SOCKETS: &str = "dak_ws_stalled_sockets_closed_total";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
 pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
+pub const DEDUP_EVICTED: &str = "dak_dedup_evicted_total";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
@@ -74,6 +75,10 @@ pub(crate) fn describe() {
     describe_counter!(
         STALLED_SOCKETS,
         "sockets closed because a write to them stayed stuck for the idle timeout"
+    );
+    describe_counter!(
+        DEDUP_EVICTED,
+        "(sender, client id) entries dropped before their TTL because the dedup store was at its bound"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");

@@ -155,6 +155,7 @@ pub fn redis_dedup(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<d
         redis.clone(),
         &store.redis_prefix,
         store.dedup_ttl,
+        store.dedup_max_per_user,
     ))
 }
 
