@@ -185,8 +185,9 @@ impl Verifier {
             }
             (Some(kid), _) if keys.jwks.is_some() => {
                 let jwks = keys.jwks.as_ref().expect("checked");
+                // The kid is the client's text: not echoed back.
                 fetched = jwks.key(kid).await.ok_or_else(|| {
-                    AuthError::Invalid(format!("no key with kid `{kid}` at the JWKS URL"))
+                    AuthError::Invalid("the JWKS URL serves no key with the token's kid".into())
                 })?;
                 (&fetched.0, fetched.1)
             }
