@@ -73,6 +73,10 @@ pub struct StoreArgs {
     /// before `DAK_DEDUP_TTL`.
     #[arg(long, env = "DAK_DEDUP_MAX_ENTRIES", default_value_t = 10_000_000)]
     pub dedup_max_entries: u64,
+    /// Most (sender, client id) entries kept in Redis for one sender; beyond
+    /// it that sender's oldest go first, even before `DAK_DEDUP_TTL`.
+    #[arg(long, env = "DAK_DEDUP_MAX_PER_USER", default_value_t = 10_000)]
+    pub dedup_max_per_user: u64,
     /// How long a gateway's presence outlives its last heartbeat.
     #[arg(long, env = "DAK_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
@@ -131,11 +135,29 @@ pub struct AuthArgs {
     #[arg(long, env = "DAK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// A PEM public key file; with it, tokens are verified with `DAK_JWT_ALGORITHM`
-    /// (RS256 or EdDSA) instead of the HS256 secret.
+    /// (RS256, ES256 or EdDSA) instead of the HS256 secret.
     #[arg(long, env = "DAK_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<std::path::PathBuf>,
     #[arg(long, env = "DAK_JWT_ALGORITHM", default_value = "RS256")]
     pub jwt_algorithm: String,
+    /// An identity provider's JWKS URL; with it, tokens carrying a `kid` are
+    /// verified with the key of that id it serves, instead of the HS256 secret.
+    #[arg(long, env = "DAK_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How old the fetched JWKS may grow before it is fetched again.
+    #[arg(long, env = "DAK_JWT_JWKS_REFRESH", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+    /// Least time between two JWKS fetches, also when tokens name unknown `kid`s.
+    #[arg(long, env = "DAK_JWT_JWKS_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_min_interval: Duration,
+    /// Accepted `aud` values, comma-separated; when set, a token must carry
+    /// one of them. Unset: any `aud`, or none, is accepted.
+    #[arg(long, env = "DAK_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// Accepted `iss` values, comma-separated; when set, a token must carry
+    /// one of them. Unset: any `iss`, or none, is accepted.
+    #[arg(long, env = "DAK_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
 }
 
 /// The internal API between session and the gateways.
@@ -160,6 +182,26 @@ pub struct PublicArgs {
     /// WebSocket and REST for clients.
     #[arg(long, env = "DAK_PUBLIC_ADDR", default_value = "127.0.0.1:8080")]
     pub public_addr: SocketAddr,
+    /// How long a client may take to send a request's headers (also how long
+    /// an idle keep-alive connection stays open); then the connection is
+    /// closed. `0s`: no limit.
+    #[arg(long, env = "DAK_HTTP_HEADER_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Most HTTP connections the public API serves at once (WebSockets stop
+    /// counting once upgraded); further ones wait in the listen backlog.
+    /// `0`: no limit.
+    #[arg(long, env = "DAK_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
+}
+
+impl PublicArgs {
+    pub fn connection_limits(&self) -> crate::http::ConnectionLimits {
+        crate::http::ConnectionLimits {
+            header_timeout: (!self.http_header_timeout.is_zero())
+                .then_some(self.http_header_timeout),
+            max_connections: (self.http_max_connections > 0).then_some(self.http_max_connections),
+        }
+    }
 }
 
 /// The delivery limits clients see.

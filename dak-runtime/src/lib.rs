@@ -8,7 +8,8 @@
 //!   embedded durable log `dak up` runs on.
 //! - [`redis`]: connecting to Redis.
 //! - [`admin`]: `/livez`, `/readyz` and `/metrics`.
-//! - [`auth`]: client JWTs and the internal token.
+//! - [`auth`]: client JWTs (HS256, a public key, or an identity provider's
+//!   JWKS) and the internal token.
 //! - [`presence`]: which gateway holds which (user, device), and which devices a
 //!   user has; in process or in Redis.
 //! - [`dedup`]: the (sender, client id) → mid map that makes outbox retries safe;

@@ -13,13 +13,16 @@ pub const REJECTED: &str = "dak_client_errors_total";
 pub const DEAD_LETTERS: &str = "dak_dead_letters_total";
 pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
+pub const STALLED_SOCKETS: &str = "dak_ws_stalled_sockets_closed_total";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
 pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
+pub const DEDUP_EVICTED: &str = "dak_dedup_evicted_total";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
 pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
+pub const JWKS_FETCH_FAILURES: &str = "dak_jwks_fetch_failures_total";
 
 /// Records how long ago the message accepted at `accepted_ms` was accepted, as
 /// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
@@ -64,6 +67,18 @@ pub(crate) fn describe() {
     describe_counter!(
         RECEIPTS,
         "delivered receipts sent back to senders when a device acked (session) or synced (persistence)"
+    );
+    describe_counter!(
+        JWKS_FETCH_FAILURES,
+        "failed refreshes of the JWKS (DAK_JWT_JWKS_URL); the keys fetched before stay in use"
+    );
+    describe_counter!(
+        STALLED_SOCKETS,
+        "sockets closed because a write to them stayed stuck for the idle timeout"
+    );
+    describe_counter!(
+        DEDUP_EVICTED,
+        "(sender, client id) entries dropped before their TTL because the dedup store was at its bound"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");

@@ -122,7 +122,7 @@ pub fn spawn_admin(
     shutdown::spawn(
         tasks,
         "admin",
-        crate::http::serve(listener, router, shutdown),
+        crate::http::serve(listener, router, Default::default(), shutdown),
     );
 }
 
@@ -155,6 +155,7 @@ pub fn redis_dedup(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<d
         redis.clone(),
         &store.redis_prefix,
         store.dedup_ttl,
+        store.dedup_max_per_user,
     ))
 }
 

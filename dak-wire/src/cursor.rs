@@ -13,7 +13,12 @@ pub fn format(seq: u64) -> String {
 pub fn parse(cursor: &str) -> Result<u64, WireError> {
     cursor
         .strip_prefix('c')
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        // Digits only, no leading zero: one cursor per position.
+        .filter(|n| {
+            !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && (n == &"0" || !n.starts_with('0'))
+        })
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| WireError::bad_request("invalid cursor: pass back a `next` value unchanged"))
 }

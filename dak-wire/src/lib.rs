@@ -1,5 +1,6 @@
 //! dak's wire types, shared by every part and free of I/O.
 //!
+//! - [`bounded`]: JSON arrays whose item count is limited while parsing.
 //! - [`id`]: user, device, group and client ids, and the server's message id [`Mid`].
 //! - [`frame`]: the WebSocket client protocol (DESIGN §4): what clients send and
 //!   what the server answers, with the validation every ingress applies.
@@ -11,6 +12,7 @@
 //! Parsing happens here, at the edge: a value of these types is valid by
 //! construction, so the services behind the gateways never re-check it.
 
+pub mod bounded;
 pub mod cursor;
 pub mod error;
 pub mod event;

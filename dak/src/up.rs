@@ -12,6 +12,7 @@ use dak_runtime::config::{
     self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
 };
 use dak_runtime::dedup::{Dedup, SqliteDedup};
+use dak_runtime::http::ConnectionLimits;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, Tasks};
@@ -34,6 +35,8 @@ pub struct UpArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub gateway: ws_gateway::Config,
+    #[command(flatten)]
+    pub rest: rest_gateway::Config,
     #[command(flatten)]
     pub session: session::Config,
     #[command(flatten)]
@@ -62,11 +65,15 @@ pub struct Running {
 }
 
 pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Running> {
-    let generated_secret = args.auth.jwt_secret.is_none() && args.auth.jwt_public_key.is_none();
+    let generated_secret = args.auth.jwt_secret.is_none()
+        && args.auth.jwt_public_key.is_none()
+        && args.auth.jwt_jwks_url.is_none();
     if generated_secret {
         args.auth.jwt_secret = Some(config::random_secret());
     }
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = args
         .internal
         .internal_token
@@ -142,7 +149,13 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         },
         shutdown.clone(),
     );
-    let rest = rest_gateway::RestGateway::new(verifier.clone(), ingress, limits, presence.clone());
+    let rest = rest_gateway::RestGateway::new(
+        args.rest.rate_limit(),
+        verifier.clone(),
+        ingress,
+        limits,
+        presence.clone(),
+    );
     let persistence = persistence::Persistence::build(
         args.persistence,
         &bus,
@@ -198,12 +211,22 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     shutdown::spawn(
         &mut tasks,
         "public API",
-        dak_runtime::http::serve(public, public_router, shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            public_router,
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(
         &mut tasks,
         "internal API",
-        dak_runtime::http::serve(internal, ws.internal_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            internal,
+            ws.internal_router(),
+            ConnectionLimits::NONE,
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "ws-gateway", async move { ws.run().await });
     shutdown::spawn(&mut tasks, "message-router", router.run(shutdown.clone()));

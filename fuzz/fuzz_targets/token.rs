@@ -4,14 +4,27 @@
 //! signed with another key never passes.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use dak_runtime::auth::Verifier;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "fuzz-secret";
 
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let verifier = Verifier::hs256(SECRET);
+    let rt = runtime();
     let Some((shape, rest)) = data.split_first() else {
         return;
     };
@@ -20,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
     };
     match shape % 3 {
         0 => {
-            let _ = verifier.verify(text);
-            let _ = verifier.verify_header(Some(text));
+            let _ = rt.block_on(verifier.verify(text));
+            let _ = rt.block_on(verifier.verify_header(Some(text)));
         }
         shape => {
             let Ok(claims) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -30,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
             let key = if shape == 1 { SECRET } else { "another-secret" };
             let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(key.as_bytes()))
                 .expect("HS256 signs any JSON");
-            let verified = verifier.verify(&token);
+            let verified = rt.block_on(verifier.verify(&token));
             if shape == 2 {
                 assert!(verified.is_err(), "a token signed with another key passed");
             }

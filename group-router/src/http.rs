@@ -34,7 +34,7 @@ pub(crate) async fn group(
     Path(group): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let identity = shared.verifier.verify_header(header)?;
+    let identity = shared.verifier.verify_header(header).await?;
     let id = GroupId::parse(group).map_err(ApiError::from)?;
     let loaded = shared
         .store

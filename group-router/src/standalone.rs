@@ -66,7 +66,9 @@ pub fn store_check(readiness: &mut Readiness, store: &Arc<dyn GroupStore>) {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let store = open_store(&args.data_dir, &args.scylla).await?;
     let public = process::bind("the groups API", args.public.public_addr).await?;
@@ -91,7 +93,12 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "groups API",
-        dak_runtime::http::serve(public, router.router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            router.router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "group-router", async move {
         router.run(shutdown).await?;

@@ -71,7 +71,9 @@ pub fn inbox_check(readiness: &mut Readiness, inbox: &Arc<dyn Inbox>) {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let inbox = args.data.open_inbox(&args.scylla).await?;
@@ -94,7 +96,12 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "sync API",
-        dak_runtime::http::serve(public, persistence.router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            persistence.router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "persistence", async move {
         persistence.run(shutdown).await?;

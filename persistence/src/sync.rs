@@ -36,7 +36,7 @@ pub(crate) async fn messages(
     Query(params): Query<Params>,
 ) -> Result<Json<Page>, ApiError> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let identity = shared.verifier.verify_header(header)?;
+    let identity = shared.verifier.verify_header(header).await?;
     let limit = match params.limit.as_deref() {
         None => DEFAULT_LIMIT,
         Some(l) => l

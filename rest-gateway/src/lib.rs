@@ -20,23 +20,28 @@
 //!   `DELETE /v1/groups/{g}/members/{user}` (yourself: leave),
 //!   `PUT /v1/groups/{g}/name` `{"name"}`.
 //!
-//! All take `Authorization: Bearer <jwt>`; the token names the sender.
+//! All take `Authorization: Bearer <jwt>`; the token names the sender. The
+//! token, and then the sender's rate limit ([`rate`]), are checked before
+//! the body is read; arrays in a body are limited while it is parsed.
 
+pub mod rate;
 pub mod standalone;
 
 use std::sync::Arc;
 
-use axum::extract::Path;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post, put};
 use axum::{Json, Router};
 use dak_runtime::auth::{Identity, Verifier};
 use dak_runtime::http::ApiError;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::Presence;
+use dak_wire::bounded::Bounded;
 use dak_wire::event::{Platform, PushToken};
-use dak_wire::frame::{self, parse_mids, Outgoing, ReceiptRequest};
+use dak_wire::frame::{self, parse_mids, Outgoing, ReceiptRequest, MAX_ACK_MIDS};
 use dak_wire::group::GroupOp;
 use dak_wire::{ChatKind, DeviceId, ErrorCode, GroupId, Limits, Mid, UserId, WireError};
 use serde::{Deserialize, Serialize};
@@ -44,6 +49,32 @@ use serde_json::value::RawValue;
 
 /// Most messages one `POST /v1/messages` may carry.
 pub const MAX_BATCH: usize = 100;
+/// Most members a group command may name while its body is parsed; the
+/// configured group size limit is checked after.
+const MAX_PARSED_MEMBERS: usize = 100_000;
+
+/// rest-gateway's own settings.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "rest-gateway")]
+pub struct Config {
+    /// Write requests per second one user may make (burst: twice that);
+    /// beyond, 429 `rate_limited` with `Retry-After`. 0 turns the limit off.
+    #[arg(long, env = "DAK_REST_RATE_LIMIT", default_value_t = 20)]
+    pub rest_rate_limit: u32,
+    /// Most users whose rate-limit state is kept at once (about 100 bytes
+    /// plus the user id each).
+    #[arg(long, env = "DAK_REST_RATE_USERS", default_value_t = 100_000)]
+    pub rest_rate_users: usize,
+}
+
+impl Config {
+    pub fn rate_limit(&self) -> rate::RateLimit {
+        rate::RateLimit {
+            per_second: self.rest_rate_limit,
+            max_users: self.rest_rate_users,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct RestGateway {
@@ -55,10 +86,12 @@ struct Shared {
     ingress: Ingress,
     limits: Limits,
     presence: Arc<dyn Presence>,
+    rate: rate::RateLimiter,
 }
 
 impl RestGateway {
     pub fn new(
+        rate: rate::RateLimit,
         verifier: Verifier,
         ingress: Ingress,
         limits: Limits,
@@ -70,6 +103,7 @@ impl RestGateway {
                 ingress,
                 limits,
                 presence,
+                rate: rate::RateLimiter::new(rate),
             }),
         }
     }
@@ -90,20 +124,66 @@ impl RestGateway {
     }
 }
 
-fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Identity, ApiError> {
-    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    Ok(shared.verifier.verify_header(header)?)
+/// The sender of a write, from its token, within its rate limit. An extractor
+/// of the request head, so it runs before the body is read: a bad token or a
+/// sender over its limit is answered at once, whatever body follows.
+struct Sender(Identity);
+
+impl FromRequestParts<Arc<Shared>> for Sender {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let identity = shared
+            .verifier
+            .verify_header(header)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
+        if let Err(wait) = shared
+            .rate
+            .take(&identity.user, tokio::time::Instant::now())
+        {
+            return Err(rate_limited(wait));
+        }
+        Ok(Self(identity))
+    }
+}
+
+/// 429 with `Retry-After`: whole seconds until the next request is allowed.
+fn rate_limited(wait: std::time::Duration) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let error = ApiError::new(
+        ErrorCode::RateLimited,
+        format!("too many requests, retry in {seconds} s"),
+    );
+    (
+        [(axum::http::header::RETRY_AFTER, seconds.to_string())],
+        error,
+    )
+        .into_response()
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        let message = if e.is_data() {
+            format!("invalid request: {e}")
+        } else {
+            format!("malformed JSON: {e}")
+        };
+        ApiError::new(ErrorCode::BadRequest, message)
+    })
 }
 
 #[derive(Deserialize)]
 struct SendBody<'a> {
     #[serde(borrow)]
-    messages: Vec<SendItem<'a>>,
+    messages: Bounded<SendItem<'a>, MAX_BATCH>,
 }
 
 #[derive(Deserialize)]
@@ -152,26 +232,23 @@ impl RejectedItem {
 
 async fn send_messages(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Sender(identity): Sender,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<SendAnswer>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let request: SendBody = parse_json(&body)?;
-    if request.messages.is_empty() || request.messages.len() > MAX_BATCH {
+    let messages = request.messages.into_inner();
+    if messages.is_empty() {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
-            format!(
-                "`messages` must hold 1 to {MAX_BATCH} messages, not {}",
-                request.messages.len()
-            ),
+            format!("`messages` must hold 1 to {MAX_BATCH} messages, not 0"),
         ));
     }
 
     let mut answer = SendAnswer::default();
     // Queue every valid message in request order first, then wait for Kafka, so
     // the batch keeps its order and costs one round of broker acknowledgements.
-    let mut pending = Vec::with_capacity(request.messages.len());
-    for item in request.messages {
+    let mut pending = Vec::with_capacity(messages.len());
+    for item in messages {
         let id = item.id.clone();
         let checked = check_item(item, &identity, &shared.limits);
         match checked {
@@ -230,17 +307,16 @@ fn unavailable(e: &dak_runtime::ingress::IngressError) -> WireError {
 
 #[derive(Deserialize)]
 struct AckBody {
-    mids: Vec<String>,
+    mids: Bounded<String, MAX_ACK_MIDS>,
 }
 
 async fn send_acks(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Sender(identity): Sender,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let request: AckBody = parse_json(&body)?;
-    let mids = parse_mids(&request.mids)?;
+    let mids = parse_mids(&request.mids.0)?;
     let count = mids.len();
     shared.ingress.ack(&identity, mids).await?;
     Ok((
@@ -260,11 +336,10 @@ struct PushTokenBody {
 
 async fn register_push_token(
     State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
     Path(device): Path<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let device = DeviceId::parse(device)?;
     if device != identity.device {
         return Err(ApiError::new(
@@ -323,7 +398,7 @@ async fn register_push_token(
 
 #[derive(Deserialize)]
 struct ReceiptsBody {
-    receipts: Vec<ReceiptItem>,
+    receipts: Bounded<ReceiptItem, MAX_BATCH>,
 }
 
 #[derive(Deserialize)]
@@ -336,12 +411,11 @@ struct ReceiptItem {
 /// Read receipts, all checked before any is queued: 400 names the first bad one.
 async fn send_receipts(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Sender(identity): Sender,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let request: ReceiptsBody = parse_json(&body)?;
-    if request.receipts.is_empty() || request.receipts.len() > MAX_BATCH {
+    if request.receipts.0.is_empty() {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
             format!("`receipts` must hold 1 to {MAX_BATCH} receipts"),
@@ -349,6 +423,7 @@ async fn send_receipts(
     }
     let receipts = request
         .receipts
+        .into_inner()
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
@@ -373,12 +448,12 @@ async fn send_receipts(
 struct CreateGroupBody {
     id: Option<String>,
     name: Option<String>,
-    members: Option<Vec<String>>,
+    members: Option<Bounded<String, MAX_PARSED_MEMBERS>>,
 }
 
 #[derive(Deserialize)]
 struct MembersBody {
-    members: Option<Vec<String>>,
+    members: Option<Bounded<String, MAX_PARSED_MEMBERS>>,
 }
 
 #[derive(Deserialize)]
@@ -388,10 +463,9 @@ struct NameBody {
 
 async fn create_group(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Sender(identity): Sender,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let request: CreateGroupBody = parse_json(&body)?;
     let group = GroupId::parse(
         request
@@ -400,22 +474,25 @@ async fn create_group(
     )?;
     let op = GroupOp::Create {
         name: frame::group_name(request.name)?,
-        members: frame::members(request.members.unwrap_or_default(), &shared.limits)?,
+        members: frame::members(
+            request.members.map(Bounded::into_inner).unwrap_or_default(),
+            &shared.limits,
+        )?,
     };
     group_command(&shared, &identity, group, op).await
 }
 
 async fn add_members(
     State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
     Path(group): Path<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let group = GroupId::parse(group)?;
     let request: MembersBody = parse_json(&body)?;
     let members = request
         .members
+        .map(Bounded::into_inner)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| WireError::bad_request("`members` must name at least one user"))?;
     let op = GroupOp::Add {
@@ -426,10 +503,9 @@ async fn add_members(
 
 async fn remove_member(
     State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
     Path((group, user)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let op = GroupOp::Remove {
         user: UserId::parse(user)?,
     };
@@ -438,11 +514,10 @@ async fn remove_member(
 
 async fn rename_group(
     State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
     Path(group): Path<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let identity = authenticate(&shared, &headers)?;
     let group = GroupId::parse(group)?;
     let request: NameBody = parse_json(&body)?;
     let op = GroupOp::Rename {

@@ -26,10 +26,14 @@ pub struct Args {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub rest: crate::Config,
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
     let public = process::bind("the public API", args.public.public_addr).await?;
@@ -41,16 +45,23 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         process::redis_dedup(&redis, &args.store),
     );
     let presence = process::redis_presence(&redis, &args.store);
-    let gateway = RestGateway::new(verifier, ingress, args.limits.limits(), presence);
+    let gateway = RestGateway::new(
+        args.rest.rate_limit(),
+        verifier,
+        ingress,
+        args.limits.limits(),
+        presence,
+    );
 
     let mut readiness = Readiness::default();
     process::bus_check(&mut readiness, &producer);
     process::redis_check(&mut readiness, &redis);
 
+    let limits = args.public.connection_limits();
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
     shutdown::spawn(&mut tasks, "public API", async move {
-        dak_runtime::http::serve(public, gateway.router(), shutdown).await?;
+        dak_runtime::http::serve(public, gateway.router(), limits, shutdown).await?;
         producer.flush(Duration::from_secs(5)).await;
         Ok(())
     });

@@ -15,6 +15,9 @@ pub struct Config {
     /// Frames queued for one socket before `/send` reports it `busy`.
     #[arg(long, env = "DAK_WS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
+    /// Bytes of frames queued for one socket before `/send` reports it `busy`.
+    #[arg(long, env = "DAK_WS_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
     /// Messages and acks per second one socket may send (burst: twice that);
     /// 0 turns the limit off.
     #[arg(long, env = "DAK_WS_RATE_LIMIT", default_value_t = 200)]

@@ -1,5 +1,9 @@
 //! One client socket: authentication at the upgrade, then a single task that
 //! reads frames, writes deliveries, answers `accepted` in order, and pings.
+//!
+//! Every write has a deadline, the idle timeout: while a write waits for a
+//! client that stopped reading, this task can neither ping nor check for
+//! silence, so a write stuck that long ends the socket.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,14 +23,16 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::{self, OutboxReceiver};
 use crate::registry::Handle;
 use crate::Shared;
 
 /// Bytes a socket reads at once (see [`upgrade`]).
 const READ_BUFFER: usize = 4096;
+/// The longest a close frame may take to write: the socket is dropped anyway.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 pub(crate) struct TokenQuery {
@@ -43,7 +49,7 @@ pub(crate) async fn upgrade(
     let token = auth::bearer(header).or(query.access_token.as_deref());
     let identity = match token {
         None => return ApiError::from(auth::AuthError::Missing).into_response(),
-        Some(token) => match shared.deps.verifier.verify(token) {
+        Some(token) => match shared.deps.verifier.verify(token).await {
             Ok(identity) => identity,
             Err(e) => return ApiError::from(e).into_response(),
         },
@@ -81,7 +87,7 @@ async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
         connection_id: ulid::Ulid::new().to_string(),
     };
     let key = (identity.user.clone(), identity.device.clone());
-    let (frames, queued) = mpsc::channel(shared.config.send_queue);
+    let (frames, queued) = outbox::outbox(shared.config.send_queue, shared.config.send_queue_bytes);
     let replaced = CancellationToken::new();
     shared.registry.insert(
         key.clone(),
@@ -143,7 +149,7 @@ struct Socket<'a> {
     shared: &'a Shared,
     identity: &'a Identity,
     ws: WebSocket,
-    queued: mpsc::Receiver<Utf8Bytes>,
+    queued: OutboxReceiver,
     replaced: CancellationToken,
     /// Client messages and acks waiting for Kafka, answered in the order sent.
     pending: FuturesOrdered<Reply>,
@@ -307,17 +313,30 @@ impl Socket<'_> {
     }
 
     async fn forward_message(&mut self, message: Message) -> Step {
-        match self.ws.send(message).await {
+        match self.write(message, self.shared.config.idle_timeout).await {
             Ok(()) => Step::Continue,
-            Err(_) => Step::Gone,
+            Err(()) => Step::Gone,
         }
     }
 
     async fn send_text(&mut self, text: String) -> Result<(), ()> {
-        self.ws
-            .send(Message::Text(text.into()))
+        self.write(Message::Text(text.into()), self.shared.config.idle_timeout)
             .await
-            .map_err(|_| ())
+    }
+
+    /// Writes `message`, giving up on a socket that took nothing for
+    /// `deadline`: its client stopped reading, or the link is dead and TCP
+    /// has not noticed. The frames still queued for it are never acked, so
+    /// session sends them again or stores them.
+    async fn write(&mut self, message: Message, deadline: Duration) -> Result<(), ()> {
+        match tokio::time::timeout(deadline, self.ws.send(message)).await {
+            Ok(result) => result.map_err(|_| ()),
+            Err(_) => {
+                ::metrics::counter!(metrics::STALLED_SOCKETS).increment(1);
+                tracing::info!(user = %self.identity.user, device = %self.identity.device, "closing a socket whose write is stuck");
+                Err(())
+            }
+        }
     }
 
     /// Answers what is still waiting for Kafka before the socket closes, so a
@@ -338,7 +357,8 @@ impl Socket<'_> {
             code,
             reason: reason.into(),
         };
-        let _ = self.ws.send(Message::Close(Some(frame))).await;
+        let deadline = CLOSE_WRITE_TIMEOUT.min(self.shared.config.idle_timeout);
+        let _ = self.write(Message::Close(Some(frame)), deadline).await;
     }
 }
 

@@ -17,7 +17,9 @@
 //!
 //! Liveness of sockets: the gateway pings every `ping_interval` and closes a
 //! socket it has heard nothing from for `idle_timeout`, which finds half-open
-//! connections. Liveness of the gateway: it heartbeats its presence key; if the
+//! connections; a socket whose write has been stuck for `idle_timeout` (a
+//! client that stopped reading) is closed too. Each socket's outgoing queue
+//! is bounded in frames and in bytes; when it is full, `/send` answers `busy`. Liveness of the gateway: it heartbeats its presence key; if the
 //! process dies, its presence entries stop counting when the heartbeat expires.
 //! With each heartbeat it also writes back any presence entry of its sockets
 //! that the store lost (a Redis restart without persistence, a failover), so
@@ -25,6 +27,7 @@
 
 mod config;
 mod connection;
+mod outbox;
 mod registry;
 mod send;
 pub mod standalone;

@@ -5,17 +5,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use dak_wire::{DeviceId, UserId};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
 
 pub type Key = (UserId, DeviceId);
 
 #[derive(Clone)]
 pub struct Handle {
     pub connection_id: String,
-    pub frames: mpsc::Sender<Utf8Bytes>,
+    pub frames: Outbox,
     /// Cancelled when a newer socket of the same device takes over.
     pub replaced: CancellationToken,
     /// `sync.done` went to this socket: its replay is over.

@@ -32,7 +32,9 @@ pub struct Args {
 }
 
 pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
-    let verifier = Verifier::from_args(&args.auth).map_err(|e| ConfigError(e.to_string()))?;
+    let verifier = Verifier::from_args(&args.auth)
+        .await
+        .map_err(|e| ConfigError(e.to_string()))?;
     let internal_token = process::internal_token(&args.internal)?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let redis = process::connect_redis(&args.store).await?;
@@ -70,12 +72,22 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     shutdown::spawn(
         &mut tasks,
         "public API",
-        dak_runtime::http::serve(public, gateway.public_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            public,
+            gateway.public_router(),
+            args.public.connection_limits(),
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(
         &mut tasks,
         "internal API",
-        dak_runtime::http::serve(internal, gateway.internal_router(), shutdown.clone()),
+        dak_runtime::http::serve(
+            internal,
+            gateway.internal_router(),
+            dak_runtime::http::ConnectionLimits::NONE,
+            shutdown.clone(),
+        ),
     );
     shutdown::spawn(&mut tasks, "presence heartbeat", async move {
         gateway.run().await?;

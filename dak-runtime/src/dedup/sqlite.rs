@@ -169,6 +169,8 @@ impl WriterState for Index {
         let over = self.rows.saturating_sub(self.max_rows);
         // Read lazily from the head: this stops at the first row to keep.
         let mut gone: Vec<(i64, String, String)> = Vec::new();
+        // Rows deleted before their time, for the bound.
+        let mut evicted = 0u64;
         {
             let mut head = conn.prepare_cached(
                 "SELECT seq, user, client_id, expires_at FROM dedup ORDER BY seq LIMIT ?1",
@@ -179,6 +181,7 @@ impl WriterState for Index {
                 if (gone.len() as u64) >= over && expires_at > now {
                     break;
                 }
+                evicted += u64::from(expires_at > now);
                 gone.push((row.get(0)?, row.get(1)?, row.get(2)?));
             }
         }
@@ -189,6 +192,9 @@ impl WriterState for Index {
             for (seq, user, client_id) in gone {
                 self.forget(user, client_id, seq);
             }
+        }
+        if evicted > 0 {
+            ::metrics::counter!(crate::metrics::DEDUP_EVICTED).increment(evicted);
         }
         ::metrics::gauge!(crate::metrics::DEDUP_ENTRIES).set(self.rows as f64);
         Ok(())

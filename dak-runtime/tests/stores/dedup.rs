@@ -77,12 +77,14 @@ async fn redis_dedup_keeps_the_contract() {
         conn.clone(),
         &crate::unique_prefix(),
         Duration::from_secs(60),
+        1000,
     ))
     .await;
     expiry_contract(&RedisDedup::new(
         conn,
         &crate::unique_prefix(),
         Duration::from_millis(300),
+        1000,
     ))
     .await;
 }
@@ -236,4 +238,90 @@ async fn sqlite_dedup_keeps_at_most_its_bound_dropping_the_oldest() {
         .await
         .unwrap();
     assert_eq!(rows(&path), 4);
+}
+
+/// `n` reservations of `user`, a moment apart so their order is plain; the mids.
+async fn reserve_many(store: &dyn Dedup, user: &UserId, n: usize) -> Vec<Mid> {
+    let mut mids = Vec::new();
+    for i in 0..n {
+        let mid = mid();
+        assert_eq!(
+            store
+                .reserve(user, &client_id(i), mid, i as u64)
+                .await
+                .unwrap(),
+            Reservation::New
+        );
+        mids.push(mid);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    mids
+}
+
+/// The newest `kept` of `mids` (reserved by [`reserve_many`]) are still
+/// known, the one before them is not.
+async fn newest_kept(store: &dyn Dedup, user: &UserId, mids: &[Mid], kept: usize) {
+    let n = mids.len();
+    for (i, kept_mid) in mids.iter().enumerate().skip(n - kept) {
+        assert_eq!(
+            store.reserve(user, &client_id(i), mid(), 99).await.unwrap(),
+            Reservation::Existing {
+                mid: *kept_mid,
+                ts: i as u64,
+                confirmed: false
+            },
+            "entry {i} of {n} was kept"
+        );
+    }
+    assert_eq!(
+        store
+            .reserve(user, &client_id(n - kept - 1), mid(), 99)
+            .await
+            .unwrap(),
+        Reservation::New,
+        "entry {} of {n} went",
+        n - kept - 1
+    );
+}
+
+#[tokio::test]
+async fn memory_dedup_keeps_at_most_its_bound_dropping_the_oldest() {
+    // 64 shards of 10 entries each; one sender's entries share a shard.
+    let store = MemoryDedup::bounded(Duration::from_secs(60), 640);
+    let frank = UserId::parse("frank").unwrap();
+    let mids = reserve_many(&store, &frank, 50).await;
+    newest_kept(&store, &frank, &mids, 10).await;
+    assert!(store.len() <= 640);
+    for u in 0..200 {
+        let user = UserId::parse(format!("user-{u}")).unwrap();
+        for i in 0..10 {
+            store.reserve(&user, &client_id(i), mid(), 1).await.unwrap();
+        }
+    }
+    assert!(store.len() <= 640, "{} entries", store.len());
+}
+
+#[tokio::test]
+async fn redis_dedup_keeps_at_most_its_bound_per_sender_dropping_the_oldest() {
+    let conn = crate::redis().await;
+    let prefix = crate::unique_prefix();
+    let store = RedisDedup::new(conn.clone(), &prefix, Duration::from_secs(60), 10);
+    let grace = UserId::parse("grace").unwrap();
+    let mids = reserve_many(&store, &grace, 50).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:{{grace}}:dedup:*"))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 10, "{keys:?}");
+    newest_kept(&store, &grace, &mids, 10).await;
+    // Another sender has a bound of its own.
+    let heidi = UserId::parse("heidi").unwrap();
+    assert_eq!(
+        store
+            .reserve(&heidi, &client_id(0), mid(), 1)
+            .await
+            .unwrap(),
+        Reservation::New
+    );
 }
