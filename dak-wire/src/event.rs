@@ -239,6 +239,9 @@ pub enum InboundEvent {
 
 /// `dak.deliver`, keyed by the recipient user: deliveries and acks for that user
 /// in one ordered stream.
+// Nearly every event is a `Message`: boxing it would add an allocation to the
+// common case to save space in the rare one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliverEvent {
