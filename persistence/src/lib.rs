@@ -334,4 +334,11 @@ fn describe() {
         INBOX_DEPTH,
         "messages in the offline inbox, all devices together"
     );
+    use dak_runtime::metrics::{register_counter, register_dropped_events, RECEIPTS};
+    for name in [STORED, DROPPED, EXPIRED, REPLAYED, SYNCED, RECEIPTS] {
+        register_counter(name, &[]);
+    }
+    register_dropped_events("offline");
+    // Registered, at zero, until the expiry loop's first round measures it.
+    let _ = ::metrics::gauge!(INBOX_DEPTH);
 }

@@ -4,10 +4,13 @@
 //! `in_process` runs `dak up`'s wiring on its embedded durable bus (with the
 //! embedded stores and with Redis); `services` runs each service as its own
 //! process against Apache Kafka and Redis; `restart` stops and kills `dak up`
-//! processes and starts them again on the same data directory.
+//! processes and starts them again on the same data directory; `dashboards`
+//! checks that the Grafana dashboard and the alert rules in `deploy/` name only
+//! metrics a freshly started `dak up` exports.
 
 mod bad_input;
 mod bench;
+mod dashboards;
 mod faults;
 mod group_services;
 mod groups;
