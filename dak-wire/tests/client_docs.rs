@@ -107,7 +107,11 @@ fn server_frame(v: &Value) -> Result<String, String> {
             .cloned()
             .ok_or_else(|| format!("field `{k}` is missing"))
     };
-    let ts = || v["ts"].as_u64().ok_or("field `ts` is missing or not a number");
+    let ts = || {
+        v["ts"]
+            .as_u64()
+            .ok_or("field `ts` is missing or not a number")
+    };
     let mid = |k: &str| Mid::parse(&text(k)?).map_err(|e| e.message);
     let user = |k: &str| UserId::parse(text(k)?).map_err(|e| e.message);
     let client_id = || ClientId::parse(text("id")?).map_err(|e| e.message);
@@ -131,10 +135,9 @@ fn server_frame(v: &Value) -> Result<String, String> {
         .to_json(),
         "message" => {
             let chat = chat()?;
-            let body = match v.get("body") {
-                Some(body) => Some(RawValue::from_string(body.to_string()).unwrap()),
-                None => None,
-            };
+            let body = v
+                .get("body")
+                .map(|body| RawValue::from_string(body.to_string()).unwrap());
             let system: Option<SystemEvent> = match v.get("system") {
                 Some(s) => Some(serde_json::from_value(s.clone()).map_err(|e| e.to_string())?),
                 None => None,
@@ -230,9 +233,18 @@ fn the_check_refuses_frames_dak_would_not_read_or_write() {
     let mid = "01JD6Q3R5C8V7B2N4M1K0ZXY9A";
     // Misspelt or missing fields, unknown types and values.
     assert!(check_client(r#"{"type":"ack","mds":[]}"#).is_err());
-    assert!(check_client(r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1,"from":"eve"}"#).is_err());
-    assert!(check_client(r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1,"colour":"red"}"#).is_err());
-    assert!(check_client(r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1}"#).is_ok());
+    assert!(check_client(
+        r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1,"from":"eve"}"#
+    )
+    .is_err());
+    assert!(check_client(
+        r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1,"colour":"red"}"#
+    )
+    .is_err());
+    assert!(
+        check_client(r#"{"type":"message","id":"c-1","to":"bob","chat":"direct","body":1}"#)
+            .is_ok()
+    );
     let accepted = format!(r#"{{"type":"accepted","id":"c-1","mid":"{mid}","ts":1}}"#);
     assert!(check_server(&accepted).is_ok());
     assert!(check_server(&accepted.replace("\"ts\":1", "\"ts\":1,\"extra\":true")).is_err());
