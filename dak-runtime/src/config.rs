@@ -177,6 +177,10 @@ pub struct LimitArgs {
     /// group-router refuses an add that would make the group larger.
     #[arg(long, env = "DAK_GROUP_MAX_MEMBERS", default_value_t = 1024)]
     pub group_max_members: usize,
+    /// Most users a group notice names; a larger change names that many and
+    /// says how many there were (`count`).
+    #[arg(long, env = "DAK_GROUP_NOTICE_USERS", default_value_t = 64)]
+    pub group_notice_users: usize,
 }
 
 impl LimitArgs {

@@ -14,7 +14,7 @@ pub const OFFLINED: &str = "dak_messages_offlined_total";
 pub const DUPLICATES: &str = "dak_duplicate_sends_total";
 pub const ROUTED: &str = "dak_events_routed_total";
 pub const REJECTED: &str = "dak_client_errors_total";
-pub const DROPPED_EVENTS: &str = "dak_events_dropped_total";
+pub const DEAD_LETTERS: &str = "dak_dead_letters_total";
 pub const ACK_LATENCY: &str = "dak_ack_latency_seconds";
 pub const CONNECTED_DEVICES: &str = "dak_connected_devices";
 pub const CONSUMER_LAG: &str = "dak_consumer_lag";
@@ -24,11 +24,7 @@ pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
 pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
-pub const DEAD_LETTERS: &str = "dak_dead_letters_total";
 pub const BUILD_INFO: &str = "dak_build_info";
-
-/// The stages [`message_age`] records.
-pub const MESSAGE_AGE_STAGES: [&str; 4] = ["routed", "fanned_out", "session", "sent"];
 
 /// Makes the counter `name` with `labels` appear in `/metrics` at zero.
 pub fn register_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
@@ -66,12 +62,6 @@ pub fn register_client_errors() {
     }
 }
 
-/// [`DROPPED_EVENTS`] for a consumer of `topic` (`inbound`, `group`,
-/// `deliver`, `offline`).
-pub fn register_dropped_events(topic: &'static str) {
-    register_counter(DROPPED_EVENTS, &[("topic", topic)]);
-}
-
 /// Records how long ago the message accepted at `accepted_ms` was accepted, as
 /// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
 /// `fanned_out` (group-router took it off `dak.group`), `session` (session
@@ -83,8 +73,7 @@ pub fn message_age(stage: &'static str, accepted_ms: u64) {
     ::metrics::histogram!(MESSAGE_AGE, "stage" => stage).record(age);
 }
 
-/// Describes every metric named here, and sets [`BUILD_INFO`] and the
-/// counters every process has from start-up.
+/// Describes every metric named here, and sets [`BUILD_INFO`].
 pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
@@ -92,11 +81,6 @@ pub(crate) fn describe() {
         "always 1; the `version` label is the version of dak this process runs"
     );
     ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    describe_counter!(
-        DEAD_LETTERS,
-        "bus events set aside as dead letters because they could not be handled"
-    );
-    register_counter(DEAD_LETTERS, &[]);
     describe_counter!(
         ACCEPTED,
         "messages accepted from clients (durable on the bus)"
@@ -131,8 +115,8 @@ pub(crate) fn describe() {
     describe_counter!(ROUTED, "events routed by message-router, by kind");
     describe_counter!(REJECTED, "client input refused, by error code");
     describe_counter!(
-        DROPPED_EVENTS,
-        "Kafka events that could not be decoded and were skipped, by topic"
+        DEAD_LETTERS,
+        "records parked in the dead-letter topic, by source topic and consumer group: not a valid event, or failing while the records around them went through"
     );
     describe_histogram!(
         ACK_LATENCY,

@@ -101,6 +101,14 @@ pub trait Presence: Send + Sync + 'static {
     async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()>;
     /// A gateway shutting down cleanly: its entries stop counting now.
     async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()>;
+    /// Writes back the entries of sockets a gateway holds, each with whether
+    /// its replay finished (`live`), where the store has none: a store that
+    /// lost its data (a Redis restart without persistence, a failover) knows
+    /// them again within one heartbeat. An entry a newer connection of the
+    /// device wrote is left alone. The in-process store cannot lose its data.
+    async fn reassert(&self, _sockets: &[(Connection, bool)]) -> StoreResult<()> {
+        Ok(())
+    }
     /// Every known device of each user, with its gateway if connected.
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>>;
     /// Whether the sockets this store knows can outlive the process that
@@ -353,6 +361,26 @@ impl Presence for RedisPresence {
             .arg(ttl.as_millis() as u64)
             .query_async::<()>(&mut self.conn.clone())
             .await?;
+        Ok(())
+    }
+
+    async fn reassert(&self, sockets: &[(Connection, bool)]) -> StoreResult<()> {
+        for chunk in sockets.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (conn, live) in chunk {
+                let value = format!(
+                    "{} {} {}",
+                    conn.gateway_id,
+                    conn.connection_id,
+                    if *live { 1 } else { 0 }
+                );
+                pipe.hset_nx(self.presence_key(&conn.user), conn.device.as_str(), value)
+                    .ignore()
+                    .sadd(self.devices_key(&conn.user), conn.device.as_str())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //! at once) would otherwise stay stuck; here a timed-out command makes the
 //! next command open a new connection.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,12 +146,47 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// Readiness: the server answers PING.
+/// Readiness: the server answers, and keeps what dak writes. In-flight
+/// deliveries and dedup entries live only in Redis, so it must not evict keys
+/// (`maxmemory-policy noeviction`) and must write an append-only file
+/// (`appendonly yes`): otherwise a full memory or a restart loses messages
+/// that were acknowledged. A server that refuses `CONFIG GET` (some managed
+/// services rename it) is taken at its word; its settings are the operator's
+/// to check.
 pub async fn ping(conn: &Connection) -> Result<(), String> {
     let mut conn = conn.clone();
     redis::cmd("PING")
         .query_async::<String>(&mut conn)
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let settings: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .arg("appendonly")
+        .query_async(&mut conn)
+        .await;
+    match settings {
+        Ok(settings) => settings_problem(&settings).map_or(Ok(()), Err),
+        Err(e) if e.kind() == redis::ErrorKind::ResponseError => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What is wrong with a server's settings for dak, if anything.
+fn settings_problem(settings: &HashMap<String, String>) -> Option<String> {
+    let mut problems = Vec::new();
+    if let Some(policy) = settings.get("maxmemory-policy") {
+        if policy != "noeviction" {
+            problems.push(format!(
+                "maxmemory-policy is {policy}; dak needs noeviction (an evicted key loses an in-flight delivery or a dedup entry)"
+            ));
+        }
+    }
+    if settings.get("appendonly").is_some_and(|v| v != "yes") {
+        problems.push(
+            "appendonly is no; dak needs yes (a restart would lose in-flight deliveries and dedup entries)"
+                .to_owned(),
+        );
+    }
+    (!problems.is_empty()).then(|| format!("redis settings: {}", problems.join("; ")))
 }

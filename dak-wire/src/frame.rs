@@ -324,6 +324,10 @@ pub fn parse_mids(mids: &[String]) -> Result<Vec<Mid>, WireError> {
     mids.iter().map(|m| Mid::parse(m)).collect()
 }
 
+/// `sync.done` as encoded: the gateway recognises it among the frames it
+/// forwards, to learn that a socket's replay is over.
+pub const SYNC_DONE: &str = r#"{"type":"sync.done"}"#;
+
 /// What the server sends to a client.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -357,6 +361,7 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         ts: u64,
     },
+    /// Written as [`SYNC_DONE`].
     #[serde(rename = "sync.done")]
     SyncDone,
     Error {
@@ -764,6 +769,7 @@ mod tests {
         system.notice = Some(Notice::Group(SystemEvent {
             event: SystemKind::Added,
             users: vec![UserId::parse("dave").unwrap()],
+            count: None,
             by: alice(),
             name: None,
         }));
@@ -836,7 +842,8 @@ mod tests {
             serde_json::json!({"type":"message","mid":mid.to_string(),"id":"c-17","from":"alice",
                 "to":"bob","chat":"direct","body":{"text":"hi"},"ts":7})
         );
-        assert_eq!(ServerFrame::SyncDone.to_json(), r#"{"type":"sync.done"}"#);
+        assert_eq!(ServerFrame::SyncDone.to_json(), SYNC_DONE);
+        assert_eq!(SYNC_DONE, r#"{"type":"sync.done"}"#);
         assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
         let error = ServerFrame::Error {
             code: ErrorCode::BadRequest,

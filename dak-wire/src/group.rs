@@ -78,6 +78,11 @@ pub struct SystemEvent {
     /// Who was created with, added, removed, left or promoted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserId>,
+    /// Set when the change was about more users than `users` names (past
+    /// `DAK_GROUP_NOTICE_USERS`): how many it was about. The app reads the
+    /// members with `GET /v1/groups/{g}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
     pub by: UserId,
     /// The group's name, for `created` and `renamed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

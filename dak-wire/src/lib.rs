@@ -11,6 +11,7 @@
 //! Parsing happens here, at the edge: a value of these types is valid by
 //! construction, so the services behind the gateways never re-check it.
 
+pub mod cursor;
 pub mod error;
 pub mod event;
 pub mod frame;

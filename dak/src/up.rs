@@ -86,6 +86,11 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             // empty; dedup and in-flight deliveries outlive a restart.
             None => {
                 let (dedup, inflight) = open_files(&args.data.data_dir, &args.store).await?;
+                let store = inflight.clone();
+                readiness.add("inflight", move || {
+                    let store = store.clone();
+                    async move { store.count().await.map(|_| ()).map_err(|e| e.to_string()) }
+                });
                 (Arc::new(MemoryPresence::default()), dedup, inflight)
             }
             Some(_) => {
@@ -125,6 +130,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let limits = args.gateway.limits.limits();
     let group_config = group_router::Config {
         max_members: limits.max_group_members,
+        notice_users: args.gateway.limits.group_notice_users,
     };
     let ws = ws_gateway::WsGateway::new(
         args.gateway,

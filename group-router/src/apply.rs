@@ -7,6 +7,7 @@ use dak_wire::group::{GroupCommand, GroupOp, Role, SystemEvent, SystemKind};
 use dak_wire::{ChatKind, GroupId, UserId, WireError};
 
 use crate::store::{Group, Member};
+use crate::Config;
 
 /// The deliveries an event produced, and whether it changed the group.
 #[derive(Debug, Default)]
@@ -105,8 +106,11 @@ fn rejected(message: &Message, error: WireError) -> Applied {
 }
 
 /// Applies a command to `group`, in place.
-pub fn command(group: &mut Option<Group>, command: GroupCommand, max_members: usize) -> Applied {
-    let notice = |event: SystemKind, users: Vec<UserId>, name: Option<String>| Message {
+pub fn command(group: &mut Option<Group>, command: GroupCommand, config: &Config) -> Applied {
+    let max_members = config.max_members;
+    // A change of many users names only the first `notice_users` of them, so
+    // that one change never costs the square of the group's size.
+    let notice = |event: SystemKind, mut users: Vec<UserId>, name: Option<String>| Message {
         mid: command.mid,
         id: command.id.clone(),
         from: command.from.clone(),
@@ -117,6 +121,11 @@ pub fn command(group: &mut Option<Group>, command: GroupCommand, max_members: us
         ephemeral: false,
         notice: Some(Notice::Group(SystemEvent {
             event,
+            count: (users.len() > config.notice_users).then(|| {
+                let count = users.len();
+                users.truncate(config.notice_users);
+                count
+            }),
             users,
             by: command.from.clone(),
             name,
@@ -259,6 +268,13 @@ fn member(user: &UserId, role: Role, joined_ts: u64) -> Member {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(max_members: usize) -> Config {
+        Config {
+            max_members,
+            notice_users: 64,
+        }
+    }
     use dak_wire::{ClientId, DeviceId, Mid};
 
     fn user(s: &str) -> UserId {
@@ -332,7 +348,7 @@ mod tests {
             name: "Team".into(),
             members: members.iter().map(|m| user(m)).collect(),
         };
-        let applied = command(&mut group, command_from("alice", op, 10), 1024);
+        let applied = command(&mut group, command_from("alice", op, 10), &limits(1024));
         assert!(applied.changed);
         group
     }
@@ -344,7 +360,11 @@ mod tests {
             name: "Team".into(),
             members: vec![user("bob"), user("carol")],
         };
-        let applied = command(&mut group, command_from("alice", op.clone(), 10), 1024);
+        let applied = command(
+            &mut group,
+            command_from("alice", op.clone(), 10),
+            &limits(1024),
+        );
         assert_eq!(recipients(&applied), ["alice", "bob", "carol"]);
         let event = system(&applied, 0);
         assert_eq!(
@@ -357,10 +377,14 @@ mod tests {
         assert_eq!(g.member(&user("bob")).unwrap().role, Role::Member);
 
         // The same author creating it again changes nothing; someone else is refused.
-        let again = command(&mut group, command_from("alice", op.clone(), 20), 1024);
+        let again = command(
+            &mut group,
+            command_from("alice", op.clone(), 20),
+            &limits(1024),
+        );
         assert!(!again.changed && again.deliveries.is_empty());
         assert_eq!(group.as_ref(), Some(&g));
-        let taken = command(&mut group, command_from("mallory", op, 30), 1024);
+        let taken = command(&mut group, command_from("mallory", op, 30), &limits(1024));
         assert_eq!(
             rejection(&taken),
             ("mallory", dak_wire::ErrorCode::Forbidden)
@@ -380,11 +404,11 @@ mod tests {
                 20,
             )
         };
-        let refused = command(&mut group, add("bob"), 1024);
+        let refused = command(&mut group, add("bob"), &limits(1024));
         assert_eq!(rejection(&refused), ("bob", dak_wire::ErrorCode::Forbidden));
         assert!(group.as_ref().unwrap().member(&user("dave")).is_none());
 
-        let added = command(&mut group, add("alice"), 1024);
+        let added = command(&mut group, add("alice"), &limits(1024));
         assert_eq!(
             recipients(&added),
             ["alice", "bob", "dave"],
@@ -392,7 +416,7 @@ mod tests {
         );
         assert_eq!(system(&added, 0).event, SystemKind::Added);
         assert!(
-            command(&mut group, add("alice"), 1024)
+            command(&mut group, add("alice"), &limits(1024))
                 .deliveries
                 .is_empty(),
             "adding again is a no-op"
@@ -400,10 +424,10 @@ mod tests {
 
         let remove = |from| command_from(from, GroupOp::Remove { user: user("dave") }, 30);
         assert_eq!(
-            rejection(&command(&mut group, remove("bob"), 1024)).1,
+            rejection(&command(&mut group, remove("bob"), &limits(1024))).1,
             dak_wire::ErrorCode::Forbidden
         );
-        let removed = command(&mut group, remove("alice"), 1024);
+        let removed = command(&mut group, remove("alice"), &limits(1024));
         assert_eq!(
             recipients(&removed),
             ["alice", "bob", "dave"],
@@ -412,7 +436,7 @@ mod tests {
         assert_eq!(system(&removed, 0).event, SystemKind::Removed);
         assert!(group.as_ref().unwrap().member(&user("dave")).is_none());
 
-        let outsider = command(&mut group, add("mallory"), 1024);
+        let outsider = command(&mut group, add("mallory"), &limits(1024));
         assert_eq!(
             rejection(&outsider),
             ("mallory", dak_wire::ErrorCode::Forbidden)
@@ -429,7 +453,7 @@ mod tests {
             },
             50,
         );
-        command(&mut group, add, 1024);
+        command(&mut group, add, &limits(1024));
         let leave = command_from(
             "alice",
             GroupOp::Remove {
@@ -438,7 +462,7 @@ mod tests {
             60,
         );
         let mid = leave.mid;
-        let left = command(&mut group, leave, 1024);
+        let left = command(&mut group, leave, &limits(1024));
         // Everyone hears that alice left, alice included; then the rest hear that
         // carol, a member since creation, is admin now.
         assert_eq!(recipients(&left), ["alice", "bob", "carol", "bob", "carol"]);
@@ -455,7 +479,7 @@ mod tests {
             command(
                 &mut group,
                 command_from(who, GroupOp::Remove { user: user(who) }, 70),
-                1024,
+                &limits(1024),
             );
         }
         assert!(group.as_ref().unwrap().members.is_empty());
@@ -484,7 +508,7 @@ mod tests {
                 },
                 20,
             ),
-            1024,
+            &limits(1024),
         );
         assert_eq!(
             recipients(&message(&group, &team(), chat("bob"))),
@@ -522,7 +546,12 @@ mod tests {
             members: vec![user("bob"), user("carol")],
         };
         assert_eq!(
-            rejection(&command(&mut group, command_from("alice", op, 1), 2)).1,
+            rejection(&command(
+                &mut group,
+                command_from("alice", op, 1),
+                &limits(2)
+            ))
+            .1,
             dak_wire::ErrorCode::TooLarge
         );
         assert!(group.is_none());
@@ -535,7 +564,7 @@ mod tests {
             2,
         );
         assert_eq!(
-            rejection(&command(&mut group, add, 3)).1,
+            rejection(&command(&mut group, add, &limits(3))).1,
             dak_wire::ErrorCode::TooLarge
         );
         assert_eq!(group.unwrap().members.len(), 2);
@@ -553,10 +582,41 @@ mod tests {
                 5,
             )
         };
-        let applied = command(&mut group, rename(), 1024);
+        let applied = command(&mut group, rename(), &limits(1024));
         assert_eq!(recipients(&applied), ["alice", "bob"]);
         assert_eq!(system(&applied, 0).name.as_deref(), Some("Crew"));
-        assert!(command(&mut group, rename(), 1024).deliveries.is_empty());
+        assert!(command(&mut group, rename(), &limits(1024))
+            .deliveries
+            .is_empty());
         assert_eq!(group.unwrap().name, "Crew");
+    }
+
+    #[test]
+    fn a_notice_names_a_bounded_number_of_users_and_counts_the_rest() {
+        let members: Vec<String> = (0..1000)
+            .map(|i| format!("{}-{i}", "u".repeat(120)))
+            .collect();
+        let op = GroupOp::Create {
+            name: "Big".into(),
+            members: members.iter().map(|m| user(m)).collect(),
+        };
+        let mut group = None;
+        let applied = command(&mut group, command_from("alice", op, 10), &limits(1024));
+        assert_eq!(applied.deliveries.len(), 1001, "every member hears of it");
+        let event = system(&applied, 0);
+        assert_eq!(event.users.len(), 64);
+        assert_eq!(event.users[0], user(&members[0]));
+        assert_eq!(event.count, Some(1000));
+        // A small change names everyone and needs no count.
+        let add = command_from(
+            "alice",
+            GroupOp::Add {
+                members: vec![user("zoe")],
+            },
+            20,
+        );
+        let added = command(&mut group, add, &limits(1024));
+        assert_eq!(system(&added, 0).users, [user("zoe")]);
+        assert_eq!(system(&added, 0).count, None);
     }
 }

@@ -35,8 +35,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
-use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
-use dak_runtime::metrics;
+use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, DeliverEvent, GroupEvent};
 use dak_wire::GroupId;
@@ -49,6 +48,10 @@ pub const GROUP: &str = "dak.group-router";
 /// Records taken from `dak.group` per batch.
 const BATCH: usize = 500;
 
+/// Bytes of deliveries a batch may have waiting for the bus at once; past it,
+/// the fan-out waits for acknowledgements.
+const MAX_OUTSTANDING_BYTES: usize = 16 * 1024 * 1024;
+
 pub const COMMANDS: &str = "dak_group_commands_total";
 pub const FANNED_OUT: &str = "dak_group_deliveries_total";
 
@@ -57,6 +60,8 @@ pub struct Config {
     /// Most members of a group (`DAK_GROUP_MAX_MEMBERS`, shared with the
     /// gateways' limits).
     pub max_members: usize,
+    /// Most users one notice names (`DAK_GROUP_NOTICE_USERS`).
+    pub notice_users: usize,
 }
 
 /// Everything group-router needs from outside.
@@ -73,6 +78,7 @@ pub struct GroupRouter {
 
 struct Shared {
     config: Config,
+    dead_letters: DeadLetters,
     store: Arc<dyn GroupStore>,
     producer: Producer,
     verifier: Verifier,
@@ -97,7 +103,6 @@ fn register_metrics() {
     for kind in ["message", "ephemeral", "notice"] {
         register_counter(FANNED_OUT, &[("kind", kind)]);
     }
-    metrics::register_dropped_events("group");
     metrics::register_histogram(metrics::MESSAGE_AGE, &[("stage", "fanned_out")]);
 }
 
@@ -110,8 +115,11 @@ impl GroupRouter {
             "Deliveries group-router wrote to dak.deliver, by kind"
         );
         register_metrics();
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.group])?;
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.group])?
+            .with_dead_letters(deps.producer.clone());
         let shared = Arc::new(Shared {
+            dead_letters: consumer.dead_letters(),
             config,
             store: deps.store,
             producer: deps.producer,
@@ -148,16 +156,13 @@ impl Shared {
     async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(records.len());
         for record in records {
-            // An event that cannot be read, or names no valid group, is skipped:
+            // An event that cannot be read, or names no valid group, is parked:
             // failing the batch would stall the partition on it for good.
             let decoded =
                 event::decode::<GroupEvent>(&record.payload).and_then(|e| Ok((group_of(&e)?, e)));
             match decoded {
                 Ok(e) => events.push(e),
-                Err(e) => {
-                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "group").increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping group event");
-                }
+                Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
         if events.is_empty() {
@@ -185,7 +190,7 @@ impl Shared {
             })
             .collect();
 
-        let mut acks = Vec::new();
+        let mut deliveries = bus::Bounded::new(&self.producer, MAX_OUTSTANDING_BYTES);
         for (id, e) in events {
             let working = groups.get_mut(&id).expect("every group was loaded");
             let (applied, kind) = match e {
@@ -201,7 +206,7 @@ impl Shared {
                         dak_wire::group::GroupOp::Remove { .. } => "remove",
                         dak_wire::group::GroupOp::Rename { .. } => "rename",
                     };
-                    let applied = apply::command(&mut working.group, c, self.config.max_members);
+                    let applied = apply::command(&mut working.group, c, &self.config);
                     ::metrics::counter!(COMMANDS, "op" => op, "result" => applied.result)
                         .increment(1);
                     (applied, "notice")
@@ -213,10 +218,10 @@ impl Shared {
             for d in applied.deliveries {
                 let key = d.recipient.to_string();
                 let payload = event::encode(&DeliverEvent::Message(d));
-                acks.push(self.producer.enqueue(&self.deliver_topic, &key, &payload)?);
+                deliveries.send(&self.deliver_topic, &key, &payload).await?;
             }
         }
-        bus::acknowledged_all(acks).await?;
+        deliveries.wait().await?;
 
         let changes: Vec<GroupChange> = groups
             .into_values()

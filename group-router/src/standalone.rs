@@ -77,6 +77,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     store_check(&mut readiness, &store);
     let config = Config {
         max_members: args.limits.group_max_members,
+        notice_users: args.limits.group_notice_users,
     };
     let deps = Deps {
         store,

@@ -12,14 +12,14 @@
 //!   keyed by the group, where group-router applies them in the group's order.
 //!
 //! Receipts are direct messages the server wrote: they route like one. An
-//! event that cannot be decoded is logged, counted in
-//! `dak_events_dropped_total`, and skipped: one bad record must not stall a
+//! event that cannot be decoded or routed is parked in the dead-letter topic
+//! (see [`dak_runtime::bus::DeadLetters`]): one bad record must not stall a
 //! partition. Offsets are committed only after the routed records were
 //! acknowledged by Kafka.
 
 pub mod standalone;
 
-use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
+use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent};
@@ -33,6 +33,7 @@ const BATCH: usize = 1000;
 
 pub struct MessageRouter {
     consumer: Consumer,
+    dead_letters: DeadLetters,
     producer: Producer,
     deliver_topic: String,
     offline_topic: String,
@@ -61,7 +62,6 @@ fn register_metrics() {
     ] {
         metrics::register_counter(metrics::ROUTED, &[("kind", kind)]);
     }
-    metrics::register_dropped_events("inbound");
     metrics::register_histogram(metrics::MESSAGE_AGE, &[("stage", "routed")]);
 }
 
@@ -69,8 +69,11 @@ impl MessageRouter {
     pub fn build(bus: &Bus, producer: Producer) -> Result<Self, BusError> {
         let topics = bus.topics();
         register_metrics();
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.inbound])?;
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.inbound])?
+            .with_dead_letters(producer.clone());
         Ok(Self {
+            dead_letters: consumer.dead_letters(),
             consumer,
             producer,
             deliver_topic: topics.deliver.clone(),
@@ -137,10 +140,7 @@ impl MessageRouter {
                             .enqueue(&self.group_topic, key.as_str(), &payload)?,
                     );
                 }
-                Route::Drop(reason) => {
-                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "inbound").increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, %reason, "dropping inbound event");
-                }
+                Route::Drop(reason) => self.dead_letters.park(record, &reason).await?,
             }
         }
         bus::acknowledged_all(acks).await?;

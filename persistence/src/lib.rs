@@ -8,16 +8,19 @@
 //! - `drop`: the device acked these mids; they go, and the senders of those
 //!   that were stored get a `delivered` receipt;
 //! - `replay`: a device connected. Because the request comes behind every
-//!   `store` published for the user before it, the inbox is complete: it is sent
-//!   to that socket through its gateway, oldest first, followed by `sync.done`,
-//!   and `replayed` goes back to session on `dak.deliver`, which then releases
-//!   what it held for the device.
+//!   `store` published for the user before it, the inbox is complete once the
+//!   stores before it are written: it is sent to that socket through its
+//!   gateway, oldest first, followed by `sync.done`, and `replayed` goes back to
+//!   session on `dak.deliver`, which then releases what it held for the device.
+//!   Replays run in tasks of their own ([`replay`]), one at a time per device, so
+//!   a socket that reads slowly holds up only itself, never the consumer.
 //!
 //! It serves `GET /v1/messages?after=<cursor>&limit=<n>` for background sync over
 //! REST. Offsets are committed only after the inbox write.
 
 mod config;
 pub mod inbox;
+mod replay;
 pub mod scylla;
 pub mod standalone;
 mod sync;
@@ -28,7 +31,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
-use dak_runtime::bus::{self, Bus, BusError, Consumer, Producer, Record};
+use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::{metrics, now_ms};
@@ -77,20 +80,26 @@ struct Shared {
     verifier: Verifier,
     gateways: Gateways,
     deliver_topic: String,
+    replays: replay::Replays,
+    dead_letters: DeadLetters,
 }
 
 impl Persistence {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
         describe();
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.offline])?;
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.offline])?
+            .with_dead_letters(deps.producer.clone());
         let shared = Arc::new(Shared {
+            dead_letters: consumer.dead_letters(),
             gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
             config,
             inbox: deps.inbox,
             producer: deps.producer,
             verifier: deps.verifier,
             deliver_topic: topics.deliver.clone(),
+            replays: replay::Replays::default(),
         });
         Ok(Self { consumer, shared })
     }
@@ -112,13 +121,14 @@ impl Persistence {
             }
         });
         tokio::join!(consume, shared.expiry_loop(&shutdown));
+        shared.replays.finish(Duration::from_secs(5)).await;
         shared.producer.flush(Duration::from_secs(5)).await;
         Ok(())
     }
 }
 
 impl Shared {
-    async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
+    async fn handle_batch(self: &Arc<Self>, records: &[Record]) -> anyhow::Result<()> {
         let now = now_ms();
         let expires = now + self.config.inbox_ttl.as_millis() as u64;
         let mut stores = Vec::new();
@@ -126,8 +136,7 @@ impl Shared {
             let event = match event::decode::<OfflineEvent>(&record.payload) {
                 Ok(event) => event,
                 Err(e) => {
-                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "offline").increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping offline event");
+                    self.dead_letters.park(record, &e.message).await?;
                     continue;
                 }
             };
@@ -160,8 +169,9 @@ impl Shared {
                     connected,
                     gateway_url,
                 } => {
+                    // The stores before it are written: the replay sees them.
                     self.store(std::mem::take(&mut stores)).await?;
-                    self.replay(connected, &gateway_url).await?;
+                    self.start_replay(connected, gateway_url);
                 }
                 OfflineEvent::PushToken(_) => {}
             }
@@ -201,12 +211,12 @@ impl Shared {
 
     /// Sends the device's inbox to its socket, then `sync.done`, then tells
     /// session the socket may go live.
-    async fn replay(&self, connected: Connected, gateway_url: &str) -> anyhow::Result<()> {
+    async fn replay(&self, connected: &Connected, gateway_url: &str) -> anyhow::Result<()> {
         let Connected {
             user,
             device,
             connection,
-        } = &connected;
+        } = connected;
         self.inbox.take_over(user, device).await?;
         let mut after = None;
         let mut replayed = 0;
@@ -222,7 +232,7 @@ impl Shared {
                 .map(|(_, m)| ServerFrame::from(m).to_json())
                 .collect();
             replayed += frames.len();
-            if !self.send_in_order(&connected, gateway_url, frames).await? {
+            if !self.send_in_order(connected, gateway_url, frames).await? {
                 tracing::debug!(%user, %device, "socket gone during its replay");
                 return Ok(());
             }
@@ -232,7 +242,7 @@ impl Shared {
         }
         if !self
             .send_in_order(
-                &connected,
+                connected,
                 gateway_url,
                 vec![ServerFrame::SyncDone.to_json()],
             )
@@ -270,13 +280,8 @@ impl Shared {
                     frame: RawValue::from_string(frame.clone()).expect("server frames are JSON"),
                 })
                 .collect();
-            let outcomes = match self.gateways.send(gateway_url, items).await {
-                Ok(outcomes) => outcomes,
-                Err(e) => {
-                    tracing::warn!(error = %e, "replay: gateway unreachable");
-                    return Ok(false);
-                }
-            };
+            // A gateway that fails answers `busy`: waited for like a full queue.
+            let outcomes = self.gateways.send(gateway_url, items).await;
             // The gateway refuses everything after the first frame it could not
             // queue, so what was sent is a prefix.
             let sent = outcomes
@@ -334,11 +339,10 @@ fn describe() {
         INBOX_DEPTH,
         "messages in the offline inbox, all devices together"
     );
-    use dak_runtime::metrics::{register_counter, register_dropped_events, RECEIPTS};
+    use dak_runtime::metrics::{register_counter, RECEIPTS};
     for name in [STORED, DROPPED, EXPIRED, REPLAYED, SYNCED, RECEIPTS] {
         register_counter(name, &[]);
     }
-    register_dropped_events("offline");
     // Registered, at zero, until the expiry loop's first round measures it.
     let _ = ::metrics::gauge!(INBOX_DEPTH);
 }

@@ -28,6 +28,11 @@
 //! that keeps the tables bounded when `expire` does not run; `page` filters on
 //! `expires_at` with the caller's clock, and `expire` does the on-time delete.
 //!
+//! A `store` writes each device's messages one after another, in inbox order,
+//! and stops at a device's first failure; devices go concurrently. So a page
+//! that sees a message sees every earlier one of its device, and a cursor
+//! never passes a message not yet written.
+//!
 //! The writes of one message (row, `inbox_mids`, expiry index) go in one logged
 //! batch, so that a crash cannot leave a row that no ack can find. The bucket
 //! is marked only after the batch, and marked again when a store finds its mid
@@ -111,6 +116,11 @@ const MAX_TTL_SECS: i64 = 630_720_000;
 /// Apache Cassandra (before its 5.0 storage format is in force) refuses a TTL
 /// whose expiry passes this second, 2038-01-19T03:14:06Z (CASSANDRA-14092).
 const MAX_EXPIRY_SECS: i64 = i32::MAX as i64 - 1;
+
+/// How far before [`MAX_EXPIRY_SECS`] dak keeps its expiries: the server adds
+/// a TTL to its own clock when the write arrives, which may be later than the
+/// `now` the TTL was computed from (a slow batch) or ahead of dak's clock.
+const EXPIRY_MARGIN_SECS: i64 = 24 * 3600;
 
 /// Requests in flight at once within one call.
 const CONCURRENCY: usize = 32;
@@ -524,13 +534,36 @@ impl Inbox for ScyllaInbox {
                 ))
             })
             .collect();
-        let stores = unique.into_iter().map(|item| async move {
-            (
-                shard_of(item.user.as_str()),
-                self.store_one(item, now).await,
-            )
+        // One device's rows are written one after another, in inbox order, and
+        // stop at the first failure: a page that sees a row then sees every
+        // row before it, so a cursor never passes a row not written yet.
+        // Devices go concurrently.
+        let mut devices: Vec<Vec<&Stored>> = Vec::new();
+        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        for item in unique {
+            let key = (
+                item.user.as_str(),
+                item.device.as_ref().map_or(USER_LEVEL, DeviceId::as_str),
+            );
+            let i = *index.entry(key).or_insert_with(|| {
+                devices.push(Vec::new());
+                devices.len() - 1
+            });
+            devices[i].push(item);
+        }
+        let stores = devices.into_iter().map(|items| async move {
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                let result = self.store_one(item, now).await;
+                let failed = result.is_err();
+                results.push((shard_of(item.user.as_str()), result));
+                if failed {
+                    break;
+                }
+            }
+            results
         });
-        let results = bounded(stores.collect()).await;
+        let results = bounded(stores.collect()).await.into_iter().flatten();
         let mut stored = 0;
         let mut deltas: HashMap<i32, i64> = HashMap::new();
         let mut error = None;
@@ -1016,7 +1049,7 @@ fn ttl_secs(until_ms: i64, now_ms: u64, grace_secs: i64) -> i32 {
     let now_ms = saturating_i64(now_ms);
     let remaining_ms = until_ms.saturating_sub(now_ms).max(0);
     let remaining_secs = remaining_ms.div_euclid(1000) + i64::from(remaining_ms % 1000 != 0);
-    let max = MAX_TTL_SECS.min(MAX_EXPIRY_SECS - now_ms.div_euclid(1000));
+    let max = MAX_TTL_SECS.min(MAX_EXPIRY_SECS - EXPIRY_MARGIN_SECS - now_ms.div_euclid(1000));
     remaining_secs.saturating_add(grace_secs).min(max).max(1) as i32
 }
 
@@ -1043,8 +1076,8 @@ mod tests {
         assert_eq!(
             i64::from(ttl_secs(i64::MAX, december_2026_ms, 3600))
                 + (december_2026_ms / 1000) as i64,
-            MAX_EXPIRY_SECS,
-            "never past what Cassandra can store"
+            MAX_EXPIRY_SECS - EXPIRY_MARGIN_SECS,
+            "never past what Cassandra can store, with a day to spare"
         );
     }
 

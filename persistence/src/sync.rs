@@ -30,23 +30,6 @@ pub(crate) struct Page {
     next: Option<String>,
 }
 
-/// Cursors are positions in the inbox; clients treat them as opaque strings.
-fn parse_cursor(cursor: &str) -> Result<u64, ApiError> {
-    cursor
-        .strip_prefix('c')
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::BadRequest,
-                "invalid cursor: pass back a `next` value unchanged",
-            )
-        })
-}
-
-fn cursor(seq: u64) -> String {
-    format!("c{seq}")
-}
-
 pub(crate) async fn messages(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -67,7 +50,11 @@ pub(crate) async fn messages(
                 )
             })?,
     };
-    let after = params.after.as_deref().map(parse_cursor).transpose()?;
+    let after = params
+        .after
+        .as_deref()
+        .map(dak_wire::cursor::parse)
+        .transpose()?;
     let unavailable = |e: crate::inbox::InboxError| {
         tracing::warn!(error = %e, "inbox read failed");
         ApiError::new(
@@ -88,7 +75,7 @@ pub(crate) async fn messages(
         .map_err(unavailable)?;
     ::metrics::counter!(crate::SYNCED).increment(page.len() as u64);
     let next = (page.len() == limit)
-        .then(|| page.last().map(|(seq, _)| cursor(*seq)))
+        .then(|| page.last().map(|(seq, _)| dak_wire::cursor::format(*seq)))
         .flatten();
     // Each shaped as the WebSocket frame the device would have received.
     let messages = page
@@ -98,17 +85,4 @@ pub(crate) async fn messages(
         })
         .collect();
     Ok(Json(Page { messages, next }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        assert_eq!(parse_cursor(&cursor(42)).unwrap(), 42);
-        for bad in ["", "42", "c", "c-1", "cx", "c1.5", "d42"] {
-            assert!(parse_cursor(bad).is_err(), "{bad}");
-        }
-    }
 }

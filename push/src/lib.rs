@@ -18,7 +18,8 @@
 //! message, which the app shrugs off, since it only syncs. When presence cannot
 //! be read, devices are treated as not connected: a spare wake-up is cheaper
 //! than a missed one. An undecodable event is counted in
-//! `dak_events_dropped_total` and skipped.
+//! `dak_dead_letters_total` and logged; persistence, which reads the same
+//! topic, parks it in the dead-letter topic.
 
 pub mod fcm;
 pub mod metrics;
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{Bus, BusError, Consumer, Record};
+use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, Record};
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, Message, Notice, OfflineEvent};
@@ -111,6 +112,7 @@ pub struct Deps {
 
 pub struct Push {
     consumer: Consumer,
+    dead_letters: DeadLetters,
     deps: Deps,
     ttl: Duration,
 }
@@ -128,6 +130,7 @@ impl Push {
         metrics::describe();
         let consumer = bus.consumer(&bus.topics().group(GROUP), &[&bus.topics().offline])?;
         Ok(Self {
+            dead_letters: consumer.dead_letters(),
             consumer,
             deps,
             ttl: config.push_ttl,
@@ -152,18 +155,15 @@ impl Push {
     /// for each stored message, then sends every notification, concurrently, and
     /// returns once they all finished.
     async fn handle_batch(&self, batch: &[Record]) -> anyhow::Result<()> {
-        let events: Vec<OfflineEvent> = batch
-            .iter()
-            .filter_map(|record| match event::decode(&record.payload) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    ::metrics::counter!(dak_runtime::metrics::DROPPED_EVENTS, "topic" => "offline")
-                        .increment(1);
-                    tracing::warn!(partition = record.partition, offset = record.offset, reason = %e.message, "dropping offline event");
-                    None
-                }
-            })
-            .collect();
+        let mut events: Vec<OfflineEvent> = Vec::with_capacity(batch.len());
+        for record in batch {
+            match event::decode(&record.payload) {
+                Ok(e) => events.push(e),
+                // persistence, which reads the same topic, parks it; push
+                // counts and logs it.
+                Err(e) => self.dead_letters.park(record, &e.message).await?,
+            }
+        }
         let connected = self.connected_devices(&events).await;
 
         let mut wakes = Vec::new();

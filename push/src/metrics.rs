@@ -23,7 +23,7 @@ pub(crate) fn describe() {
         TOKENS_REMOVED,
         "push tokens removed because FCM reported them invalid"
     );
-    use dak_runtime::metrics::{register_counter, register_dropped_events};
+    use dak_runtime::metrics::register_counter;
     register_counter(SENT, &[]);
     register_counter(TOKENS_REMOVED, &[]);
     for reason in [
@@ -38,5 +38,4 @@ pub(crate) fn describe() {
     for reason in ["connected", "no_token", "receipt"] {
         register_counter(SKIPPED, &[("reason", reason)]);
     }
-    register_dropped_events("offline");
 }

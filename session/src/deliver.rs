@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{self, ProduceFuture, Producer, Record};
+use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::{metrics, now_ms};
@@ -27,6 +27,7 @@ const ORPHAN_HORIZON_MS: u64 = (i64::MAX as u64) / 4;
 
 pub(crate) struct Core {
     config: Config,
+    dead_letters: DeadLetters,
     inflight: Arc<dyn InFlight>,
     presence: Arc<dyn Presence>,
     gateways: Gateways,
@@ -117,10 +118,12 @@ impl Core {
     pub(crate) fn new(
         config: Config,
         deps: Deps,
+        dead_letters: DeadLetters,
         offline_topic: String,
         deliver_topic: String,
     ) -> Self {
         Self {
+            dead_letters,
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
             config,
             inflight: deps.inflight,
@@ -173,15 +176,7 @@ impl Core {
                     self.deliver(std::mem::take(&mut messages)).await?;
                     self.replayed(c).await?;
                 }
-                Err(e) => {
-                    ::metrics::counter!(metrics::DROPPED_EVENTS, "topic" => "deliver").increment(1);
-                    tracing::warn!(
-                        partition = record.partition,
-                        offset = record.offset,
-                        reason = %e.message,
-                        "dropping deliver event"
-                    );
-                }
+                Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
         self.deliver(messages).await?;

@@ -82,7 +82,6 @@ fn register_metrics() {
     for reason in ["not_connected", "ack_timeout", "no_device"] {
         register_counter(metrics::OFFLINED, &[("reason", reason)]);
     }
-    metrics::register_dropped_events("deliver");
     register_histogram(metrics::ACK_LATENCY, &[]);
     for stage in ["session", "sent"] {
         register_histogram(metrics::MESSAGE_AGE, &[("stage", stage)]);
@@ -95,8 +94,16 @@ impl Session {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
         register_metrics();
-        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.deliver])?;
-        let core = Core::new(config, deps, topics.offline.clone(), topics.deliver.clone());
+        let consumer = bus
+            .consumer(&topics.group(GROUP), &[&topics.deliver])?
+            .with_dead_letters(deps.producer.clone());
+        let core = Core::new(
+            config,
+            deps,
+            consumer.dead_letters(),
+            topics.offline.clone(),
+            topics.deliver.clone(),
+        );
         Ok(Self { core, consumer })
     }
 

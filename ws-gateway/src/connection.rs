@@ -89,6 +89,7 @@ async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
             connection_id: connection.connection_id.clone(),
             frames,
             replaced: replaced.clone(),
+            synced: Default::default(),
         },
     );
     // Registered in presence first, so that by the time session handles the

@@ -19,6 +19,9 @@
 //! socket it has heard nothing from for `idle_timeout`, which finds half-open
 //! connections. Liveness of the gateway: it heartbeats its presence key; if the
 //! process dies, its presence entries stop counting when the heartbeat expires.
+//! With each heartbeat it also writes back any presence entry of its sockets
+//! that the store lost (a Redis restart without persistence, a failover), so
+//! presence heals within one heartbeat.
 
 mod config;
 mod connection;
@@ -33,7 +36,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use dak_runtime::auth::Verifier;
 use dak_runtime::ingress::Ingress;
-use dak_runtime::presence::{Gateway, Presence};
+use dak_runtime::presence::{Connection, Gateway, Presence};
 use dak_runtime::shutdown::Shutdown;
 
 pub use config::Config;
@@ -105,12 +108,47 @@ impl WsGateway {
                 _ = tick.tick() => {
                     if let Err(e) = deps.presence.heartbeat(&deps.gateway, deps.presence_ttl).await {
                         tracing::warn!(error = %e, "presence heartbeat failed");
+                    } else if let Err(e) = self.reassert().await {
+                        tracing::warn!(error = %e, "writing back presence failed");
                     }
                 }
             }
         }
         if let Err(e) = deps.presence.gateway_stopped(&deps.gateway).await {
             tracing::warn!(error = %e, "withdrawing presence");
+        }
+        Ok(())
+    }
+
+    /// Writes back the presence of every socket held, where it is missing.
+    async fn reassert(&self) -> Result<(), dak_runtime::store::StoreError> {
+        let shared = &self.shared;
+        let presence = &shared.deps.presence;
+        if !presence.outlives_the_process() {
+            return Ok(());
+        }
+        let sockets: Vec<(Connection, bool)> = shared
+            .registry
+            .sockets()
+            .into_iter()
+            .map(|((user, device), connection_id, synced)| {
+                let connection = Connection {
+                    user,
+                    device,
+                    gateway_id: shared.deps.gateway.id.clone(),
+                    connection_id,
+                };
+                (connection, synced)
+            })
+            .collect();
+        presence.reassert(&sockets).await?;
+        // A socket that closed meanwhile may have been written back after its
+        // own removal: remove it again.
+        for (connection, _) in &sockets {
+            let key = (connection.user.clone(), connection.device.clone());
+            if !shared.registry.holds(&key, &connection.connection_id) {
+                presence.disconnect(connection).await?;
+            }
         }
         Ok(())
     }

@@ -2,7 +2,8 @@
 //! a reconnect replaces (and closes) the older socket.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use dak_wire::{DeviceId, UserId};
@@ -17,6 +18,8 @@ pub struct Handle {
     pub frames: mpsc::Sender<Utf8Bytes>,
     /// Cancelled when a newer socket of the same device takes over.
     pub replaced: CancellationToken,
+    /// `sync.done` went to this socket: its replay is over.
+    pub synced: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -48,18 +51,35 @@ impl Registry {
         }
     }
 
-    /// The device's socket: its connection id and frame queue.
-    pub fn get(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-    ) -> Option<(String, mpsc::Sender<Utf8Bytes>)> {
+    /// The device's socket.
+    pub fn get(&self, user: &UserId, device: &DeviceId) -> Option<Handle> {
         // Borrowed-key lookup would need a (str, str) key; ids are short, cloning is cheap.
         let key = (user.clone(), device.clone());
         let sockets = self.sockets.lock().expect("registry lock");
+        sockets.get(&key).cloned()
+    }
+
+    /// Every socket held: who, its connection id, and whether it is synced.
+    pub fn sockets(&self) -> Vec<(Key, String, bool)> {
+        let sockets = self.sockets.lock().expect("registry lock");
         sockets
-            .get(&key)
-            .map(|h| (h.connection_id.clone(), h.frames.clone()))
+            .iter()
+            .map(|(key, h)| {
+                (
+                    key.clone(),
+                    h.connection_id.clone(),
+                    h.synced.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether `connection_id` is still the device's socket.
+    pub fn holds(&self, key: &Key, connection_id: &str) -> bool {
+        let sockets = self.sockets.lock().expect("registry lock");
+        sockets
+            .get(key)
+            .is_some_and(|h| h.connection_id == connection_id)
     }
 
     pub fn len(&self) -> usize {

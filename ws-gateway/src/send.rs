@@ -1,12 +1,14 @@
 //! `POST /internal/v1/send`: write a batch of frames to the sockets they are for.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use dak_runtime::http::ApiError;
+use dak_wire::frame::SYNC_DONE;
 use dak_wire::send::{SendOutcome, SendRequest, SendResponse};
 use dak_wire::{DeviceId, ErrorCode, UserId};
 use tokio::sync::mpsc::error::TrySendError;
@@ -44,13 +46,21 @@ pub(crate) async fn send(
             }
             let outcome = match shared.registry.get(&item.user, &item.device) {
                 None => SendOutcome::NotConnected,
-                Some((connection, _))
-                    if item.connection.as_ref().is_some_and(|c| *c != connection) =>
+                Some(socket)
+                    if item
+                        .connection
+                        .as_ref()
+                        .is_some_and(|c| *c != socket.connection_id) =>
                 {
                     SendOutcome::NotConnected
                 }
-                Some((_, frames)) => match frames.try_send(item.frame.get().into()) {
-                    Ok(()) => SendOutcome::Sent,
+                Some(socket) => match socket.frames.try_send(item.frame.get().into()) {
+                    Ok(()) => {
+                        if item.frame.get() == SYNC_DONE {
+                            socket.synced.store(true, Ordering::Relaxed);
+                        }
+                        SendOutcome::Sent
+                    }
                     Err(TrySendError::Full(_)) => SendOutcome::Busy,
                     Err(TrySendError::Closed(_)) => SendOutcome::NotConnected,
                 },

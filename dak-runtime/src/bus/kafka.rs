@@ -101,6 +101,9 @@ impl KafkaProducer {
         let inner = config
             .client_config()
             .set("enable.idempotence", "true")
+            // A failed batch that would leave a gap in a key's records stops the
+            // producer (and fails /readyz) instead of reordering them.
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
             .set("queue.buffering.max.messages", "1000000")
@@ -122,6 +125,11 @@ impl KafkaProducer {
 
     /// Readiness: the cluster answers a metadata request.
     pub async fn check(&self) -> Result<(), String> {
+        if let Some((code, reason)) = self.inner.client().fatal_error() {
+            return Err(format!(
+                "the producer stopped on a fatal error: {code}: {reason}"
+            ));
+        }
         let producer = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             producer

@@ -248,10 +248,18 @@ impl Log {
 
     /// Waits until everything queued before this call was written.
     pub async fn flush(&self) {
+        let _ = self.writer_answers().await;
+    }
+
+    /// Readiness: a round trip through the writer thread, which fails once the
+    /// thread is gone.
+    pub async fn writer_answers(&self) -> Result<(), LogError> {
         let (done, answer) = oneshot::channel();
-        if self.inner.writer.send(Command::Flush { done }).is_ok() {
-            let _ = answer.await;
-        }
+        self.inner
+            .writer
+            .send(Command::Flush { done })
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)
     }
 
     /// A consumer of `topics` for `group`, starting at the group's committed

@@ -40,6 +40,8 @@ pub struct Topics {
     pub deliver: String,
     pub offline: String,
     pub status: String,
+    /// Records a consumer could not handle, parked for people to look at.
+    pub dead_letter: String,
 }
 
 impl Topics {
@@ -50,16 +52,18 @@ impl Topics {
             deliver: format!("{prefix}dak.deliver"),
             offline: format!("{prefix}dak.offline"),
             status: format!("{prefix}dak.status"),
+            dead_letter: format!("{prefix}dak.dead-letter"),
         }
     }
 
-    pub fn all(&self) -> [&str; 5] {
+    pub fn all(&self) -> [&str; 6] {
         [
             &self.inbound,
             &self.group,
             &self.deliver,
             &self.offline,
             &self.status,
+            &self.dead_letter,
         ]
     }
 
@@ -152,9 +156,19 @@ impl Bus {
                 ConsumerEngine::Log(tokio::sync::Mutex::new(log.consumer(group, topics)?))
             }
         };
+        // At zero from the start, so that the dead-letter alert sees the first.
+        for topic in topics {
+            ::metrics::counter!(crate::metrics::DEAD_LETTERS, "topic" => topic.to_string(), "group" => group.to_owned())
+                .increment(0);
+        }
         Ok(Consumer {
             inner,
             group: group.to_owned(),
+            dead_letters: DeadLetters {
+                producer: None,
+                topic: self.topics.dead_letter.clone(),
+                group: group.to_owned(),
+            },
         })
     }
 }
@@ -192,7 +206,7 @@ impl Producer {
     pub async fn check(&self) -> Result<(), String> {
         match self {
             Producer::Kafka(producer) => producer.check().await,
-            Producer::Log(_) => Ok(()),
+            Producer::Log(log) => log.writer_answers().await.map_err(|e| e.to_string()),
         }
     }
 
@@ -238,6 +252,64 @@ impl Future for ProduceFuture {
     }
 }
 
+/// Produces many records while at most `max_bytes` of them wait for their
+/// acknowledgement: a large fan-out waits for the bus to catch up instead of
+/// filling the producer's queue and failing. A queue found full (other records
+/// of the process fill it too) is waited out the same way, once.
+pub struct Bounded<'a> {
+    producer: &'a Producer,
+    acks: Vec<ProduceFuture>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl<'a> Bounded<'a> {
+    pub fn new(producer: &'a Producer, max_bytes: usize) -> Self {
+        Self {
+            producer,
+            acks: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// Queues one record, first waiting for what is outstanding when this
+    /// record would pass the bound.
+    pub async fn send(&mut self, topic: &str, key: &str, payload: &[u8]) -> Result<(), BusError> {
+        if self.bytes + payload.len() > self.max_bytes {
+            self.wait().await?;
+        }
+        let ack = match self.producer.enqueue(topic, key, payload) {
+            Err(e) if e.is_queue_full() && !self.acks.is_empty() => {
+                self.wait().await?;
+                self.producer.enqueue(topic, key, payload)?
+            }
+            ack => ack?,
+        };
+        self.acks.push(ack);
+        self.bytes += payload.len();
+        Ok(())
+    }
+
+    /// Waits for every record queued so far.
+    pub async fn wait(&mut self) -> Result<(), BusError> {
+        self.bytes = 0;
+        acknowledged_all(std::mem::take(&mut self.acks)).await
+    }
+}
+
+impl BusError {
+    /// The producer's queue is full: waiting for acknowledgements makes room.
+    pub fn is_queue_full(&self) -> bool {
+        matches!(
+            self,
+            BusError::Kafka(rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::QueueFull
+            ))
+        )
+    }
+}
+
 /// Waits for every acknowledgement in `deliveries`; the first error wins.
 pub async fn acknowledged_all(deliveries: Vec<ProduceFuture>) -> Result<(), BusError> {
     for result in futures_util::future::join_all(deliveries).await {
@@ -260,6 +332,72 @@ pub struct Record {
 pub struct Consumer {
     inner: ConsumerEngine,
     group: String,
+    dead_letters: DeadLetters,
+}
+
+/// Failures in a row after which [`Consumer::run`] handles a batch's records
+/// one by one, to find the one that cannot be handled.
+const ISOLATE_AFTER: u32 = 5;
+
+/// Attempts at one record on its own before it counts as failing.
+const ISOLATED_ATTEMPTS: u32 = 3;
+
+/// Where a consumer parks records it cannot handle: a record that is not a
+/// valid event (malformed, or of a version this build does not know), or one
+/// whose handler keeps failing while the records around it go through. Each is
+/// counted, logged with where it came from, and written to the dead-letter
+/// topic in an envelope that says why (see docs/operations.md), so nothing is
+/// dropped silently and one bad record does not block its partition.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: Option<Producer>,
+    topic: String,
+    group: String,
+}
+
+/// The dead-letter topic's record: the original, and why it was parked.
+#[derive(serde::Serialize)]
+struct Parked<'a> {
+    v: u32,
+    group: &'a str,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    reason: &'a str,
+    /// The original payload, as text when it is UTF-8 (events are JSON).
+    payload: std::borrow::Cow<'a, str>,
+}
+
+impl DeadLetters {
+    /// Parks `record`, waiting until the dead-letter topic has it.
+    pub async fn park(&self, record: &Record, reason: &str) -> Result<(), BusError> {
+        ::metrics::counter!(crate::metrics::DEAD_LETTERS, "topic" => record.topic.clone(), "group" => self.group.clone())
+            .increment(1);
+        tracing::error!(
+            group = %self.group,
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            reason,
+            dead_letter_topic = %self.topic,
+            "parking a record in the dead-letter topic"
+        );
+        let Some(producer) = &self.producer else {
+            return Ok(());
+        };
+        let parked = Parked {
+            v: 1,
+            group: &self.group,
+            topic: &record.topic,
+            partition: record.partition,
+            offset: record.offset,
+            reason,
+            payload: String::from_utf8_lossy(&record.payload),
+        };
+        let payload = serde_json::to_vec(&parked).expect("the envelope serializes");
+        let key = String::from_utf8_lossy(&record.key);
+        producer.send(&self.topic, &key, &payload).await
+    }
 }
 
 enum ConsumerEngine {
@@ -268,6 +406,18 @@ enum ConsumerEngine {
 }
 
 impl Consumer {
+    /// Parks what this consumer cannot handle in the dead-letter topic through
+    /// `producer`; without one, such records are only counted and logged.
+    pub fn with_dead_letters(mut self, producer: Producer) -> Self {
+        self.dead_letters.producer = Some(producer);
+        self
+    }
+
+    /// For handlers that find a record they cannot decode.
+    pub fn dead_letters(&self) -> DeadLetters {
+        self.dead_letters.clone()
+    }
+
     /// Waits for the next records, up to `max`, in order within each
     /// partition. Returns `None` once `shutdown` fires.
     pub async fn next_batch(&self, max: usize, shutdown: &Shutdown) -> Option<Vec<Record>> {
@@ -309,6 +459,13 @@ impl Consumer {
     /// failure ([`batch_retry_delay`]), so handlers must be idempotent (they
     /// are keyed on mid and device), and a struggling broker or store is not
     /// hammered.
+    ///
+    /// A batch that keeps failing is then handled one record at a time, in
+    /// order ([`Consumer::isolate`]), to tell a poison record, which is parked
+    /// ([`DeadLetters`]) so its partition moves on, from an outage (a store
+    /// or the bus is down), during which the batch keeps being retried. A
+    /// batch of one record is first joined by the records after it, if any
+    /// come within the pause, since only they can tell the two cases apart.
     pub async fn run<H, Fut>(&self, max: usize, shutdown: &Shutdown, mut handle: H)
     where
         H: FnMut(Vec<Record>) -> Fut,
@@ -324,9 +481,29 @@ impl Consumer {
                     }
                     Err((again, e)) => {
                         failures += 1;
+                        batch = again;
                         let delay = batch_retry_delay(failures);
                         tracing::warn!(group = %self.group, error = %format!("{e:#}"), failures, ?delay, "batch failed, retrying");
-                        batch = again;
+                        if failures >= ISOLATE_AFTER {
+                            if batch.len() == 1 {
+                                let more = tokio::time::timeout(
+                                    delay,
+                                    self.next_batch(max.saturating_sub(1).max(1), shutdown),
+                                );
+                                match more.await {
+                                    Ok(Some(more)) => batch.extend(more),
+                                    Ok(None) => return self.commit().await,
+                                    Err(_) => continue,
+                                }
+                            }
+                            match self.isolate(batch, &mut handle).await {
+                                Ok(done) => {
+                                    self.done(&done).await;
+                                    break;
+                                }
+                                Err(again) => batch = again,
+                            }
+                        }
                         tokio::select! {
                             _ = shutdown.cancelled() => return self.commit().await,
                             _ = tokio::time::sleep(delay) => {}
@@ -336,6 +513,60 @@ impl Consumer {
             }
         }
         self.commit().await;
+    }
+
+    /// Handles `batch` one record at a time, in order, each with up to
+    /// [`ISOLATED_ATTEMPTS`]. When a record keeps failing, the next one is
+    /// tried: if it fails too, this is an outage and the batch is given back
+    /// to be retried whole; if it goes through, the failing record is tried
+    /// once more and, failing still, parked. Returns the batch once every
+    /// record went through or was parked.
+    async fn isolate<H, Fut>(
+        &self,
+        batch: Vec<Record>,
+        handle: &mut H,
+    ) -> Result<Vec<Record>, Vec<Record>>
+    where
+        H: FnMut(Vec<Record>) -> Fut,
+        Fut: Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
+    {
+        let mut i = 0;
+        while i < batch.len() {
+            let mut failure = None;
+            for attempt in 1..=ISOLATED_ATTEMPTS {
+                match handle(vec![batch[i].clone()]).await {
+                    Ok(_) => {
+                        failure = None;
+                        break;
+                    }
+                    Err((_, e)) => failure = Some(e),
+                }
+                if attempt < ISOLATED_ATTEMPTS {
+                    tokio::time::sleep(batch_retry_delay(attempt)).await;
+                }
+            }
+            let Some(failure) = failure else {
+                i += 1;
+                continue;
+            };
+            // Does anything go through? The next record tells.
+            let Some(next) = batch.get(i + 1) else {
+                return Err(batch);
+            };
+            if handle(vec![next.clone()]).await.is_err() {
+                return Err(batch);
+            }
+            if handle(vec![batch[i].clone()]).await.is_err() {
+                let reason =
+                    format!("handler failed while later records went through: {failure:#}");
+                if let Err(e) = self.dead_letters.park(&batch[i], &reason).await {
+                    tracing::warn!(group = %self.group, error = %e, "parking a record failed");
+                    return Err(batch);
+                }
+            }
+            i += 2;
+        }
+        Ok(batch)
     }
 
     /// Commits what was marked done, before leaving the group.

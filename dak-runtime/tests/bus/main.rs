@@ -210,6 +210,136 @@ async fn a_waiting_consumer_gets_what_is_produced_later(engine: Engine) {
     );
 }
 
+/// Runs `consumer` until `handled` holds `until` records, handling records with
+/// `fails`: true for those the handler refuses.
+async fn run_until(
+    consumer: &Consumer,
+    until: usize,
+    fails: impl Fn(&str) -> bool + Sync,
+) -> Vec<String> {
+    let shutdown = Shutdown::new();
+    let handled = std::sync::Mutex::new(Vec::new());
+    let run = consumer.run(50, &shutdown, |batch| {
+        let result = if batch.iter().any(|r| fails(&text(r))) {
+            Err((batch, anyhow::anyhow!("handler refuses this batch")))
+        } else {
+            let mut handled = handled.lock().unwrap();
+            handled.extend(batch.iter().map(text));
+            if handled.len() >= until {
+                shutdown.cancel();
+            }
+            Ok(batch)
+        };
+        async move { result }
+    });
+    tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("the consumer got past every record");
+    handled.into_inner().unwrap()
+}
+
+/// Everything on the dead-letter topic before a sentinel this call adds.
+async fn dead_letters(bus: &Bus) -> Vec<serde_json::Value> {
+    let topic = bus.topics().dead_letter.clone();
+    let producer = bus.producer().unwrap();
+    producer
+        .send(&topic, "k", b"{\"sentinel\":true}")
+        .await
+        .unwrap();
+    let consumer = bus
+        .consumer(&bus.topics().group("dead"), &[&topic])
+        .unwrap();
+    let mut parked = Vec::new();
+    loop {
+        for record in read(&consumer, 1).await {
+            let value: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
+            if value["sentinel"] == true {
+                return parked;
+            }
+            parked.push(value);
+        }
+    }
+}
+
+async fn a_record_that_always_fails_is_parked_and_the_rest_go_through(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 10).await;
+    let consumer = t
+        .bus
+        .consumer(&t.bus.topics().group("poison"), &[&t.bus.topics().deliver])
+        .unwrap()
+        .with_dead_letters(t.bus.producer().unwrap());
+    let handled = run_until(&consumer, 9, |r| r == "k:3").await;
+    let expected: Vec<String> = (0..10)
+        .filter(|i| *i != 3)
+        .map(|i| format!("k:{i}"))
+        .collect();
+    assert_eq!(handled, expected, "the others, once each and in order");
+    let parked = dead_letters(&t.bus).await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0]["payload"], "k:3");
+    assert_eq!(parked[0]["topic"], t.bus.topics().deliver.as_str());
+    assert!(parked[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("handler refuses"));
+    // Committed past it: the group does not see it again.
+    drop(consumer);
+    produce(&t.bus, &["k"], 1).await;
+    let again = t
+        .bus
+        .consumer(&t.bus.topics().group("poison"), &[&t.bus.topics().deliver])
+        .unwrap();
+    assert_eq!(
+        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
+        ["k:0"]
+    );
+}
+
+async fn records_that_all_fail_are_retried_not_parked(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 3).await;
+    let consumer = t
+        .bus
+        .consumer(&t.bus.topics().group("outage"), &[&t.bus.topics().deliver])
+        .unwrap()
+        .with_dead_letters(t.bus.producer().unwrap());
+    // An outage: every attempt fails, the batch's 5 and the isolation round's
+    // (3 for the first record, 1 for the next), until the store comes back.
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
+    let handled = run_until(&consumer, 3, |_| {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 9
+    })
+    .await;
+    assert!(attempts.into_inner() > 9);
+    assert_eq!(handled, ["k:0", "k:1", "k:2"]);
+    assert!(
+        dead_letters(&t.bus).await.is_empty(),
+        "nothing parked in an outage"
+    );
+}
+
+async fn a_bounded_fan_out_waits_for_room_and_keeps_order(engine: Engine) {
+    let t = bus(engine).await;
+    let producer = t.bus.producer().unwrap();
+    let topic = t.bus.topics().deliver.clone();
+    // Room for about three records at a time: the sender waits every third.
+    let mut bounded = dak_runtime::bus::Bounded::new(&producer, 20);
+    for i in 0..30 {
+        bounded
+            .send(&topic, "k", format!("k:{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    bounded.wait().await.unwrap();
+    let consumer = t
+        .bus
+        .consumer(&t.bus.topics().group("bounded"), &[&topic])
+        .unwrap();
+    let records = read(&consumer, 30).await;
+    assert_eq!(by_key(&records)["k"], (0..30).collect::<Vec<_>>());
+}
+
 macro_rules! both_engines {
     ($($case:ident),* $(,)?) => {
         mod log {
@@ -237,6 +367,9 @@ both_engines!(
     a_consumer_that_dies_without_committing_leaves_everything_to_the_next,
     every_group_gets_every_record,
     a_waiting_consumer_gets_what_is_produced_later,
+    a_record_that_always_fails_is_parked_and_the_rest_go_through,
+    records_that_all_fail_are_retried_not_parked,
+    a_bounded_fan_out_waits_for_room_and_keeps_order,
 );
 
 mod embedded {

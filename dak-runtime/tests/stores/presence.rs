@@ -194,3 +194,53 @@ async fn redis_presence_keeps_the_contract() {
     contract(&store).await;
     expiry_contract(&store).await;
 }
+
+/// Redis lost its data: the gateway's write-back restores its sockets, each
+/// live or not as the gateway knows it, and leaves alone a device that a
+/// newer connection took over meanwhile.
+#[tokio::test]
+async fn redis_presence_written_back_after_data_loss() {
+    let prefix = crate::unique_prefix();
+    let mut redis = crate::redis().await;
+    let store = RedisPresence::new(redis.clone(), &prefix);
+    let gw1 = Gateway::new("http://gw1".into());
+    let gw2 = Gateway::new("http://gw2".into());
+    let ttl = Duration::from_secs(30);
+    store.heartbeat(&gw1, ttl).await.unwrap();
+    store.heartbeat(&gw2, ttl).await.unwrap();
+    let phone = conn("alice", "phone", &gw1, "c1");
+    let tablet = conn("alice", "tablet", &gw1, "c2");
+    store.connect(&phone).await.unwrap();
+    store.connect(&tablet).await.unwrap();
+
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    store.heartbeat(&gw1, ttl).await.unwrap();
+    store.heartbeat(&gw2, ttl).await.unwrap();
+    assert_eq!(routes(&store, "alice").await, vec![], "all gone");
+
+    // Meanwhile the tablet reconnected through gw2.
+    store
+        .connect(&conn("alice", "tablet", &gw2, "c3"))
+        .await
+        .unwrap();
+    store
+        .reassert(&[(phone, true), (tablet, false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(&store, "alice").await,
+        vec![
+            live("phone", "http://gw1"),
+            route("tablet", Some("http://gw2"))
+        ]
+    );
+}

@@ -1,11 +1,12 @@
 //! The Redis connection itself: a command that timed out makes the next one
-//! go over a new connection. Against a redis-server of the test's own, since
-//! it blocks the server (`DEBUG SLEEP`) past the response timeout.
+//! go over a new connection, and readiness fails on settings that lose data.
+//! Against a redis-server of each test's own, since they block the server
+//! (`DEBUG SLEEP`) or change its settings.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Server(Child);
+struct Server(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -18,29 +19,77 @@ async fn client_id(conn: &mut dak_runtime::redis::Connection) -> redis::RedisRes
     redis::cmd("CLIENT").arg("ID").query_async(conn).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_that_timed_out_makes_the_next_one_use_a_new_connection() {
+/// A redis-server of the test's own, with `args`, and a connection to it.
+async fn own_server(args: &[&str]) -> (Server, String, dak_runtime::redis::Connection) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let _server = Server(
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server(
         Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "yes"])
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test installs it)"),
+        dir,
     );
     let url = format!("redis://127.0.0.1:{port}");
-    let mut conn = loop {
+    let conn = loop {
         match dak_runtime::redis::connect(&url).await {
             Ok(conn) => break conn,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    (server, url, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_on_settings_that_lose_acknowledged_data() {
+    let (_server, _, mut conn) = own_server(&["--save", "", "--appendonly", "no"]).await;
+    let set = |name: &'static str, value: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let problem = dak_runtime::redis::ping(&conn).await.unwrap_err();
+    assert!(problem.contains("appendonly is no"), "{problem}");
+
+    set("appendonly", "yes").await;
+    set("maxmemory-policy", "allkeys-lru").await;
+    let problem = dak_runtime::redis::ping(&conn).await.unwrap_err();
+    assert!(
+        problem.contains("maxmemory-policy is allkeys-lru"),
+        "{problem}"
+    );
+    assert!(!problem.contains("appendonly"), "{problem}");
+
+    set("maxmemory-policy", "noeviction").await;
+    assert_eq!(dak_runtime::redis::ping(&conn).await, Ok(()));
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_timed_out_makes_the_next_one_use_a_new_connection() {
+    let (_server, url, mut conn) = own_server(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ])
+    .await;
     let first = client_id(&mut conn).await.unwrap();
 
     // Another client blocks the server for longer than the response timeout.

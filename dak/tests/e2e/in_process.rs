@@ -322,3 +322,63 @@ async fn metrics_and_health_are_served() {
     }
     stack.stop().await;
 }
+
+/// Redis loses everything (a restart without persistence, a failover to an
+/// empty replica): the gateway writes back the presence of its sockets with
+/// its next heartbeat, and a connected device gets new messages live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_heals_within_a_heartbeat_after_redis_lost_its_data() {
+    let stack = Stack::start(Options {
+        redis: true,
+        extra: ["--rate-limit", "0", "--presence-ttl", "3s"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    let mut alice = stack.connect("alice", "phone").await;
+    let mut bob = stack.connect("bob", "phone").await;
+
+    let client = redis::Client::open(crate::support::redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", stack.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the stack keeps its state in Redis");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // Written back by the next heartbeat (every second here).
+    let presence = format!("{}:{{bob}}:presence", stack.redis_prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg(&presence)
+            .arg("phone")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if let Some(entry) = entry {
+            assert!(entry.ends_with(" 1"), "bob's socket is live: {entry}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's presence was not written back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    alice
+        .send_message("after", "bob", json!({"text": "still here?"}))
+        .await;
+    alice.expect("accepted").await;
+    let frame = bob.expect("message").await;
+    assert_eq!(frame["body"]["text"], "still here?");
+    stack.stop().await;
+}

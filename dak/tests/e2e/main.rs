@@ -4,7 +4,8 @@
 //! `in_process` runs `dak up`'s wiring on its embedded durable bus (with the
 //! embedded stores and with Redis); `services` runs each service as its own
 //! process against Apache Kafka and Redis; `restart` stops and kills `dak up`
-//! processes and starts them again on the same data directory; `dashboards`
+//! processes and starts them again on the same data directory; `faults` and
+//! `soak` kill the broker, Redis and the services under traffic; `dashboards`
 //! checks that the Grafana dashboard and the alert rules in `deploy/` name only
 //! metrics a freshly started `dak up` exports.
 
@@ -18,4 +19,5 @@ mod in_process;
 mod offline;
 mod restart;
 mod services;
+mod soak;
 mod support;

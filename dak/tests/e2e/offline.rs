@@ -269,3 +269,48 @@ async fn sync_and_push_token_refuse_bad_input() {
     }
     stack.stop().await;
 }
+
+/// A device that connects and does not read its replay holds up only itself:
+/// another device connecting meanwhile gets its inbox and `sync.done` at once.
+/// (The replay used to run inside persistence's consumer, which waited up to
+/// 30 s for the stalled socket before it took the next record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_read_its_replay_delays_nobody_else() {
+    let stack = Stack::start(Options {
+        extra: ["--rate-limit", "0", "--send-queue", "4"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    register_device(stack.public, "bob", "phone").await;
+    register_device(stack.public, "carol", "phone").await;
+    let mut alice = stack.connect("alice", "phone").await;
+    // More than bob's socket queue and the TCP buffers between hold.
+    let pad = "x".repeat(60_000);
+    for seq in 0..400 {
+        alice
+            .send_message(&format!("b-{seq}"), "bob", json!({"seq": seq, "pad": pad}))
+            .await;
+        alice.expect("accepted").await;
+    }
+    alice.send_message("c-0", "carol", json!({"seq": 0})).await;
+    alice.expect("accepted").await;
+    wait_for_inbox(stack.public, "bob", "phone", 400).await;
+    wait_for_inbox(stack.public, "carol", "phone", 1).await;
+
+    // Bob's replay has begun once his first frame arrives; he reads no more.
+    let mut bob = Client::connect_raw(stack.public, &token("bob", "phone")).await;
+    assert_eq!(bob.recv().await["body"]["seq"], 0);
+
+    let mut carol = Client::connect_raw(stack.public, &token("carol", "phone")).await;
+    let replayed = tokio::time::timeout(Duration::from_secs(5), carol.replay())
+        .await
+        .expect("carol's replay waited for bob's socket");
+    assert_eq!(seqs(&replayed), [0]);
+
+    // Bob, reading again, gets the rest of his inbox in order.
+    let rest = bob.replay().await;
+    assert_eq!(seqs(&rest), (1..400).collect::<Vec<_>>());
+    stack.stop().await;
+}

@@ -93,6 +93,8 @@ pub struct Stack {
     pub admin: SocketAddr,
     pub bus: Bus,
     pub topic_prefix: String,
+    /// The prefix of every Redis key of this stack, when it runs on Redis.
+    pub redis_prefix: String,
     data_dir: tempfile::TempDir,
     shutdown: Shutdown,
     supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -173,6 +175,7 @@ impl Stack {
             admin: running.admin_addr,
             bus: running.bus.clone(),
             topic_prefix,
+            redis_prefix,
             data_dir,
             shutdown,
             supervisor: Some(supervisor),
