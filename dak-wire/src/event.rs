@@ -239,6 +239,11 @@ pub enum InboundEvent {
 
 /// `dak.deliver`, keyed by the recipient user: deliveries and acks for that user
 /// in one ordered stream.
+///
+/// Deliveries are nearly every event on the topic, so boxing them to shrink
+/// the rare acks and connections would cost an allocation per event for
+/// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliverEvent {

@@ -205,27 +205,28 @@ async fn a_fault_schedule_over_every_part_loses_nothing() {
             }
             stored
         };
-        let report = report.lock().unwrap();
-        let missing: Vec<(String, String)> = report
-            .accepted
-            .iter()
-            .flat_map(|((from, id), mid)| {
-                let to = plan(from)
-                    .into_iter()
-                    .find(|(planned, _)| planned == id)
-                    .map(|(_, to)| to)
-                    .unwrap();
-                recipients(from, &to)
-                    .into_iter()
-                    .map(|user| (user, mid.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .filter(|key| !report.arrivals.contains_key(key) && !stored.contains(key))
-            .collect();
+        let missing: Vec<(String, String)> = {
+            let report = report.lock().unwrap();
+            report
+                .accepted
+                .iter()
+                .flat_map(|((from, id), mid)| {
+                    let to = plan(from)
+                        .into_iter()
+                        .find(|(planned, _)| planned == id)
+                        .map(|(_, to)| to)
+                        .unwrap();
+                    recipients(from, &to)
+                        .into_iter()
+                        .map(|user| (user, mid.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|key| !report.arrivals.contains_key(key) && !stored.contains(key))
+                .collect()
+        };
         if missing.is_empty() || Instant::now() >= deadline {
             break missing;
         }
-        drop(report);
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let report = report.lock().unwrap();
