@@ -3,7 +3,9 @@
 //! - `GET /livez`: 200 while the process runs.
 //! - `GET /readyz`: 200 when every dependency check passes (Kafka, Redis, store),
 //!   503 with the failing checks otherwise.
-//! - `GET /metrics`: Prometheus text.
+//! - `GET /metrics`: Prometheus text: dak's metrics, `dak_build_info`, and the
+//!   standard `process_*` metrics (CPU, memory, open files, start time), read
+//!   from `/proc/self` on each scrape (Linux only).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -118,11 +120,108 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     state.metrics.run_upkeep();
+    let mut text = state.metrics.render();
+    process_metrics(&mut text);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(),
+        text,
     )
+}
+
+/// Appends the standard process metrics of the Prometheus client libraries,
+/// read from `/proc/self`: a few small files per scrape. Where `/proc` is
+/// missing (not Linux), nothing is appended.
+fn process_metrics(out: &mut String) {
+    use std::fmt::Write;
+    // USER_HZ, the unit of the CPU times in /proc/self/stat, is 100 on every
+    // Linux architecture dak builds for (it is part of the kernel's ABI).
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let mut family = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+        );
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // The fields after the command name, which is in parentheses and may hold
+    // spaces: fields[0] is the state (field 3 of proc(5)).
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (utime + stime) / TICKS_PER_SECOND,
+        );
+    }
+    let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot_time, field(22)) {
+        family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / TICKS_PER_SECOND,
+        );
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let kib = |key: &str| -> Option<f64> {
+            let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+            let value: f64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+            Some(value * 1024.0)
+        };
+        if let Some(rss) = kib("VmRSS:") {
+            family(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                rss,
+            );
+        }
+        if let Some(vsz) = kib("VmSize:") {
+            family(
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory size in bytes.",
+                vsz,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        family(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Max open files"))?;
+            line["Max open files".len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        });
+    if let Some(max) = max_fds {
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        );
+    }
 }

@@ -10,8 +10,10 @@ use crate::telemetry::LogFormat;
 /// Process-wide settings every binary takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProcessArgs {
-    /// Metrics and health: `/livez`, `/readyz`, `/metrics`.
-    #[arg(long, env = "DAK_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    /// Metrics and health: `/livez`, `/readyz`, `/metrics`. Next to the
+    /// public (8080) and internal (8081) defaults, and off Prometheus's own
+    /// 9090, so that both run on one machine.
+    #[arg(long, env = "DAK_ADMIN_ADDR", default_value = "127.0.0.1:8082")]
     pub admin_addr: SocketAddr,
     /// `text` or `json` log lines; `RUST_LOG` filters them.
     #[arg(long, env = "DAK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -1,5 +1,9 @@
 //! The names of dak's metrics, in one place so every service counts the same
 //! thing under the same name. Label values are bounded (codes, reasons, topics).
+//!
+//! Each service registers the counters it moves when it is built (at zero, with
+//! every label value it can use), so that `rate()` and the alert rules in
+//! `deploy/prometheus/` see them from start-up rather than from the first event.
 
 pub const ACCEPTED: &str = "dak_messages_accepted_total";
 pub const DELIVERED: &str = "dak_messages_delivered_total";
@@ -23,6 +27,43 @@ pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
 pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
 pub const JWKS_FETCH_FAILURES: &str = "dak_jwks_fetch_failures_total";
+pub const BUILD_INFO: &str = "dak_build_info";
+
+/// Makes the counter `name` with `labels` appear in `/metrics` at zero.
+pub fn register_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
+    ::metrics::counter!(name, labels).increment(0);
+}
+
+/// Makes the histogram `name` with `labels` appear in `/metrics`, empty.
+pub fn register_histogram(name: &'static str, labels: &[(&'static str, &'static str)]) {
+    // A histogram handle is registered when it is taken.
+    let _ = ::metrics::histogram!(name, labels);
+}
+
+/// What the ingress of both gateways counts: accepted messages, outbox
+/// retries, dedup confirmations that failed, and client errors by code.
+pub fn register_ingress() {
+    register_counter(ACCEPTED, &[]);
+    register_counter(DUPLICATES, &[]);
+    register_counter(DEDUP_CONFIRM_FAILURES, &[]);
+    register_client_errors();
+}
+
+/// [`REJECTED`], one series per error code.
+pub fn register_client_errors() {
+    use dak_wire::ErrorCode::*;
+    for code in [
+        BadRequest,
+        TooLarge,
+        Unauthorized,
+        Forbidden,
+        RateLimited,
+        Unavailable,
+        Internal,
+    ] {
+        register_counter(REJECTED, &[("code", code.as_str())]);
+    }
+}
 
 /// Records how long ago the message accepted at `accepted_ms` was accepted, as
 /// it passes `stage`: `routed` (message-router took it off `dak.inbound`),
@@ -35,8 +76,14 @@ pub fn message_age(stage: &'static str, accepted_ms: u64) {
     ::metrics::histogram!(MESSAGE_AGE, "stage" => stage).record(age);
 }
 
+/// Describes every metric named here, and sets [`BUILD_INFO`].
 pub(crate) fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        BUILD_INFO,
+        "always 1; the `version` label is the version of dak this process runs"
+    );
+    ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_counter!(
         ACCEPTED,
         "messages accepted from clients (durable on the bus)"

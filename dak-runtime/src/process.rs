@@ -49,6 +49,8 @@ where
     Fut: std::future::Future<Output = anyhow::Result<Started>>,
 {
     telemetry::init(process.log_format);
+    // Before the services are built, so that what they register is recorded.
+    admin::metrics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

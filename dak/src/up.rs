@@ -65,6 +65,8 @@ pub struct Running {
 }
 
 pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Running> {
+    // The recorder first: the services register their metrics as they are built.
+    dak_runtime::admin::metrics();
     let generated_secret = args.auth.jwt_secret.is_none()
         && args.auth.jwt_public_key.is_none()
         && args.auth.jwt_jwks_url.is_none();

@@ -92,6 +92,20 @@ struct Working {
     changed: bool,
 }
 
+/// What group-router counts, at zero until it happens.
+fn register_metrics() {
+    use dak_runtime::metrics::{self, register_counter};
+    for op in ["create", "add", "remove", "rename"] {
+        for result in ["applied", "unchanged", "rejected"] {
+            register_counter(COMMANDS, &[("op", op), ("result", result)]);
+        }
+    }
+    for kind in ["message", "ephemeral", "notice"] {
+        register_counter(FANNED_OUT, &[("kind", kind)]);
+    }
+    metrics::register_histogram(metrics::MESSAGE_AGE, &[("stage", "fanned_out")]);
+}
+
 impl GroupRouter {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
@@ -100,6 +114,7 @@ impl GroupRouter {
             FANNED_OUT,
             "Deliveries group-router wrote to dak.deliver, by kind"
         );
+        register_metrics();
         let consumer = bus
             .consumer(&topics.group(GROUP), &[&topics.group])?
             .with_dead_letters(deps.producer.clone());

@@ -49,9 +49,26 @@ pub enum Route {
     Drop(String),
 }
 
+/// What message-router counts, at zero until it happens.
+fn register_metrics() {
+    for kind in [
+        "message",
+        "ack",
+        "connected",
+        "replayed",
+        "push_token",
+        "group_message",
+        "group_command",
+    ] {
+        metrics::register_counter(metrics::ROUTED, &[("kind", kind)]);
+    }
+    metrics::register_histogram(metrics::MESSAGE_AGE, &[("stage", "routed")]);
+}
+
 impl MessageRouter {
     pub fn build(bus: &Bus, producer: Producer) -> Result<Self, BusError> {
         let topics = bus.topics();
+        register_metrics();
         let consumer = bus
             .consumer(&topics.group(GROUP), &[&topics.inbound])?
             .with_dead_letters(producer.clone());

@@ -339,4 +339,10 @@ fn describe() {
         INBOX_DEPTH,
         "messages in the offline inbox, all devices together"
     );
+    use dak_runtime::metrics::{register_counter, RECEIPTS};
+    for name in [STORED, DROPPED, EXPIRED, REPLAYED, SYNCED, RECEIPTS] {
+        register_counter(name, &[]);
+    }
+    // Registered, at zero, until the expiry loop's first round measures it.
+    let _ = ::metrics::gauge!(INBOX_DEPTH);
 }

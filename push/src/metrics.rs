@@ -1,6 +1,7 @@
 //! The names of push's metrics. Label values are bounded: the `reason` of a
 //! failure is one of `invalid_token`, `rejected`, `unreachable`, `throttled`,
-//! `server_error`; the `reason` of a skip is `connected` or `no_token`.
+//! `server_error`; the `reason` of a skip is `connected`, `no_token` or
+//! `receipt`.
 
 pub const SENT: &str = "dak_push_sent_total";
 pub const FAILURES: &str = "dak_push_failures_total";
@@ -22,4 +23,19 @@ pub(crate) fn describe() {
         TOKENS_REMOVED,
         "push tokens removed because FCM reported them invalid"
     );
+    use dak_runtime::metrics::register_counter;
+    register_counter(SENT, &[]);
+    register_counter(TOKENS_REMOVED, &[]);
+    for reason in [
+        "invalid_token",
+        "rejected",
+        "unreachable",
+        "throttled",
+        "server_error",
+    ] {
+        register_counter(FAILURES, &[("reason", reason)]);
+    }
+    for reason in ["connected", "no_token", "receipt"] {
+        register_counter(SKIPPED, &[("reason", reason)]);
+    }
 }

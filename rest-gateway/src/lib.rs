@@ -97,6 +97,7 @@ impl RestGateway {
         limits: Limits,
         presence: Arc<dyn Presence>,
     ) -> Self {
+        dak_runtime::metrics::register_ingress();
         Self {
             shared: Arc::new(Shared {
                 verifier,

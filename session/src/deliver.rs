@@ -464,12 +464,13 @@ impl Core {
             if let Err(e) = self.retry_due().await {
                 tracing::warn!(error = %format!("{e:#}"), "retry scan failed");
             }
-            scans += 1;
+            // Counted on the first scan, then every 50th.
             if scans.is_multiple_of(50) {
                 if let Ok(n) = self.inflight.count().await {
                     ::metrics::gauge!(metrics::INFLIGHT).set(n as f64);
                 }
             }
+            scans += 1;
         }
     }
 

@@ -66,9 +66,34 @@ pub struct Session {
     consumer: Consumer,
 }
 
+/// What session counts, at zero until it happens.
+fn register_metrics() {
+    use dak_runtime::metrics::{self, register_counter, register_histogram};
+    for name in [
+        metrics::DELIVERED,
+        metrics::ACKED,
+        metrics::RETRIED,
+        metrics::FORWARDED_ACKS,
+        metrics::EPHEMERAL,
+        metrics::RECEIPTS,
+    ] {
+        register_counter(name, &[]);
+    }
+    for reason in ["not_connected", "ack_timeout", "no_device"] {
+        register_counter(metrics::OFFLINED, &[("reason", reason)]);
+    }
+    register_histogram(metrics::ACK_LATENCY, &[]);
+    for stage in ["session", "sent"] {
+        register_histogram(metrics::MESSAGE_AGE, &[("stage", stage)]);
+    }
+    // Registered, at zero, until the retry loop's first scan counts them.
+    let _ = ::metrics::gauge!(metrics::INFLIGHT);
+}
+
 impl Session {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
+        register_metrics();
         let consumer = bus
             .consumer(&topics.group(GROUP), &[&topics.deliver])?
             .with_dead_letters(deps.producer.clone());

@@ -70,6 +70,9 @@ struct Shared {
 
 impl WsGateway {
     pub fn new(config: Config, deps: Deps, shutdown: Shutdown) -> Self {
+        dak_runtime::metrics::register_ingress();
+        // Registered, at zero, until the first socket.
+        let _ = ::metrics::gauge!(dak_runtime::metrics::CONNECTED_DEVICES);
         Self {
             shared: Arc::new(Shared {
                 config,

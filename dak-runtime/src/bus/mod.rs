@@ -156,6 +156,11 @@ impl Bus {
                 ConsumerEngine::Log(tokio::sync::Mutex::new(log.consumer(group, topics)?))
             }
         };
+        // At zero from the start, so that the dead-letter alert sees the first.
+        for topic in topics {
+            ::metrics::counter!(crate::metrics::DEAD_LETTERS, "topic" => topic.to_string(), "group" => group.to_owned())
+                .increment(0);
+        }
         Ok(Consumer {
             inner,
             group: group.to_owned(),

@@ -5,10 +5,13 @@
 //! embedded stores and with Redis); `services` runs each service as its own
 //! process against Apache Kafka and Redis; `restart` stops and kills `dak up`
 //! processes and starts them again on the same data directory; `faults` and
-//! `soak` kill the broker, Redis and the services under traffic.
+//! `soak` kill the broker, Redis and the services under traffic; `dashboards`
+//! checks that the Grafana dashboard and the alert rules in `deploy/` name only
+//! metrics a freshly started `dak up` exports.
 
 mod bad_input;
 mod bench;
+mod dashboards;
 mod faults;
 mod group_services;
 mod groups;

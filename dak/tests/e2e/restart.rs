@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::support::{token, wait_ready, Client, Process, PATIENCE, SECRET};
+use crate::support::{dak_up_addresses, token, wait_ready, Client, Process, PATIENCE, SECRET};
 
 /// Messages accepted before the stop; the device reads all of them and acks
 /// none.
@@ -68,35 +68,12 @@ impl DakUp {
             .expect("spawning dak up");
         let stdout = child.stdout.take().expect("piped stdout");
         let process = Process::from_child(child);
-        let (public, admin) = tokio::task::spawn_blocking(move || addresses(stdout))
+        let (public, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
             .await
             .expect("reading dak up's addresses");
         wait_ready(admin).await;
         Running { process, public }
     }
-}
-
-/// The public and admin addresses `dak up` prints once it listens:
-/// `dak is up: ws://ADDR/v1/ws, …` and `admin: http://ADDR/metrics …`. The
-/// rest of its output is read on a thread of its own, so it never blocks.
-fn addresses(stdout: std::process::ChildStdout) -> (SocketAddr, SocketAddr) {
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let between = |line: &str, start: &str, end: &str| -> Option<SocketAddr> {
-        let rest = line.strip_prefix(start)?;
-        rest[..rest.find(end)?].parse().ok()
-    };
-    let (mut public, mut admin) = (None, None);
-    while public.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("dak up exited before printing its addresses")
-            .expect("dak up's output");
-        public = public.or_else(|| between(&line, "dak is up: ws://", "/"));
-        admin = admin.or_else(|| between(&line, "admin: http://", "/"));
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    (public.unwrap(), admin.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -684,6 +684,29 @@ pub fn ack_id(frame: &Value) -> Option<String> {
     }
 }
 
+/// The public and admin addresses `dak up` prints once it listens:
+/// `dak is up: ws://ADDR/v1/ws, …` and `admin: http://ADDR/metrics …`. The
+/// rest of its output is read on a thread of its own, so it never blocks.
+pub fn dak_up_addresses(stdout: std::process::ChildStdout) -> (SocketAddr, SocketAddr) {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let between = |line: &str, start: &str, end: &str| -> Option<SocketAddr> {
+        let rest = line.strip_prefix(start)?;
+        rest[..rest.find(end)?].parse().ok()
+    };
+    let (mut public, mut admin) = (None, None);
+    while public.is_none() || admin.is_none() {
+        let line = lines
+            .next()
+            .expect("dak up exited before printing its addresses")
+            .expect("dak up's output");
+        public = public.or_else(|| between(&line, "dak is up: ws://", "/"));
+        admin = admin.or_else(|| between(&line, "admin: http://", "/"));
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (public.unwrap(), admin.unwrap())
+}
+
 /// Polls `/readyz` until it answers 200.
 pub async fn wait_ready(admin: SocketAddr) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
