@@ -6,11 +6,10 @@
 //! `dak_build_info` are checked for sane values too.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::support::{dak_up_addresses, wait_ready, Process, SECRET};
+use crate::support::{metrics_text, spawn_dak_up};
 
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/dak.json");
 const ALERTS: &str = concat!(
@@ -178,32 +177,8 @@ async fn dashboard_and_alerts_name_only_metrics_dak_exports_from_start_up() {
     }
 
     let data_dir = tempfile::tempdir().unwrap();
-    let log = std::env::var_os("TEST_LOG").is_some();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dak"))
-        .arg("up")
-        .env("DAK_DATA_DIR", data_dir.path())
-        .env("DAK_PUBLIC_ADDR", "127.0.0.1:0")
-        .env("DAK_INTERNAL_ADDR", "127.0.0.1:0")
-        .env("DAK_ADMIN_ADDR", "127.0.0.1:0")
-        .env("DAK_JWT_SECRET", SECRET)
-        .env_remove("DAK_KAFKA_BROKERS")
-        .env_remove("DAK_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
-        .spawn()
-        .expect("spawning dak up");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let _process = Process::from_child(child);
-    let (_, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
-        .await
-        .expect("reading dak up's addresses");
-    wait_ready(admin).await;
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics endpoint")
-        .text()
-        .await
-        .expect("metrics body");
+    let (_process, _, admin) = spawn_dak_up(data_dir.path(), &[]).await;
+    let text = metrics_text(admin).await;
 
     let exported = exported(&text);
     let missing: Vec<&String> = dashboard

@@ -14,13 +14,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::support::{dak_up_addresses, token, wait_ready, Client, Process, PATIENCE, SECRET};
+use crate::support::{spawn_dak_up, token, Client, Process, PATIENCE};
 
 /// Messages accepted before the stop; the device reads all of them and acks
 /// none.
@@ -48,30 +47,13 @@ impl DakUp {
     }
 
     async fn start(&self) -> Running {
-        let log = std::env::var_os("TEST_LOG").is_some();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dak"))
-            .arg("up")
-            .env("DAK_DATA_DIR", self.data_dir.path())
-            .env("DAK_PUBLIC_ADDR", "127.0.0.1:0")
-            .env("DAK_INTERNAL_ADDR", "127.0.0.1:0")
-            .env("DAK_ADMIN_ADDR", "127.0.0.1:0")
-            .env("DAK_JWT_SECRET", SECRET)
-            .env("DAK_WS_RATE_LIMIT", "0")
-            .env("DAK_ACK_TIMEOUT", "2s")
-            .env("DAK_DELIVERY_RETRIES", "10")
-            .env("DAK_SHUTDOWN_GRACE", "5s")
-            .env_remove("DAK_KAFKA_BROKERS")
-            .env_remove("DAK_REDIS_URL")
-            .stdout(Stdio::piped())
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
-            .spawn()
-            .expect("spawning dak up");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let process = Process::from_child(child);
-        let (public, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
-            .await
-            .expect("reading dak up's addresses");
-        wait_ready(admin).await;
+        let env = [
+            ("DAK_WS_RATE_LIMIT", "0"),
+            ("DAK_ACK_TIMEOUT", "2s"),
+            ("DAK_DELIVERY_RETRIES", "10"),
+            ("DAK_SHUTDOWN_GRACE", "5s"),
+        ];
+        let (process, public, _) = spawn_dak_up(self.data_dir.path(), &env).await;
         Running { process, public }
     }
 }

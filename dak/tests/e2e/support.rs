@@ -212,14 +212,19 @@ impl Drop for Stack {
     }
 }
 
-/// Reads one metric (summing its label sets) from `/metrics`.
-pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
+/// The whole `/metrics` text of the admin address.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
         .await
         .expect("metrics endpoint")
         .text()
         .await
-        .expect("metrics body");
+        .expect("metrics body")
+}
+
+/// Reads one metric (summing its label sets) from `/metrics`.
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let text = metrics_text(admin).await;
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -682,6 +687,37 @@ pub fn ack_id(frame: &Value) -> Option<String> {
         "receipt" => frame["rid"].as_str().map(str::to_owned),
         _ => None,
     }
+}
+
+/// `dak up` as a process of its own on `data_dir`, on embedded defaults (no
+/// Kafka, no Redis) with `env` on top, bound to port 0. Returns the process
+/// and the public and admin addresses it printed, once it is ready.
+pub async fn spawn_dak_up(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Process, SocketAddr, SocketAddr) {
+    let log = std::env::var_os("TEST_LOG").is_some();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dak"))
+        .arg("up")
+        .env("DAK_DATA_DIR", data_dir)
+        .env("DAK_PUBLIC_ADDR", "127.0.0.1:0")
+        .env("DAK_INTERNAL_ADDR", "127.0.0.1:0")
+        .env("DAK_ADMIN_ADDR", "127.0.0.1:0")
+        .env("DAK_JWT_SECRET", SECRET)
+        .envs(env.iter().copied())
+        .env_remove("DAK_KAFKA_BROKERS")
+        .env_remove("DAK_REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .expect("spawning dak up");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let process = Process::from_child(child);
+    let (public, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
+        .await
+        .expect("reading dak up's addresses");
+    wait_ready(admin).await;
+    (process, public, admin)
 }
 
 /// The public and admin addresses `dak up` prints once it listens:
