@@ -51,16 +51,7 @@ pub fn register_ingress() {
 
 /// [`REJECTED`], one series per error code.
 pub fn register_client_errors() {
-    use dak_wire::ErrorCode::*;
-    for code in [
-        BadRequest,
-        TooLarge,
-        Unauthorized,
-        Forbidden,
-        RateLimited,
-        Unavailable,
-        Internal,
-    ] {
+    for code in dak_wire::ErrorCode::ALL {
         register_counter(REJECTED, &[("code", code.as_str())]);
     }
 }
