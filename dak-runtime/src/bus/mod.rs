@@ -342,6 +342,11 @@ const ISOLATE_AFTER: u32 = 5;
 /// Attempts at one record on its own before it counts as failing.
 const ISOLATED_ATTEMPTS: u32 = 3;
 
+/// How long a record must keep failing, while a record after it went through,
+/// before it is parked: a store that times out now and then (a loaded CQL
+/// node) fails single records for seconds, and must not get them parked.
+const POISON_AFTER: Duration = Duration::from_secs(30);
+
 /// Where a consumer parks records it cannot handle: a record that is not a
 /// valid event (malformed, or of a version this build does not know), or one
 /// whose handler keeps failing while the records around it go through. Each is
@@ -519,8 +524,9 @@ impl Consumer {
     /// [`ISOLATED_ATTEMPTS`]. When a record keeps failing, the next one is
     /// tried: if it fails too, this is an outage and the batch is given back
     /// to be retried whole; if it goes through, the failing record is tried
-    /// once more and, failing still, parked. Returns the batch once every
-    /// record went through or was parked.
+    /// again, with growing pauses, and parked only once it has kept failing
+    /// for [`POISON_AFTER`]. Returns the batch once every record went through
+    /// or was parked.
     async fn isolate<H, Fut>(
         &self,
         batch: Vec<Record>,
@@ -545,10 +551,10 @@ impl Consumer {
                     tokio::time::sleep(batch_retry_delay(attempt)).await;
                 }
             }
-            let Some(failure) = failure else {
+            if failure.is_none() {
                 i += 1;
                 continue;
-            };
+            }
             // Does anything go through? The next record tells.
             let Some(next) = batch.get(i + 1) else {
                 return Err(batch);
@@ -556,13 +562,25 @@ impl Consumer {
             if handle(vec![next.clone()]).await.is_err() {
                 return Err(batch);
             }
-            if handle(vec![batch[i].clone()]).await.is_err() {
-                let reason =
-                    format!("handler failed while later records went through: {failure:#}");
-                if let Err(e) = self.dead_letters.park(&batch[i], &reason).await {
-                    tracing::warn!(group = %self.group, error = %e, "parking a record failed");
-                    return Err(batch);
+            let failing_since = tokio::time::Instant::now();
+            let mut pause = Duration::from_millis(500);
+            loop {
+                let failure = match handle(vec![batch[i].clone()]).await {
+                    Ok(_) => break,
+                    Err((_, e)) => e,
+                };
+                if failing_since.elapsed() >= POISON_AFTER {
+                    let reason = format!(
+                        "handler failed for {POISON_AFTER:?} while later records went through: {failure:#}"
+                    );
+                    if let Err(e) = self.dead_letters.park(&batch[i], &reason).await {
+                        tracing::warn!(group = %self.group, error = %e, "parking a record failed");
+                        return Err(batch);
+                    }
+                    break;
                 }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
             i += 2;
         }
