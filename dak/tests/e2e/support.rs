@@ -313,27 +313,37 @@ impl Client {
         self.send(json!({"type": "ack", "mids": mids})).await;
     }
 
-    /// The next JSON frame; fails the test after [`PATIENCE`].
+    /// The next JSON frame; fails the test after [`PATIENCE`], or at once
+    /// when the socket closes, saying which.
     pub async fn recv(&mut self) -> Value {
-        match self.recv_within(PATIENCE).await {
-            Some(v) => v,
-            None => panic!("no frame within {PATIENCE:?}"),
+        match self.next_frame(PATIENCE).await {
+            Ok(v) => v,
+            Err(why) => panic!("{why}"),
         }
     }
 
     /// The next JSON frame, or `None` if none comes within `wait` (or the socket closed).
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        self.next_frame(wait).await.ok()
+    }
+
+    /// The next JSON frame, or why there is none.
+    async fn next_frame(&mut self, wait: Duration) -> Result<Value, String> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .ok()??;
-            match next.ok()? {
-                Message::Text(text) => {
-                    return Some(serde_json::from_str(text.as_str()).expect("server sends JSON"))
+                .map_err(|_| format!("no frame within {wait:?}"))?;
+            match next {
+                None => return Err("the socket ended without a close frame".into()),
+                Some(Err(e)) => return Err(format!("the socket failed: {e}")),
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(text.as_str()).expect("server sends JSON"))
                 }
-                Message::Close(_) => return None,
-                _ => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(format!("the server closed the socket: {frame:?}"))
+                }
+                Some(Ok(_)) => continue,
             }
         }
     }
