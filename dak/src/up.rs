@@ -126,6 +126,10 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .unwrap_or_else(|| format!("http://{internal_addr}"));
 
     let inbox = args.data.open_inbox(&args.scylla).await?;
+    let status = args
+        .data
+        .open_status(&args.scylla, args.persistence.status_retention)
+        .await?;
     persistence::standalone::inbox_check(&mut readiness, &inbox);
     let tokens = push::standalone::open_tokens(&args.data.data_dir, &args.scylla).await?;
     push::standalone::tokens_check(&mut readiness, &tokens);
@@ -163,6 +167,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         &bus,
         persistence::Deps {
             inbox,
+            status,
             producer: producer.clone(),
             verifier: verifier.clone(),
             internal_token: internal_token.clone(),
@@ -194,7 +199,13 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     session.store_orphans().await?;
 
     let mut tasks = Tasks::new();
-    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    process::spawn_admin_with(
+        &mut tasks,
+        admin,
+        readiness,
+        persistence.admin_router(),
+        shutdown.clone(),
+    );
     let push = push::Push::build(
         &args.push,
         &bus,
@@ -202,6 +213,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             tokens,
             presence: presence.clone(),
             sender,
+            producer: producer.clone(),
         },
     )?;
 

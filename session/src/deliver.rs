@@ -8,8 +8,11 @@ use std::time::Duration;
 use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
+use dak_runtime::status::{self, Status};
 use dak_runtime::{metrics, now_ms};
-use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
+use dak_wire::event::{
+    self, Ack, Connected, DeliverEvent, Delivery, DeviceStep, OfflineEvent, OfflineReason,
+};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::{DeviceId, Message, Mid, ReceiptState, ServerFrame, UserId};
 use futures_util::future::join_all;
@@ -32,6 +35,7 @@ pub(crate) struct Core {
     presence: Arc<dyn Presence>,
     gateways: Gateways,
     producer: Producer,
+    status: Status,
     offline_topic: String,
     deliver_topic: String,
     /// The deliveries [`Core::store_orphans`] handed to the inboxes. If the
@@ -121,8 +125,10 @@ impl Core {
         dead_letters: DeadLetters,
         offline_topic: String,
         deliver_topic: String,
+        status_topic: &str,
     ) -> Self {
         Self {
+            status: Status::new(deps.producer.clone(), status_topic),
             dead_letters,
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
             config,
@@ -282,14 +288,14 @@ impl Core {
             })
             .collect();
 
-        for (_, outcome) in self.send(ephemeral).await {
+        for (_, outcome) in self.send(ephemeral).await? {
             if outcome == SendOutcome::Sent {
                 ::metrics::counter!(metrics::EPHEMERAL).increment(1);
             }
         }
 
         let mut gone = Vec::new();
-        for (p, outcome) in self.send(to_send).await {
+        for (p, outcome) in self.send(to_send).await? {
             match outcome {
                 SendOutcome::Sent => {
                     ::metrics::counter!(metrics::DELIVERED).increment(1);
@@ -403,6 +409,15 @@ impl Core {
                 match pending {
                     Some(p) => {
                         ::metrics::counter!(metrics::ACKED).increment(1);
+                        if let Some(acked) = status::device_step(
+                            &p.message,
+                            &ack.user,
+                            Some(&ack.device),
+                            DeviceStep::Acked,
+                            now,
+                        ) {
+                            forwards.push(self.status.enqueue(&acked)?);
+                        }
                         let latency = now.saturating_sub(p.first_sent_ms) as f64 / 1000.0;
                         ::metrics::histogram!(metrics::ACK_LATENCY).record(latency);
                         tracing::debug!(%mid, user = %ack.user, device = %ack.device, "acked");
@@ -575,7 +590,7 @@ impl Core {
         finished: &mut Vec<Pending>,
     ) -> anyhow::Result<()> {
         let mut resent = Vec::new();
-        for (p, outcome) in self.send(to_send).await {
+        for (p, outcome) in self.send(to_send).await? {
             match outcome {
                 SendOutcome::Sent | SendOutcome::Busy => {
                     if p.sends > 1 {
@@ -620,10 +635,28 @@ impl Core {
 
     /// Hands each delivery to its gateway, one request per gateway, addressed to
     /// the socket it was meant for.
-    async fn send(&self, deliveries: Vec<Send>) -> Vec<(Pending, SendOutcome)> {
+    ///
+    /// Each is reported `delivered` (or `retried`) on `dak.status` first, and
+    /// that report is durable before the device can see the message: a read
+    /// receipt from the device then always finds the report ahead of it.
+    async fn send(&self, deliveries: Vec<Send>) -> anyhow::Result<Vec<(Pending, SendOutcome)>> {
         if deliveries.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
+        let now = now_ms();
+        let steps: Vec<_> = deliveries
+            .iter()
+            .filter_map(|d| {
+                let p = &d.pending;
+                let step = if p.sends > 1 {
+                    DeviceStep::Retried
+                } else {
+                    DeviceStep::Delivered
+                };
+                status::device_step(&p.message, &p.user, Some(&p.device), step, now)
+            })
+            .collect();
+        self.status.report(&steps).await?;
         let mut batches: HashMap<String, Vec<(usize, SendItem)>> = HashMap::new();
         for (i, d) in deliveries.iter().enumerate() {
             let frame = ServerFrame::from(&d.pending.message).to_json();
@@ -639,11 +672,11 @@ impl Core {
         for (i, outcome) in self.gateways.send_all(batches).await {
             outcomes[i] = outcome;
         }
-        deliveries
+        Ok(deliveries
             .into_iter()
             .map(|d| d.pending)
             .zip(outcomes)
-            .collect()
+            .collect())
     }
 
     async fn publish(&self, offline: Offline) -> anyhow::Result<()> {

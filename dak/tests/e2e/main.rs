@@ -20,4 +20,5 @@ mod offline;
 mod restart;
 mod services;
 mod soak;
+mod status;
 mod support;
