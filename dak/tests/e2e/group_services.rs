@@ -396,6 +396,41 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // m000 asks where its first message is, on persistence's status API (the
+    // status store is on the CQL server too): acked by the 99 other online
+    // members, pushed to the 100 offline ones.
+    let first = seen[0].accepted["a0"].clone();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = reqwest::Client::new()
+            .get(format!("http://{sync}/v1/messages/{first}/status"))
+            .bearer_auth(token("m000", "default"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let status: Value = response.json().await.unwrap();
+        let mut states: HashMap<&str, usize> = HashMap::new();
+        for device in status["devices"].as_array().unwrap() {
+            let user = device["user"].as_str().unwrap();
+            let state = device["state"].as_str().unwrap();
+            let online = online_users.iter().any(|u| u == user);
+            let want = if online { "acked" } else { "pushed" };
+            if state == want {
+                *states.entry(want).or_default() += 1;
+            }
+        }
+        if states.get("acked") == Some(&99) && states.get("pushed") == Some(&100) {
+            assert_eq!(status["to"], GROUP, "{status}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status of {first} never showed 99 acked and 100 pushed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // m000 removes m050: everyone online hears it, m050 included.
     let (status, answer) = rest_group(
         rest,
