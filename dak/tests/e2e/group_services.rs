@@ -69,7 +69,7 @@ async fn ack(client: &mut Client, frame: &Value) {
 /// `sender` (the client sent group messages); anyone else getting one fails.
 async fn next_not_receipt(client: &mut Client, who: &str, sender: bool) -> Value {
     loop {
-        let frame = client.recv().await;
+        let frame = client.recv_as(who, "a frame that is not a receipt").await;
         if frame["type"] != "receipt" {
             return frame;
         }
@@ -143,7 +143,7 @@ async fn read_phase(
         if done {
             return seen;
         }
-        let frame = client.recv().await;
+        let frame = client.recv_as(me, "a message of the read phase").await;
         match frame["type"].as_str() {
             Some("accepted") => {
                 let id = frame["id"].as_str().unwrap().to_owned();
@@ -207,6 +207,11 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
             ("DAK_WS_RATE_LIMIT", "0"),
             ("DAK_SCYLLA_NODES", &nodes),
             ("DAK_SCYLLA_KEYSPACE", &keyspace),
+            // Every delivery and send logged, to read if this test fails.
+            (
+                "RUST_LOG",
+                "info,session=debug,ws_gateway=debug,dak_runtime::gateway=debug,push=warn",
+            ),
         ],
     );
     let _router = services.start("message-router", &[]).await;
@@ -245,7 +250,7 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
     join_all(online.iter_mut().zip(online_users).map(|(client, me)| {
         let (created_mid, others) = (&created_mid, &users[1..]);
         async move {
-            let frame = client.recv().await;
+            let frame = client.recv_as(me, "the created notice").await;
             assert_notice(me, &frame, GROUP, "created");
             assert_eq!(
                 (
@@ -508,7 +513,7 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
     let accepted = next_not_receipt(&mut online[0], "m000", true).await;
     assert_eq!(accepted["id"], "d-m050", "{accepted}");
     let direct_mid = mid(&accepted);
-    let frame = online[50].recv().await;
+    let frame = online[50].recv_as("m050", "the direct message").await;
     assert_eq!(
         (
             frame["type"].as_str(),
@@ -535,7 +540,9 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         .collect();
     let mut by = BTreeSet::new();
     while by != expected {
-        let frame = online[0].recv().await;
+        let frame = online[0]
+            .recv_as("m000", "receipts of the last message")
+            .await;
         assert_eq!(frame["type"], "receipt", "m000: {frame}");
         ack(&mut online[0], &frame).await;
         if frame["mid"] == last_mid.as_str() {

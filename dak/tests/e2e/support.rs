@@ -3,6 +3,7 @@
 //! on `dak.offline`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -322,6 +323,15 @@ impl Client {
         }
     }
 
+    /// [`Client::recv`], for a test with many clients: a failure names `who`
+    /// and what it was waiting for.
+    pub async fn recv_as(&mut self, who: &str, waiting_for: &str) -> Value {
+        match self.next_frame(PATIENCE).await {
+            Ok(v) => v,
+            Err(why) => panic!("{who}, waiting for {waiting_for}: {why}"),
+        }
+    }
+
     /// The next JSON frame, or `None` if none comes within `wait` (or the socket closed).
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
         self.next_frame(wait).await.ok()
@@ -473,11 +483,13 @@ pub fn free_port() -> u16 {
 /// A child process killed when dropped.
 pub struct Process {
     child: Child,
+    /// Where its output goes, to be shown when the test fails.
+    log: Option<PathBuf>,
 }
 
 impl Process {
     pub fn from_child(child: Child) -> Self {
-        Self { child }
+        Self { child, log: None }
     }
 
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
@@ -499,6 +511,30 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+        // The test failed: what the process said last may tell why. The whole
+        // log is kept in dak-test-logs under the temporary directory.
+        if let (true, Some(log)) = (std::thread::panicking(), &self.log) {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            let kept = std::env::temp_dir().join("dak-test-logs");
+            let kept = std::fs::create_dir_all(&kept)
+                .and_then(|()| {
+                    let name = format!(
+                        "{}-{}",
+                        ulid::Ulid::new(),
+                        log.file_name().unwrap().to_string_lossy()
+                    );
+                    std::fs::copy(log, kept.join(&name)).map(|_| kept.join(name))
+                })
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|e| format!("not kept: {e}"));
+            eprintln!(
+                "--- last lines of {} (all of it: {kept}) ---\n{}",
+                log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -551,17 +587,29 @@ impl Services {
     /// Starts `dak <service>` with its own admin address and waits until it is ready.
     pub async fn start(&self, service: &str, extra: &[(&str, String)]) -> (Process, SocketAddr) {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = std::env::var_os("TEST_LOG").is_some();
+        // TEST_LOG=1 shows every service's output as it comes; otherwise it
+        // goes to a file in the data directory, shown if the test fails.
+        let (out, err, log) = if std::env::var_os("TEST_LOG").is_some() {
+            (Stdio::inherit(), Stdio::inherit(), None)
+        } else {
+            let path = self
+                .data_dir
+                .path()
+                .join(format!("{service}-{}.log", admin.port()));
+            let file = std::fs::File::create(&path).expect("service log file");
+            let copy = file.try_clone().expect("service log file");
+            (Stdio::from(file), Stdio::from(copy), Some(path))
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_dak"))
             .arg(service)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .env("DAK_ADMIN_ADDR", admin.to_string())
-            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("spawning dak");
-        let process = Process { child };
+        let process = Process { child, log };
         wait_ready(admin).await;
         (process, admin)
     }
@@ -1048,7 +1096,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (scripts/test installs it): {e}", self.name));
-        let mut process = Process { child };
+        let mut process = Process { child, log: None };
         wait_listening(self.name, &mut process, self.port, Duration::from_secs(120)).await;
         self.process = Some(process);
     }
