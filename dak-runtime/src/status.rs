@@ -1,6 +1,6 @@
 //! Reporting what happens to messages on `dak.status` (see
 //! [`dak_wire::event::StatusEvent`]): every service that moves a message on
-//! reports its step through a [`Status`], and persistence keeps the steps in the
+//! reports its step through a [`Reporter`], and persistence keeps the steps in the
 //! status store behind `GET /v1/messages/{mid}/status`.
 
 use dak_wire::event::{self, DeviceStep, StatusEvent};
@@ -8,14 +8,14 @@ use dak_wire::{DeviceId, Message, UserId};
 
 use crate::bus::{self, BusError, ProduceFuture, Producer};
 
-/// Where a service reports status events.
+/// Where a service reports the steps of messages.
 #[derive(Clone)]
-pub struct Status {
+pub struct Reporter {
     producer: Producer,
     topic: String,
 }
 
-impl Status {
+impl Reporter {
     pub fn new(producer: Producer, topic: &str) -> Self {
         Self {
             producer,

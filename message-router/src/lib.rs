@@ -25,7 +25,7 @@ pub mod standalone;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
-use dak_runtime::status::Status;
+use dak_runtime::status::Reporter;
 use dak_wire::event::{
     self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent, StatusEvent,
 };
@@ -41,7 +41,7 @@ pub struct MessageRouter {
     consumer: Consumer,
     dead_letters: DeadLetters,
     producer: Producer,
-    status: Status,
+    status: Reporter,
     deliver_topic: String,
     offline_topic: String,
     group_topic: String,
@@ -94,7 +94,7 @@ impl MessageRouter {
         Ok(Self {
             dead_letters: consumer.dead_letters(),
             consumer,
-            status: Status::new(producer.clone(), &topics.status),
+            status: Reporter::new(producer.clone(), &topics.status),
             producer,
             deliver_topic: topics.deliver.clone(),
             offline_topic: topics.offline.clone(),

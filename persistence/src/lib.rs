@@ -41,7 +41,7 @@ use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::shutdown::Shutdown;
-use dak_runtime::status::{device_step, Status};
+use dak_runtime::status::{device_step, Reporter};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, DeviceStep, OfflineEvent};
 use dak_wire::send::{SendItem, SendOutcome};
@@ -93,7 +93,7 @@ struct Shared {
     deliver_topic: String,
     replays: replay::Replays,
     dead_letters: DeadLetters,
-    status: Status,
+    status: Reporter,
 }
 
 impl Persistence {
@@ -120,7 +120,7 @@ impl Persistence {
             gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
             config,
             inbox: deps.inbox,
-            status: Status::new(deps.producer.clone(), &topics.status),
+            status: Reporter::new(deps.producer.clone(), &topics.status),
             producer: deps.producer,
             verifier: deps.verifier,
             deliver_topic: topics.deliver.clone(),

@@ -36,7 +36,7 @@ use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::now_ms;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
-use dak_runtime::status::{self, Status};
+use dak_runtime::status::{self, Reporter};
 use dak_wire::event::{self, DeviceStep, Message, Notice, OfflineEvent, StatusEvent};
 use dak_wire::{ChatKind, DeviceId, Mid, UserId};
 use futures_util::StreamExt;
@@ -118,7 +118,7 @@ pub struct Push {
     consumer: Consumer,
     dead_letters: DeadLetters,
     deps: Deps,
-    status: Status,
+    status: Reporter,
     ttl: Duration,
 }
 
@@ -140,7 +140,7 @@ impl Push {
         Ok(Self {
             dead_letters: consumer.dead_letters(),
             consumer,
-            status: Status::new(deps.producer.clone(), &bus.topics().status),
+            status: Reporter::new(deps.producer.clone(), &bus.topics().status),
             deps,
             ttl: config.push_ttl,
         })

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
-use dak_runtime::status::{self, Status};
+use dak_runtime::status::{self, Reporter};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{
     self, Ack, Connected, DeliverEvent, Delivery, DeviceStep, OfflineEvent, OfflineReason,
@@ -35,7 +35,7 @@ pub(crate) struct Core {
     presence: Arc<dyn Presence>,
     gateways: Gateways,
     producer: Producer,
-    status: Status,
+    status: Reporter,
     offline_topic: String,
     deliver_topic: String,
     /// The deliveries [`Core::store_orphans`] handed to the inboxes. If the
@@ -128,7 +128,7 @@ impl Core {
         status_topic: &str,
     ) -> Self {
         Self {
-            status: Status::new(deps.producer.clone(), status_topic),
+            status: Reporter::new(deps.producer.clone(), status_topic),
             dead_letters,
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
             config,

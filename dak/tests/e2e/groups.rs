@@ -7,8 +7,7 @@ use dak_wire::event::OfflineEvent;
 use serde_json::{json, Value};
 
 use crate::support::{
-    ack_id, register_device, rest_group, rest_sync_all, token, until, wait_for_inbox, Client,
-    Options, Stack,
+    ack_id, register_device, rest_group, token, until, wait_for_inbox, Client, Options, Stack,
 };
 
 /// Reads the next frame, which must be a system notice of `event`; acks it.
