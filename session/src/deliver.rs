@@ -272,9 +272,19 @@ impl Core {
             }
         }
 
-        // Recorded before sending, so an ack can never find its delivery missing.
+        // Recorded before sending, so an ack can never find its delivery missing;
+        // reported `delivered` before sending too (see [`Core::report_sends`]),
+        // meanwhile.
         let pending: Vec<Pending> = candidates.iter().map(|(p, _)| p.clone()).collect();
-        let fresh = self.inflight.begin(&pending).await?;
+        let live: Vec<&Pending> = candidates
+            .iter()
+            .filter(|(_, target)| target.is_some())
+            .map(|(p, _)| p)
+            .collect();
+        let (fresh, ()) = tokio::try_join!(
+            async { Ok::<_, anyhow::Error>(self.inflight.begin(&pending).await?) },
+            self.report_sends(live),
+        )?;
         let to_send: Vec<Send> = candidates
             .into_iter()
             .zip(fresh)
@@ -288,14 +298,14 @@ impl Core {
             })
             .collect();
 
-        for (_, outcome) in self.send(ephemeral).await? {
+        for (_, outcome) in self.send(ephemeral).await {
             if outcome == SendOutcome::Sent {
                 ::metrics::counter!(metrics::EPHEMERAL).increment(1);
             }
         }
 
         let mut gone = Vec::new();
-        for (p, outcome) in self.send(to_send).await? {
+        for (p, outcome) in self.send(to_send).await {
             match outcome {
                 SendOutcome::Sent => {
                     ::metrics::counter!(metrics::DELIVERED).increment(1);
@@ -589,8 +599,10 @@ impl Core {
         offline: &mut Offline,
         finished: &mut Vec<Pending>,
     ) -> anyhow::Result<()> {
+        self.report_sends(to_send.iter().map(|d| &d.pending).collect())
+            .await?;
         let mut resent = Vec::new();
-        for (p, outcome) in self.send(to_send).await? {
+        for (p, outcome) in self.send(to_send).await {
             match outcome {
                 SendOutcome::Sent | SendOutcome::Busy => {
                     if p.sends > 1 {
@@ -633,21 +645,15 @@ impl Core {
         Ok(distinct.into_iter().zip(routes).collect())
     }
 
-    /// Hands each delivery to its gateway, one request per gateway, addressed to
-    /// the socket it was meant for.
-    ///
-    /// Each is reported `delivered` (or `retried`) on `dak.status` first, and
-    /// that report is durable before the device can see the message: a read
-    /// receipt from the device then always finds the report ahead of it.
-    async fn send(&self, deliveries: Vec<Send>) -> anyhow::Result<Vec<(Pending, SendOutcome)>> {
-        if deliveries.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Reports deliveries about to be sent `delivered` (or `retried`) on
+    /// `dak.status`, and returns once the reports are durable: before the device
+    /// can see the message, so that a read receipt from the device always finds
+    /// the report ahead of it.
+    async fn report_sends(&self, sends: Vec<&Pending>) -> anyhow::Result<()> {
         let now = now_ms();
-        let steps: Vec<_> = deliveries
-            .iter()
-            .filter_map(|d| {
-                let p = &d.pending;
+        let steps: Vec<_> = sends
+            .into_iter()
+            .filter_map(|p| {
                 let step = if p.sends > 1 {
                     DeviceStep::Retried
                 } else {
@@ -657,6 +663,15 @@ impl Core {
             })
             .collect();
         self.status.report(&steps).await?;
+        Ok(())
+    }
+
+    /// Hands each delivery to its gateway, one request per gateway, addressed to
+    /// the socket it was meant for.
+    async fn send(&self, deliveries: Vec<Send>) -> Vec<(Pending, SendOutcome)> {
+        if deliveries.is_empty() {
+            return Vec::new();
+        }
         let mut batches: HashMap<String, Vec<(usize, SendItem)>> = HashMap::new();
         for (i, d) in deliveries.iter().enumerate() {
             let frame = ServerFrame::from(&d.pending.message).to_json();
@@ -672,11 +687,11 @@ impl Core {
         for (i, outcome) in self.gateways.send_all(batches).await {
             outcomes[i] = outcome;
         }
-        Ok(deliveries
+        deliveries
             .into_iter()
             .map(|d| d.pending)
             .zip(outcomes)
-            .collect())
+            .collect()
     }
 
     async fn publish(&self, offline: Offline) -> anyhow::Result<()> {
