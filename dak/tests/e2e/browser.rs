@@ -168,43 +168,29 @@ pub struct Element<'a> {
 }
 
 impl Element<'_> {
+    /// `POST /element/{id}/{action}` with `body`.
+    async fn act(&self, action: &str, body: Value) {
+        let path = format!("/element/{}/{action}", self.id);
+        self.browser.call("POST", &path, Some(body)).await;
+    }
+
     pub async fn click(&self) {
-        self.browser
-            .call(
-                "POST",
-                &format!("/element/{}/click", self.id),
-                Some(json!({})),
-            )
-            .await;
+        self.act("click", json!({})).await;
     }
 
     /// Types `text` into the element, key by key, as a user would.
     pub async fn type_text(&self, text: &str) {
-        self.browser
-            .call(
-                "POST",
-                &format!("/element/{}/value", self.id),
-                Some(json!({ "text": text })),
-            )
-            .await;
+        self.act("value", json!({ "text": text })).await;
     }
 
     pub async fn clear(&self) {
-        self.browser
-            .call(
-                "POST",
-                &format!("/element/{}/clear", self.id),
-                Some(json!({})),
-            )
-            .await;
+        self.act("clear", json!({})).await;
     }
 
     pub async fn enabled(&self) -> bool {
-        self.browser
-            .call("GET", &format!("/element/{}/enabled", self.id), None)
-            .await
-            .as_bool()
-            .expect("enabled is a bool")
+        let path = format!("/element/{}/enabled", self.id);
+        let enabled = self.browser.call("GET", &path, None).await;
+        enabled.as_bool().expect("enabled is a bool")
     }
 }
 

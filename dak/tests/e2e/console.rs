@@ -142,6 +142,12 @@ async fn a_new_user_chats_in_the_console_and_looks_a_message_up() {
     lookup.type_text("01JUNKNOWNUNKNOWNUNKNOWN00").await;
     browser.find("#lookup button").await.click().await;
     browser.wait_text("#status", "404").await;
+    browser.goto(&format!("http://{admin}/?mid={mid}")).await;
+    browser.wait_text("#status", "404").await;
+    let asked = browser
+        .run("return document.getElementById('mid').value", json!([]))
+        .await;
+    assert_eq!(asked, mid.as_str(), "?mid= fills the box");
 
     // The status as the admin address will serve it, rendered as a table.
     let sample = json!({
