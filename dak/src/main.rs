@@ -68,7 +68,7 @@ fn main() -> ExitCode {
                     if running.try_it {
                         "try-it chat on"
                     } else {
-                        "try-it chat off: a token secret is configured"
+                        "try-it chat off, the page says why"
                     },
                     running.admin_addr
                 );

@@ -60,6 +60,7 @@ impl Browser {
                 "binary": chromium(),
                 "args": [
                     "--headless=new",
+                    // Chromium's sandbox will not start as root, which CI is.
                     "--no-sandbox",
                     "--disable-gpu",
                     "--disable-dev-shm-usage",
