@@ -74,9 +74,7 @@ async fn a_new_user_chats_in_the_console_and_looks_a_message_up() {
     // bob leaves, alice writes again, and bob's next connection replays it
     // before sync.done.
     browser.find("#right .connect").await.click().await;
-    // Any code: the gateway ends the socket without answering the close
-    // frame, which a browser reports as 1006.
-    browser.wait_text(bob, "closed: ").await;
+    browser.wait_text(bob, "closed: 1000 bye").await;
     eventually("bob's socket gone from the server", || async move {
         (metric(admin, "dak_connected_devices").await == 1.0).then_some(())
     })

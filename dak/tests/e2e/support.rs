@@ -399,6 +399,19 @@ impl Client {
         }
     }
 
+    /// Starts the close handshake with `code`.
+    pub async fn close(&mut self, code: u16) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        self.ws
+            .send(Message::Close(Some(frame)))
+            .await
+            .expect("websocket close");
+    }
+
     /// Waits for the server to close the socket, returning the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
