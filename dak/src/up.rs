@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::console::{self, TryIt};
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{Bus, Log, LogOptions};
@@ -52,6 +53,11 @@ pub struct UpArgs {
     /// `DAK_KAFKA_BROKERS`.
     #[arg(long, env = "DAK_BUS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub bus_retention: Duration,
+    /// Serve the console's try-it chat, which mints a token for any user
+    /// name, also with a configured DAK_JWT_SECRET. For development only:
+    /// anyone who reaches the public address can then speak as anyone.
+    #[arg(long, env = "DAK_DEV_CONSOLE")]
+    pub dev_console: bool,
 }
 
 /// A started stack: its addresses, and the tasks to supervise.
@@ -60,6 +66,8 @@ pub struct Running {
     pub internal_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub jwt_secret: Option<String>,
+    /// Whether the console's try-it chat hands out tokens.
+    pub try_it: bool,
     pub bus: Bus,
     pub tasks: Tasks,
 }
@@ -73,6 +81,8 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     if generated_secret {
         args.auth.jwt_secret = Some(config::random_secret());
     }
+    let try_it =
+        TryIt::decide(&args.auth, generated_secret, args.dev_console).map_err(ConfigError)?;
     let verifier = Verifier::from_args(&args.auth)
         .await
         .map_err(|e| ConfigError(e.to_string()))?;
@@ -203,7 +213,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         &mut tasks,
         admin,
         readiness,
-        persistence.admin_router(),
+        persistence.admin_router().merge(console::admin_router()),
         shutdown.clone(),
     );
     let push = push::Push::build(
@@ -217,8 +227,10 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         },
     )?;
 
+    let try_it_on = try_it.is_on();
     let public_router = ws
         .public_router()
+        .merge(console::public_router(try_it))
         .merge(rest.router())
         .merge(persistence.router())
         .merge(group_router.router());
@@ -266,6 +278,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         jwt_secret: generated_secret
             .then(|| args.auth.jwt_secret.clone())
             .flatten(),
+        try_it: try_it_on,
         bus,
         tasks,
     })

@@ -399,6 +399,19 @@ impl Client {
         }
     }
 
+    /// Starts the close handshake with `code`.
+    pub async fn close(&mut self, code: u16) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        self.ws
+            .send(Message::Close(Some(frame)))
+            .await
+            .expect("websocket close");
+    }
+
     /// Waits for the server to close the socket, returning the close code.
     pub async fn closed(&mut self) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -754,8 +767,15 @@ pub async fn spawn_dak_up(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Process, SocketAddr, SocketAddr) {
+    start_dak_up(dak_up_command(data_dir, env)).await
+}
+
+/// The command [`spawn_dak_up`] runs, for a test to change before
+/// [`start_dak_up`] (to leave `DAK_JWT_SECRET` unset, say).
+pub fn dak_up_command(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Command {
     let log = std::env::var_os("TEST_LOG").is_some();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dak"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dak"));
+    command
         .arg("up")
         .env("DAK_DATA_DIR", data_dir)
         .env("DAK_PUBLIC_ADDR", "127.0.0.1:0")
@@ -766,9 +786,14 @@ pub async fn spawn_dak_up(
         .env_remove("DAK_KAFKA_BROKERS")
         .env_remove("DAK_REDIS_URL")
         .stdout(Stdio::piped())
-        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
-        .spawn()
-        .expect("spawning dak up");
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() });
+    command
+}
+
+/// Starts `dak up` (its stdout piped) and returns the process and the public
+/// and admin addresses it printed, once it is ready.
+pub async fn start_dak_up(mut command: Command) -> (Process, SocketAddr, SocketAddr) {
+    let mut child = command.spawn().expect("spawning dak up");
     let stdout = child.stdout.take().expect("piped stdout");
     let process = Process::from_child(child);
     let (public, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
@@ -799,6 +824,26 @@ pub fn dak_up_addresses(stdout: std::process::ChildStdout) -> (SocketAddr, Socke
     }
     std::thread::spawn(move || lines.for_each(drop));
     (public.unwrap(), admin.unwrap())
+}
+
+/// Tries `attempt` every 50 ms until it gives a value; fails the test,
+/// naming `what`, when none comes within [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Polls `/readyz` until it answers 200.
