@@ -3,6 +3,8 @@
 //! reports its step through a [`Reporter`], and persistence keeps the steps in the
 //! status store behind `GET /v1/messages/{mid}/status`.
 
+use std::collections::HashMap;
+
 use dak_wire::event::{self, DeviceStep, StatusEvent};
 use dak_wire::{DeviceId, Message, UserId};
 
@@ -23,20 +25,39 @@ impl Reporter {
         }
     }
 
-    /// Queues one event, keyed by its mid; the future resolves once it is durable.
-    pub fn enqueue(&self, event: &StatusEvent) -> Result<ProduceFuture, BusError> {
-        let key = event.mid().to_string();
-        self.producer
-            .enqueue(&self.topic, &key, &event::encode(event))
+    /// Queues events, one record per user they are about (in the order of
+    /// their first event, each keeping its events' order); the futures resolve
+    /// once the records are durable.
+    pub fn enqueue(&self, events: Vec<StatusEvent>) -> Result<Vec<ProduceFuture>, BusError> {
+        let mut by_user: Vec<(UserId, Vec<StatusEvent>)> = Vec::new();
+        let mut index: HashMap<UserId, usize> = HashMap::new();
+        for event in events {
+            let Some(user) = event.user().cloned() else {
+                continue;
+            };
+            let at = *index.entry(user.clone()).or_insert_with(|| {
+                by_user.push((user, Vec::new()));
+                by_user.len() - 1
+            });
+            by_user[at].1.push(event);
+        }
+        by_user
+            .into_iter()
+            .map(|(user, mut events)| {
+                let record = if events.len() == 1 {
+                    events.pop().expect("one event")
+                } else {
+                    StatusEvent::Batch(events)
+                };
+                self.producer
+                    .enqueue(&self.topic, user.as_str(), &event::encode(&record))
+            })
+            .collect()
     }
 
     /// Reports events and waits until every one is durable.
-    pub async fn report(&self, events: &[StatusEvent]) -> Result<(), BusError> {
-        let mut acks = Vec::with_capacity(events.len());
-        for event in events {
-            acks.push(self.enqueue(event)?);
-        }
-        bus::acknowledged_all(acks).await
+    pub async fn report(&self, events: Vec<StatusEvent>) -> Result<(), BusError> {
+        bus::acknowledged_all(self.enqueue(events)?).await
     }
 }
 

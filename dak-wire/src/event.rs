@@ -314,8 +314,10 @@ pub enum OfflineEvent {
 }
 
 /// What happened to a message, as the services report it on `dak.status`,
-/// keyed by the mid: the feed of the status store behind
-/// `GET /v1/messages/{mid}/status`.
+/// keyed by the user it is about ([`StatusEvent::user`]): the feed of the
+/// status store behind `GET /v1/messages/{mid}/status`. The steps towards a
+/// user's devices and that user's read receipts are thus on one partition, in
+/// the order they were reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusEvent {
@@ -350,14 +352,39 @@ pub enum StatusEvent {
         device: DeviceId,
         at: u64,
     },
+    /// Several events about one user, in order: what one batch of a service
+    /// reports about that user, in one record.
+    Batch(Vec<StatusEvent>),
 }
 
 impl StatusEvent {
-    pub fn mid(&self) -> Mid {
+    /// The mid the event is about; `None` for a batch.
+    pub fn mid(&self) -> Option<Mid> {
         match self {
             StatusEvent::Accepted { mid, .. }
             | StatusEvent::Device { mid, .. }
-            | StatusEvent::Read { mid, .. } => *mid,
+            | StatusEvent::Read { mid, .. } => Some(*mid),
+            StatusEvent::Batch(_) => None,
+        }
+    }
+
+    /// The user the event is about, which keys its record: a device's user for
+    /// a step, the reader for a read receipt, the sender for `accepted`.
+    /// `None` for an empty batch.
+    pub fn user(&self) -> Option<&UserId> {
+        match self {
+            StatusEvent::Accepted { from, .. } => Some(from),
+            StatusEvent::Device { user, .. } => Some(user),
+            StatusEvent::Read { by, .. } => Some(by),
+            StatusEvent::Batch(events) => events.first().and_then(StatusEvent::user),
+        }
+    }
+
+    /// The events of a batch (of batches), in order; any other event alone.
+    pub fn flatten(self) -> Vec<StatusEvent> {
+        match self {
+            StatusEvent::Batch(events) => events.into_iter().flat_map(Self::flatten).collect(),
+            event => vec![event],
         }
     }
 }
@@ -485,6 +512,37 @@ mod tests {
         };
         assert_eq!(d.message.mid, m.mid);
         assert_eq!(d.message.body.unwrap().get(), r#"{"cipher":"AAEC"}"#);
+    }
+
+    #[test]
+    fn a_status_batch_is_keyed_by_its_user_and_flattens_in_order() {
+        let m = message();
+        let bob = UserId::parse("bob").unwrap();
+        let step = |step| StatusEvent::Device {
+            mid: m.mid,
+            from: m.from.clone(),
+            user: bob.clone(),
+            device: None,
+            step,
+            at: 1,
+        };
+        let batch = StatusEvent::Batch(vec![
+            step(DeviceStep::Stored),
+            StatusEvent::Batch(vec![step(DeviceStep::Pushed)]),
+            step(DeviceStep::Dropped),
+        ]);
+        assert_eq!(batch.user(), Some(&bob));
+        assert_eq!(batch.mid(), None);
+        let back: StatusEvent = decode(&encode(&batch)).unwrap();
+        assert_eq!(
+            back.flatten(),
+            vec![
+                step(DeviceStep::Stored),
+                step(DeviceStep::Pushed),
+                step(DeviceStep::Dropped)
+            ]
+        );
+        assert_eq!(StatusEvent::Batch(vec![]).user(), None);
     }
 
     #[test]

@@ -513,7 +513,7 @@ fn the_schemas_list_every_error_code_and_status_step_dak_has() {
         .map(|s| s.as_str().to_owned())
         .collect();
     assert_eq!(
-        listed("/components/messages/StatusEvent/payload/properties/event/oneOf/1/properties/device/properties/step/enum"),
+        listed("/components/schemas/StatusStep/oneOf/1/properties/device/properties/step/enum"),
         steps
     );
 }

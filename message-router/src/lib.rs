@@ -12,8 +12,8 @@
 //!   keyed by the group, where group-router applies them in the group's order.
 //!
 //! Each message a user wrote is reported `accepted` on `dak.status`. A read
-//! receipt a client sent goes to `dak.status` too, keyed by the message it
-//! reports: persistence relays it to the message's sender only once the status
+//! receipt a client sent goes to `dak.status` too, keyed by its reader:
+//! persistence relays it to the message's sender only once the status
 //! shows the message went to the reader (see `persistence::status`). An
 //! event that cannot be decoded or routed is parked in the dead-letter topic
 //! (see [`dak_runtime::bus::DeadLetters`]): one bad record must not stall a
@@ -119,15 +119,14 @@ impl MessageRouter {
 
     async fn route_batch(&self, batch: &[Record]) -> anyhow::Result<()> {
         let mut acks = Vec::with_capacity(batch.len());
+        let mut status = Vec::new();
         for record in batch {
             match route(&record.payload) {
                 Route::Deliver { key, event } => {
                     let kind = match &event {
                         DeliverEvent::Message(d) => {
                             metrics::message_age("routed", d.message.ts);
-                            if let Some(accepted) = accepted(&d.message) {
-                                acks.push(self.status.enqueue(&accepted)?);
-                            }
+                            status.extend(accepted(&d.message));
                             "message"
                         }
                         DeliverEvent::Ack(_) => "ack",
@@ -154,9 +153,7 @@ impl MessageRouter {
                 Route::Group { key, event } => {
                     let kind = match &event {
                         GroupEvent::Message(message) => {
-                            if let Some(accepted) = accepted(message) {
-                                acks.push(self.status.enqueue(&accepted)?);
-                            }
+                            status.extend(accepted(message));
                             "group_message"
                         }
                         GroupEvent::Command(_) => "group_command",
@@ -170,11 +167,12 @@ impl MessageRouter {
                 }
                 Route::Status(event) => {
                     ::metrics::counter!(metrics::ROUTED, "kind" => "read_receipt").increment(1);
-                    acks.push(self.status.enqueue(&event)?);
+                    status.push(event);
                 }
                 Route::Drop(reason) => self.dead_letters.park(record, &reason).await?,
             }
         }
+        acks.extend(self.status.enqueue(status)?);
         bus::acknowledged_all(acks).await?;
         Ok(())
     }

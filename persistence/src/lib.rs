@@ -219,7 +219,7 @@ impl Shared {
                             device_step(m, &ack.user, Some(&ack.device), DeviceStep::Dropped, now)
                         })
                         .collect();
-                    self.status.report(&steps).await?;
+                    self.status.report(steps).await?;
                     ::metrics::counter!(DROPPED).increment(n);
                     ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
                     self.delivered_receipts(&ack, &dropped).await?;
@@ -275,7 +275,7 @@ impl Shared {
                 )
             })
             .collect();
-        self.status.report(&steps).await?;
+        self.status.report(steps).await?;
         let stored = self.inbox.store(&stores).await?;
         ::metrics::counter!(STORED).increment(stored);
         // Kept current between the exact counts of the expiry loop.
@@ -306,7 +306,7 @@ impl Shared {
                 .iter()
                 .filter_map(|(_, m)| device_step(m, user, Some(device), DeviceStep::Delivered, now))
                 .collect();
-            self.status.report(&steps).await?;
+            self.status.report(steps).await?;
             let frames: Vec<String> = page
                 .iter()
                 .map(|(_, m)| ServerFrame::from(m).to_json())

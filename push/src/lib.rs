@@ -209,7 +209,7 @@ impl Push {
             .filter_map(std::future::ready)
             .collect()
             .await;
-        self.status.report(&pushed).await?;
+        self.status.report(pushed).await?;
         Ok(())
     }
 

@@ -404,6 +404,7 @@ impl Core {
     /// each, and forwards what was not in flight to storage as a `drop`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
+        let mut acked = Vec::new();
         // Concurrent, so a store with group commit removes them together. The
         // calls still reach the store in the order of the acks.
         let found = join_all(
@@ -419,15 +420,13 @@ impl Core {
                 match pending {
                     Some(p) => {
                         ::metrics::counter!(metrics::ACKED).increment(1);
-                        if let Some(acked) = status::device_step(
+                        acked.extend(status::device_step(
                             &p.message,
                             &ack.user,
                             Some(&ack.device),
                             DeviceStep::Acked,
                             now,
-                        ) {
-                            forwards.push(self.status.enqueue(&acked)?);
-                        }
+                        ));
                         let latency = now.saturating_sub(p.first_sent_ms) as f64 / 1000.0;
                         ::metrics::histogram!(metrics::ACK_LATENCY).record(latency);
                         tracing::debug!(%mid, user = %ack.user, device = %ack.device, "acked");
@@ -471,6 +470,7 @@ impl Core {
                 )?);
             }
         }
+        forwards.extend(self.status.enqueue(acked)?);
         bus::acknowledged_all(forwards).await?;
         Ok(())
     }
@@ -662,7 +662,7 @@ impl Core {
                 status::device_step(&p.message, &p.user, Some(&p.device), step, now)
             })
             .collect();
-        self.status.report(&steps).await?;
+        self.status.report(steps).await?;
         Ok(())
     }
 

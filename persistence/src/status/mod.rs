@@ -1,7 +1,7 @@
 //! Message status: where a message is, per device.
 //!
-//! Every service reports the steps of a message on `dak.status`, keyed by its
-//! mid ([`dak_runtime::status`]): message-router `accepted`, session
+//! Every service reports the steps of a message on `dak.status`, keyed by the
+//! user each step is about ([`dak_runtime::status`]): message-router `accepted`, session
 //! `delivered`, `retried` and `acked`, persistence `stored` and `dropped`
 //! (acked from the inbox), push `pushed`. persistence keeps them in a
 //! [`StatusStore`] for `DAK_STATUS_RETENTION` (default 30 days, as long as the
@@ -14,9 +14,9 @@
 //! A read receipt a client sends comes here as well
 //! ([`StatusEvent::Read`]), and is relayed to the message's sender only when
 //! the status shows the message went to the reader ([`may_relay`]). Session
-//! and persistence report a step before the device can see the message, and
-//! every step of one mid is on one partition, so a genuine receipt always comes
-//! after a step that allows it.
+//! and persistence report a step before the device can see the message, and a
+//! user's steps and read receipts are on one partition (keyed by that user), so
+//! a genuine receipt always comes after a step that allows it.
 
 mod scylla;
 mod sqlite;
@@ -143,7 +143,7 @@ pub fn view(mid: Mid, steps: &[StatusEvent], inbox_ttl_ms: u64, now: u64) -> Opt
                     at: *at,
                 });
             }
-            StatusEvent::Read { .. } => continue,
+            StatusEvent::Read { .. } | StatusEvent::Batch(_) => continue,
         }
         known = true;
     }
@@ -185,14 +185,14 @@ impl StatusShared {
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut steps = Vec::with_capacity(records.len());
         let mut relays = Vec::new();
+        let mut events = Vec::with_capacity(records.len());
         for record in records {
-            let event = match event::decode::<StatusEvent>(&record.payload) {
-                Ok(event) => event,
-                Err(e) => {
-                    self.dead_letters.park(record, &e.message).await?;
-                    continue;
-                }
-            };
+            match event::decode::<StatusEvent>(&record.payload) {
+                Ok(event) => events.extend(event.flatten()),
+                Err(e) => self.dead_letters.park(record, &e.message).await?,
+            }
+        }
+        for event in events {
             let StatusEvent::Read {
                 mid,
                 to,

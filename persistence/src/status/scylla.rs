@@ -85,7 +85,7 @@ impl StatusStore for ScyllaStatus {
         let rows: Vec<(Row, i32)> = steps
             .iter()
             .filter_map(|s| {
-                let ends = s.mid().timestamp_ms() + self.retention_ms;
+                let ends = s.mid()?.timestamp_ms() + self.retention_ms;
                 let ttl_secs = i32::try_from(ends.checked_sub(now)?.div_ceil(1000)).ok()?;
                 Some((row(s)?, ttl_secs.max(1)))
             })

@@ -131,7 +131,7 @@ pub(super) fn row(step: &StatusEvent) -> Option<Row> {
             recipient: String::new(),
             chat: "",
         }),
-        StatusEvent::Read { .. } => None,
+        StatusEvent::Read { .. } | StatusEvent::Batch(_) => None,
     }
 }
 
@@ -192,7 +192,10 @@ impl StatusStore for SqliteStatus {
         let now = now_ms();
         let rows: Vec<Row> = steps
             .iter()
-            .filter(|s| s.mid().timestamp_ms() + self.keep_ms > now)
+            .filter(|s| {
+                s.mid()
+                    .is_some_and(|mid| mid.timestamp_ms() + self.keep_ms > now)
+            })
             .filter_map(row)
             .collect();
         if rows.is_empty() {
@@ -261,5 +264,6 @@ pub(super) fn step_time(step: &StatusEvent) -> u64 {
         StatusEvent::Accepted { at, .. }
         | StatusEvent::Device { at, .. }
         | StatusEvent::Read { at, .. } => *at,
+        StatusEvent::Batch(_) => 0,
     }
 }
