@@ -3,6 +3,7 @@
 //! them once at start-up, and libraries receive the parsed values.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::telemetry::LogFormat;
@@ -54,6 +55,172 @@ pub struct KafkaArgs {
     /// group hands them to the survivors.
     #[arg(long, env = "DAK_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
+    /// How clients talk to the brokers: `plaintext`, `ssl` (TLS),
+    /// `sasl_plaintext` or `sasl_ssl` (SASL over TLS).
+    #[arg(long = "kafka-security-protocol", env = "DAK_KAFKA_SECURITY_PROTOCOL", value_enum, ignore_case = true, default_value_t = SecurityProtocol::Plaintext)]
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism with `sasl_plaintext` or `sasl_ssl`: `PLAIN`,
+    /// `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[arg(
+        long = "kafka-sasl-mechanism",
+        env = "DAK_KAFKA_SASL_MECHANISM",
+        value_enum,
+        ignore_case = true
+    )]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    #[arg(long = "kafka-sasl-username", env = "DAK_KAFKA_SASL_USERNAME")]
+    pub sasl_username: Option<String>,
+    /// The SASL password; or `DAK_KAFKA_SASL_PASSWORD_FILE`.
+    #[arg(
+        long = "kafka-sasl-password",
+        env = "DAK_KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sasl_password: Option<Secret>,
+    /// A file holding the SASL password (a trailing newline is dropped), e.g. a
+    /// mounted Kubernetes secret.
+    #[arg(
+        long = "kafka-sasl-password-file",
+        env = "DAK_KAFKA_SASL_PASSWORD_FILE"
+    )]
+    pub sasl_password_file: Option<PathBuf>,
+    /// PEM file (or directory) of the CAs that sign the brokers' certificates,
+    /// with `ssl` or `sasl_ssl` [default: the system's CA store].
+    #[arg(long = "kafka-ssl-ca-location", env = "DAK_KAFKA_SSL_CA_LOCATION")]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// PEM client certificate, for brokers that authenticate clients by TLS.
+    #[arg(
+        long = "kafka-ssl-certificate-location",
+        env = "DAK_KAFKA_SSL_CERTIFICATE_LOCATION"
+    )]
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long = "kafka-ssl-key-location", env = "DAK_KAFKA_SSL_KEY_LOCATION")]
+    pub ssl_key_location: Option<PathBuf>,
+    /// Password of an encrypted client key.
+    #[arg(
+        long = "kafka-ssl-key-password",
+        env = "DAK_KAFKA_SSL_KEY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub ssl_key_password: Option<Secret>,
+    /// Any further librdkafka properties, `key=value[,key=value…]`, given to
+    /// every producer, consumer and admin client. Kept from `Debug` output
+    /// as a whole: it may hold credentials.
+    #[arg(
+        long = "kafka-properties",
+        env = "DAK_KAFKA_PROPERTIES",
+        hide_env_values = true
+    )]
+    pub properties: Option<Secret>,
+}
+
+/// What no flag or variable sets, for tests that build the settings in code.
+impl Default for KafkaArgs {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            topic_prefix: String::new(),
+            partitions: None,
+            replication: 1,
+            linger_ms: None,
+            fetch_wait_ms: None,
+            session_timeout_ms: 10_000,
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            sasl_password_file: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
+            properties: None,
+        }
+    }
+}
+
+/// `security.protocol` of the Kafka clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecurityProtocol {
+    #[value(name = "plaintext")]
+    Plaintext,
+    #[value(name = "ssl")]
+    Ssl,
+    #[value(name = "sasl_plaintext")]
+    SaslPlaintext,
+    #[value(name = "sasl_ssl")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    pub fn sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// `sasl.mechanism` of the Kafka clients: the ones librdkafka does with
+/// OpenSSL alone (GSSAPI would need Cyrus SASL, OAUTHBEARER a token source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaslMechanism {
+    #[value(name = "PLAIN")]
+    Plain,
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A password or key: shown as `[redacted]` by `Debug`, so that printing
+/// settings never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// The session store: presence, in-flight deliveries, outbox dedup.

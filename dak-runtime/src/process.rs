@@ -134,7 +134,7 @@ pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(Bus, Producer)> 
     let brokers = args.brokers.clone().ok_or_else(|| {
         ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into())
     })?;
-    let bus = Bus::kafka(KafkaConfig::new(brokers, args));
+    let bus = Bus::kafka(KafkaConfig::new(brokers, args)?);
     bus.create_topics().await?;
     let producer = bus.producer()?;
     Ok((bus, producer))

@@ -46,3 +46,14 @@ ensure_redis_server() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
   fi
 }
+
+# Installs OpenSSL's headers and pkg-config from Debian's packages when they
+# are missing: librdkafka is built against the system's OpenSSL (TLS and SASL
+# to Kafka).
+ensure_build_deps() {
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "installing libssl-dev and pkg-config (apt-get)" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
+  fi
+}

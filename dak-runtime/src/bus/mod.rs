@@ -110,7 +110,11 @@ impl Bus {
     /// What the bus is, for the start-up log line.
     pub fn describe(&self) -> String {
         match &self.engine {
-            Engine::Kafka(config) => format!("kafka {}", config.brokers),
+            Engine::Kafka(config) => format!(
+                "kafka {} ({})",
+                config.brokers,
+                config.security_protocol.as_str()
+            ),
             Engine::Log(log) => format!("embedded log {}", log.path().display()),
         }
     }

@@ -57,8 +57,9 @@ async fn bus(engine: Engine) -> TestBus {
                 linger_ms: None,
                 fetch_wait_ms: None,
                 session_timeout_ms: 6000,
+                ..KafkaArgs::default()
             };
-            Bus::kafka(KafkaConfig::new(brokers, &args))
+            Bus::kafka(KafkaConfig::new(brokers, &args).unwrap())
         }
     };
     bus.create_topics().await.expect("topics created");
