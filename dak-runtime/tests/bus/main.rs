@@ -1,12 +1,13 @@
 //! The bus contract: one suite, run on both engines — the embedded log (a
 //! SQLite file of each test's own) and Apache Kafka (`DAK_TEST_KAFKA_BROKERS`,
-//! which scripts/test starts, with a topic prefix of each test's own).
+//! which scripts/test starts, with a topic prefix of each test's own); and
+//! some of it on Kafka's SASL listener (`DAK_TEST_KAFKA_SASL_BROKERS`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use dak_runtime::bus::{Bus, Consumer, KafkaConfig, Log, LogOptions, Record, Topics};
-use dak_runtime::config::KafkaArgs;
+use dak_runtime::config::{KafkaArgs, SaslMechanism, Secret, SecurityProtocol};
 use dak_runtime::shutdown::Shutdown;
 
 /// How long a test waits for records that should come. Kafka's group joins
@@ -23,6 +24,9 @@ fn unique() -> String {
 enum Engine {
     Log,
     Kafka,
+    /// Kafka through its SASL_PLAINTEXT listener (`DAK_TEST_KAFKA_SASL_BROKERS`),
+    /// as the user scripts/engines/kafka makes.
+    KafkaSasl(SaslMechanism),
 }
 
 struct TestBus {
@@ -61,9 +65,33 @@ async fn bus(engine: Engine) -> TestBus {
             };
             Bus::kafka(KafkaConfig::new(brokers, &args).unwrap())
         }
+        Engine::KafkaSasl(mechanism) => Bus::kafka(
+            KafkaConfig::new(sasl_brokers(), &sasl_args(mechanism, "dak-secret")).unwrap(),
+        ),
     };
     bus.create_topics().await.expect("topics created");
     TestBus { bus, _dir: dir }
+}
+
+fn sasl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka SASL tests need DAK_TEST_KAFKA_SASL_BROKERS; scripts/test sets it")
+    })
+}
+
+/// Settings for the test broker's SASL listener: user `dak`, `password`.
+fn sasl_args(mechanism: SaslMechanism, password: &str) -> KafkaArgs {
+    KafkaArgs {
+        brokers: Some(sasl_brokers()),
+        topic_prefix: format!("t{}.", unique()),
+        partitions: Some(PARTITIONS as i32),
+        session_timeout_ms: 6000,
+        security_protocol: SecurityProtocol::SaslPlaintext,
+        sasl_mechanism: Some(mechanism),
+        sasl_username: Some("dak".into()),
+        sasl_password: Some(Secret::new(password)),
+        ..KafkaArgs::default()
+    }
 }
 
 /// Reads until `n` records came, or fails after [`PATIENCE`].
@@ -372,6 +400,46 @@ both_engines!(
     records_that_all_fail_are_retried_not_parked,
     a_bounded_fan_out_waits_for_room_and_keeps_order,
 );
+
+mod kafka_sasl {
+    //! Kafka with SASL: records go through and keep their order with each
+    //! mechanism; a wrong password gets nothing through.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_256() {
+        records_of_one_key_keep_their_order(Engine::KafkaSasl(SaslMechanism::ScramSha256)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_512() {
+        a_consumer_resumes_after_what_its_group_committed(Engine::KafkaSasl(
+            SaslMechanism::ScramSha512,
+        ))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain() {
+        records_of_one_key_keep_their_order(Engine::KafkaSasl(SaslMechanism::Plain)).await;
+    }
+
+    /// The broker answers a metadata request with the right password and
+    /// not with a wrong one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_gets_no_answer() {
+        for mechanism in [SaslMechanism::ScramSha256, SaslMechanism::Plain] {
+            let answered = |password: &'static str| async move {
+                let config =
+                    KafkaConfig::new(sasl_brokers(), &sasl_args(mechanism, password)).unwrap();
+                Bus::kafka(config).producer().unwrap().check().await
+            };
+            assert_eq!(answered("dak-secret").await, Ok(()), "{mechanism:?}");
+            assert!(answered("wrong").await.is_err(), "{mechanism:?}");
+        }
+    }
+}
 
 mod embedded {
     //! What only the embedded log promises: its own durability and retention.
