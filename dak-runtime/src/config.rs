@@ -557,9 +557,17 @@ mod tests {
 
     #[test]
     fn passwords_in_redis_urls_do_not_show_in_debug_output() {
-        let args = store(&["--redis-url", "rediss://dak:hunter2@redis.internal:6380/0"]);
+        let args = store(&[
+            "--redis-url",
+            "rediss://dak:hunter2@redis.internal:6380/0,rediss://:swordfish@[fd00::3]:6380",
+        ]);
         let shown = format!("{args:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("swordfish"), "{shown}");
+        assert!(
+            shown.contains("rediss://:[redacted]@[fd00::3]:6380"),
+            "{shown}"
+        );
         assert!(
             shown.contains("rediss://dak:[redacted]@redis.internal:6380/0"),
             "{shown}"

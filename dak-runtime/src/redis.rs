@@ -63,8 +63,16 @@ impl std::fmt::Debug for RedisUrl {
     }
 }
 
-/// `url` without the password in its user info, for messages and logs.
-pub fn redact(url: &str) -> String {
+/// `urls` (one, or a comma-separated list) without the passwords in their
+/// user info, for messages and logs.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

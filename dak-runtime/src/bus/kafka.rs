@@ -16,7 +16,10 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 pub use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Message as _};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{
+    DeliveryFuture, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+    ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 
@@ -96,6 +99,88 @@ impl KafkaConfig {
         }
         client
     }
+}
+
+/// How long start-up waits for the cluster to let a client in: about as long
+/// as an admin request waits for a broker.
+const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits until the cluster answers a client with these settings. An admin
+/// client never reads the queue where librdkafka reports a refused login (a
+/// wrong password, a certificate no trusted CA signed), so topic creation
+/// alone would time out after a minute without saying why; a producer reads
+/// it, and a refusal ends the wait at once with librdkafka's reason.
+pub async fn join(config: &KafkaConfig) -> Result<(), ClusterRefused> {
+    let probe: ThreadedProducer<LastError> = config
+        .finish(&mut config.client_config())
+        .create_with_context(LastError::default())
+        .map_err(|e| ClusterRefused(e.to_string()))?;
+    let probe = Arc::new(probe);
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+    loop {
+        let asking = probe.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            asking
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| ClusterRefused(e.to_string()))?;
+        let Err(e) = answered else {
+            return Ok(());
+        };
+        let (refused, last) = probe.context().seen();
+        if let Some(reason) = refused {
+            return Err(ClusterRefused(reason));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterRefused(last.unwrap_or_else(|| e.to_string())));
+        }
+    }
+}
+
+/// The cluster did not let a client in, with librdkafka's last word on why.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the Kafka cluster: {0}")]
+pub struct ClusterRefused(pub String);
+
+/// A client context that keeps what librdkafka reported: the first refusal
+/// (a failed login or TLS handshake), which later errors such as "all
+/// brokers are down" must not hide, and the last error.
+#[derive(Default)]
+struct LastError(std::sync::Mutex<(Option<String>, Option<String>)>);
+
+impl LastError {
+    /// The first refusal and the last error.
+    fn seen(&self) -> (Option<String>, Option<String>) {
+        self.0.lock().expect("last error lock").clone()
+    }
+}
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+        let code = error.rdkafka_error_code();
+        let refused = matches!(
+            code,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        );
+        let mut seen = self.0.lock().expect("last error lock");
+        if refused && seen.0.is_none() {
+            seen.0 = Some(reason.to_owned());
+        }
+        // "n/m brokers are down" follows the error that says why.
+        if code != Some(RDKafkaErrorCode::AllBrokersDown) {
+            seen.1 = Some(reason.to_owned());
+        }
+    }
+}
+
+impl ProducerContext for LastError {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
 /// Creates the topics that do not exist yet, through the admin API.

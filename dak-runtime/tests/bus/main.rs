@@ -1,7 +1,8 @@
 //! The bus contract: one suite, run on both engines — the embedded log (a
 //! SQLite file of each test's own) and Apache Kafka (`DAK_TEST_KAFKA_BROKERS`,
 //! which scripts/test starts, with a topic prefix of each test's own); and
-//! some of it on Kafka's SASL listener (`DAK_TEST_KAFKA_SASL_BROKERS`).
+//! some of it on Kafka's SASL listeners, without and with TLS
+//! (`DAK_TEST_KAFKA_SASL_BROKERS`, `DAK_TEST_KAFKA_SASL_SSL_BROKERS`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,6 +28,9 @@ enum Engine {
     /// Kafka through its SASL_PLAINTEXT listener (`DAK_TEST_KAFKA_SASL_BROKERS`),
     /// as the user scripts/engines/kafka makes.
     KafkaSasl(SaslMechanism),
+    /// Kafka through its SASL_SSL listener (`DAK_TEST_KAFKA_SASL_SSL_BROKERS`),
+    /// trusting the test CA (`DAK_TEST_KAFKA_CA`).
+    KafkaSaslSsl(SaslMechanism),
 }
 
 struct TestBus {
@@ -65,6 +69,13 @@ async fn bus(engine: Engine) -> TestBus {
             };
             Bus::kafka(KafkaConfig::new(brokers, &args).unwrap())
         }
+        Engine::KafkaSaslSsl(mechanism) => Bus::kafka(
+            KafkaConfig::new(
+                sasl_ssl_brokers(),
+                &sasl_ssl_args(mechanism, Some(test_ca())),
+            )
+            .unwrap(),
+        ),
         Engine::KafkaSasl(mechanism) => Bus::kafka(
             KafkaConfig::new(sasl_brokers(), &sasl_args(mechanism, "dak-secret")).unwrap(),
         ),
@@ -91,6 +102,30 @@ fn sasl_args(mechanism: SaslMechanism, password: &str) -> KafkaArgs {
         sasl_username: Some("dak".into()),
         sasl_password: Some(Secret::new(password)),
         ..KafkaArgs::default()
+    }
+}
+
+fn sasl_ssl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SASL_SSL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka TLS tests need DAK_TEST_KAFKA_SASL_SSL_BROKERS; scripts/test sets it")
+    })
+}
+
+fn test_ca() -> std::path::PathBuf {
+    std::env::var("DAK_TEST_KAFKA_CA")
+        .unwrap_or_else(|_| {
+            panic!("the Kafka TLS tests need DAK_TEST_KAFKA_CA; scripts/test sets it")
+        })
+        .into()
+}
+
+/// Settings for the test broker's SASL_SSL listener, trusting `ca`.
+fn sasl_ssl_args(mechanism: SaslMechanism, ca: Option<std::path::PathBuf>) -> KafkaArgs {
+    KafkaArgs {
+        brokers: Some(sasl_ssl_brokers()),
+        security_protocol: SecurityProtocol::SaslSsl,
+        ssl_ca_location: ca,
+        ..sasl_args(mechanism, "dak-secret")
     }
 }
 
@@ -438,6 +473,69 @@ mod kafka_sasl {
             assert_eq!(answered("dak-secret").await, Ok(()), "{mechanism:?}");
             assert!(answered("wrong").await.is_err(), "{mechanism:?}");
         }
+    }
+
+    /// Start-up (creating the topics) stops soon on a wrong password, and
+    /// says why, instead of timing out a minute later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_stops_the_start_saying_why() {
+        let config = KafkaConfig::new(
+            sasl_brokers(),
+            &sasl_args(SaslMechanism::ScramSha256, "wrong"),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let error = Bus::kafka(config).create_topics().await.unwrap_err();
+        assert!(
+            error.to_string().contains("SASL authentication error"),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+mod kafka_sasl_ssl {
+    //! Kafka with SASL over TLS: records go through; a broker whose
+    //! certificate no trusted CA signed gets nothing.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_512() {
+        records_of_one_key_keep_their_order(Engine::KafkaSaslSsl(SaslMechanism::ScramSha512)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain() {
+        a_consumer_resumes_after_what_its_group_committed(Engine::KafkaSaslSsl(
+            SaslMechanism::Plain,
+        ))
+        .await;
+    }
+
+    /// With the system's CAs instead of the test CA, the broker's
+    /// certificate is not trusted and nothing answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_no_trusted_ca_signed_gets_no_request() {
+        let answered = |ca: Option<std::path::PathBuf>| async move {
+            let args = sasl_ssl_args(SaslMechanism::ScramSha256, ca);
+            let config = KafkaConfig::new(sasl_ssl_brokers(), &args).unwrap();
+            Bus::kafka(config).producer().unwrap().check().await
+        };
+        assert_eq!(answered(Some(test_ca())).await, Ok(()));
+        assert!(answered(None).await.is_err());
+
+        let args = sasl_ssl_args(SaslMechanism::ScramSha256, None);
+        let config = KafkaConfig::new(sasl_ssl_brokers(), &args).unwrap();
+        let error = Bus::kafka(config).create_topics().await.unwrap_err();
+        assert!(
+            error.to_string().contains("certificate verify failed"),
+            "{error}"
+        );
     }
 }
 
