@@ -145,7 +145,9 @@ pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<crate::redis::Co
     let target = store.redis_target().map_err(ConfigError)?.ok_or_else(|| {
         ConfigError("DAK_REDIS_URL is required when a service runs on its own".into())
     })?;
-    Ok(crate::redis::connect_to(&target).await?)
+    crate::redis::connect_to(&target)
+        .await
+        .map_err(|e| anyhow::anyhow!("redis at {}: {e}", target.describe()))
 }
 
 pub fn redis_presence(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<dyn Presence> {

@@ -143,7 +143,8 @@ impl Target {
         self.urls.iter().any(|url| url.0.starts_with("rediss://"))
     }
 
-    fn describe(&self) -> String {
+    /// The URLs without their passwords, for messages and logs.
+    pub fn describe(&self) -> String {
         let urls: Vec<String> = self.urls.iter().map(|u| redact(&u.0)).collect();
         urls.join(",")
     }
