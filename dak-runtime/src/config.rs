@@ -536,6 +536,14 @@ mod tests {
     }
 
     #[test]
+    fn scylla_nodes_may_be_ipv6_addresses() {
+        assert_eq!(
+            scylla_nodes("[::1]:9042, [fd00::2]:9042,"),
+            Some(vec!["[::1]:9042".to_owned(), "[fd00::2]:9042".to_owned()])
+        );
+    }
+
+    #[test]
     fn redis_settings_make_a_target() {
         assert!(store(&[]).redis_target().unwrap().is_none());
         let target = store(&[
