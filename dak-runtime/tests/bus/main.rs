@@ -1,8 +1,9 @@
 //! The bus contract: one suite, run on both engines — the embedded log (a
 //! SQLite file of each test's own) and Apache Kafka (`DAK_TEST_KAFKA_BROKERS`,
 //! which scripts/test starts, with a topic prefix of each test's own); and
-//! some of it on Kafka's SASL listeners, without and with TLS
-//! (`DAK_TEST_KAFKA_SASL_BROKERS`, `DAK_TEST_KAFKA_SASL_SSL_BROKERS`).
+//! some of it on Kafka's SASL listeners, without and with TLS, and on its TLS
+//! listener that requires a client certificate (`DAK_TEST_KAFKA_SASL_BROKERS`,
+//! `DAK_TEST_KAFKA_SASL_SSL_BROKERS`, `DAK_TEST_KAFKA_SSL_BROKERS`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,6 +32,9 @@ enum Engine {
     /// Kafka through its SASL_SSL listener (`DAK_TEST_KAFKA_SASL_SSL_BROKERS`),
     /// trusting the test CA (`DAK_TEST_KAFKA_CA`).
     KafkaSaslSsl(SaslMechanism),
+    /// Kafka through its SSL listener (`DAK_TEST_KAFKA_SSL_BROKERS`), with
+    /// the client certificate the test CA signed.
+    KafkaSsl,
 }
 
 struct TestBus {
@@ -69,6 +73,7 @@ async fn bus(engine: Engine) -> TestBus {
             };
             Bus::kafka(KafkaConfig::new(brokers, &args).unwrap())
         }
+        Engine::KafkaSsl => Bus::kafka(KafkaConfig::new(ssl_brokers(), &ssl_args(true)).unwrap()),
         Engine::KafkaSaslSsl(mechanism) => Bus::kafka(
             KafkaConfig::new(
                 sasl_ssl_brokers(),
@@ -126,6 +131,30 @@ fn sasl_ssl_args(mechanism: SaslMechanism, ca: Option<std::path::PathBuf>) -> Ka
         security_protocol: SecurityProtocol::SaslSsl,
         ssl_ca_location: ca,
         ..sasl_args(mechanism, "dak-secret")
+    }
+}
+
+fn ssl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SSL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka TLS tests need DAK_TEST_KAFKA_SSL_BROKERS; scripts/test sets it")
+    })
+}
+
+/// Settings for the test broker's SSL listener, with the client certificate
+/// next to the test CA or without one.
+fn ssl_args(client_certificate: bool) -> KafkaArgs {
+    let ca = test_ca();
+    let beside = |name: &str| ca.with_file_name(name);
+    KafkaArgs {
+        brokers: Some(ssl_brokers()),
+        topic_prefix: format!("t{}.", unique()),
+        partitions: Some(PARTITIONS as i32),
+        session_timeout_ms: 6000,
+        security_protocol: SecurityProtocol::Ssl,
+        ssl_certificate_location: client_certificate.then(|| beside("client.crt")),
+        ssl_key_location: client_certificate.then(|| beside("client.key")),
+        ssl_ca_location: Some(ca),
+        ..KafkaArgs::default()
     }
 }
 
@@ -536,6 +565,28 @@ mod kafka_sasl_ssl {
             error.to_string().contains("certificate verify failed"),
             "{error}"
         );
+    }
+}
+
+mod kafka_ssl {
+    //! Kafka over TLS with a client certificate (mTLS): records go through;
+    //! without the certificate nothing answers.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_client_certificate() {
+        records_of_one_key_keep_their_order(Engine::KafkaSsl).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_client_certificate_nothing_answers() {
+        let answered = |client_certificate: bool| async move {
+            let config = KafkaConfig::new(ssl_brokers(), &ssl_args(client_certificate)).unwrap();
+            Bus::kafka(config).producer().unwrap().check().await
+        };
+        assert_eq!(answered(true).await, Ok(()));
+        assert!(answered(false).await.is_err());
     }
 }
 
