@@ -6,7 +6,7 @@ use dak_runtime::redis::{RedisUrl, Target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_keep_their_contracts_on_a_cluster() {
-    let cluster = crate::servers::Cluster::start();
+    let cluster = crate::servers::Cluster::start(false);
     let urls = &cluster.urls;
     let target = Target {
         // One seed is enough: the client learns the others from it.
@@ -31,4 +31,25 @@ async fn stores_keep_their_contracts_on_a_cluster() {
         used += usize::from(size > 0);
     }
     assert!(used > 1, "all keys on one node");
+}
+
+/// A Cluster whose nodes serve TLS only, as managed ones do: the client
+/// reaches the nodes it learns of over TLS too, trusting the given CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_keep_their_contracts_on_a_cluster_over_tls() {
+    let cluster = crate::servers::Cluster::start(true);
+    assert!(
+        cluster.urls[0].starts_with("rediss://"),
+        "{:?}",
+        cluster.urls
+    );
+    let target = Target {
+        urls: vec![RedisUrl(cluster.urls[0].clone())],
+        cluster: true,
+        ca_cert: Some(cluster.ca()),
+        ..Target::default()
+    };
+    let conn = crate::servers::connect(&target).await;
+    crate::presence::redis_suites(conn.clone()).await;
+    crate::dedup::redis_suites(conn).await;
 }

@@ -160,13 +160,15 @@ impl Pki {
 /// stopped when dropped.
 pub struct Cluster {
     script: Child,
-    /// The nodes' `redis://` URLs.
+    /// The nodes' `redis://` (or `rediss://`) URLs.
     pub urls: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    pub fn start() -> Self {
+    /// `tls`: the nodes serve TLS only, with a certificate [`Cluster::ca`]
+    /// signed.
+    pub fn start(tls: bool) -> Self {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
@@ -175,6 +177,7 @@ impl Cluster {
             "/../scripts/engines/redis-cluster"
         ))
         .arg(dir.path())
+        .args(tls.then_some("tls"))
         // A group of its own, which Drop stops with the nodes in it.
         .process_group(0)
         .stdout(Stdio::piped())
@@ -187,13 +190,18 @@ impl Cluster {
         let cluster = Self {
             script,
             urls: line.trim().split(',').map(str::to_owned).collect(),
-            _dir: dir,
+            dir,
         };
         assert!(
             cluster.urls.len() == 3,
             "the Redis Cluster did not start: {line:?}"
         );
         cluster
+    }
+
+    /// The CA of the nodes' certificates, with TLS.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
     }
 }
 
