@@ -10,7 +10,8 @@
 //! timed-out command makes the next command open a new connection.
 //!
 //! To a Cluster, it wraps redis-rs's cluster connection, which routes each
-//! command by its key's slot and follows the cluster's changes. dak's keys
+//! command by its key's slot and follows the cluster's changes; a timed-out
+//! command makes the next one open a new cluster connection too. dak's keys
 //! put what one script or command touches under one hash tag (`{user}`,
 //! `{inflight:N}`), so each lands in one slot; pipelines, which may span
 //! slots, are sent command by command (still pipelined on each node's
@@ -30,6 +31,14 @@ use crate::config::Secret;
 /// The shortest time between two replacements of a connection, so that a
 /// Redis that is merely slow is not flooded with new connections.
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+
+/// How many commands of one pipeline are sent together on a Cluster.
+/// redis-rs 0.32's cluster connection stopped answering for good (every
+/// command timed out) when a hundred commands came at once to a slot map
+/// that a reshard had made stale: its slot refresh never finished. Sixteen
+/// at a time keep pipelining and let the refresh finish
+/// (`redis_cluster::stores_keep_their_contracts_while_slots_move`).
+const CLUSTER_PIPELINE_DEPTH: usize = 16;
 
 /// Where Redis is and how to reach it.
 #[derive(Debug, Clone, Default)]
@@ -159,17 +168,22 @@ pub struct Connection {
 
 #[derive(Clone)]
 enum Inner {
-    Server(Arc<Shared>),
-    Cluster(ClusterConnection),
+    Server(Arc<Shared<ConnectionManager>>),
+    Cluster(Arc<Shared<ClusterConnection>>),
 }
 
-struct Shared {
-    client: redis::Client,
-    state: Mutex<State>,
+/// Opens a new connection of one kind.
+type Open<C> =
+    Box<dyn Fn() -> futures_util::future::BoxFuture<'static, redis::RedisResult<C>> + Send + Sync>;
+
+/// A connection that a command's timeout marks stale, and how to open a new one.
+struct Shared<C> {
+    open: Open<C>,
+    state: Mutex<State<C>>,
 }
 
-struct State {
-    current: ConnectionManager,
+struct State<C> {
+    current: C,
     replaced_at: Instant,
     /// Set after a timeout: the next command replaces the connection.
     stale: bool,
@@ -226,7 +240,7 @@ pub async fn connect_to(target: &Target) -> Result<Connection, redis::RedisError
     Ok(conn)
 }
 
-async fn open_server(target: &Target) -> Result<Arc<Shared>, redis::RedisError> {
+async fn open_server(target: &Target) -> Result<Arc<Shared<ConnectionManager>>, redis::RedisError> {
     let [info] = <[_; 1]>::try_from(target.connection_infos()?).map_err(|_| {
         redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
@@ -237,18 +251,16 @@ async fn open_server(target: &Target) -> Result<Arc<Shared>, redis::RedisError> 
         Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
         None => redis::Client::open(info)?,
     };
-    let current = ConnectionManager::new_with_config(client.clone(), config()).await?;
-    Ok(Arc::new(Shared {
-        client,
-        state: Mutex::new(State {
-            current,
-            replaced_at: Instant::now(),
-            stale: false,
-        }),
+    Shared::open(Box::new(move || {
+        let client = client.clone();
+        Box::pin(async move { ConnectionManager::new_with_config(client, config()).await })
     }))
+    .await
 }
 
-async fn open_cluster(target: &Target) -> Result<ClusterConnection, redis::RedisError> {
+async fn open_cluster(
+    target: &Target,
+) -> Result<Arc<Shared<ClusterConnection>>, redis::RedisError> {
     // The same time limits as one server's (see `config`).
     let mut builder = redis::cluster::ClusterClientBuilder::new(target.connection_infos()?)
         .connection_timeout(Duration::from_secs(2))
@@ -257,12 +269,29 @@ async fn open_cluster(target: &Target) -> Result<ClusterConnection, redis::Redis
     if let Some(certificates) = target.certificates()? {
         builder = builder.certs(certificates);
     }
-    builder.build()?.get_async_connection().await
+    let client = builder.build()?;
+    Shared::open(Box::new(move || {
+        let client = client.clone();
+        Box::pin(async move { client.get_async_connection().await })
+    }))
+    .await
 }
 
-impl Shared {
+impl<C: Clone> Shared<C> {
+    async fn open(open: Open<C>) -> Result<Arc<Self>, redis::RedisError> {
+        let current = open().await?;
+        Ok(Arc::new(Self {
+            open,
+            state: Mutex::new(State {
+                current,
+                replaced_at: Instant::now(),
+                stale: false,
+            }),
+        }))
+    }
+
     /// The connection to use now, replacing a stale one first.
-    async fn connection(&self) -> ConnectionManager {
+    async fn connection(&self) -> C {
         {
             let mut state = self.state.lock().expect("redis state lock");
             if !state.stale || state.replaced_at.elapsed() < REPLACE_AT_MOST_EVERY {
@@ -272,7 +301,7 @@ impl Shared {
             state.replaced_at = Instant::now();
         }
         tracing::warn!("a redis command timed out: opening a new connection");
-        let opened = ConnectionManager::new_with_config(self.client.clone(), config()).await;
+        let opened = (self.open)().await;
         let mut state = self.state.lock().expect("redis state lock");
         match opened {
             Ok(fresh) => state.current = fresh,
@@ -293,14 +322,17 @@ impl Shared {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            match &mut self.inner {
+            match &self.inner {
                 Inner::Server(shared) => {
-                    let mut conn = shared.connection().await;
-                    let result = conn.req_packed_command(cmd).await;
+                    let result = shared.connection().await.req_packed_command(cmd).await;
                     shared.note(&result);
                     result
                 }
-                Inner::Cluster(cluster) => cluster.req_packed_command(cmd).await,
+                Inner::Cluster(shared) => {
+                    let result = shared.connection().await.req_packed_command(cmd).await;
+                    shared.note(&result);
+                    result
+                }
             }
         })
     }
@@ -312,27 +344,25 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            match &mut self.inner {
+            match &self.inner {
                 Inner::Server(shared) => {
                     let mut conn = shared.connection().await;
                     let result = conn.req_packed_commands(pipeline, offset, count).await;
                     shared.note(&result);
                     result
                 }
-                // A transaction must stay on one node (its keys in one slot).
-                Inner::Cluster(cluster) if pipeline.is_transaction() => {
-                    cluster.req_packed_commands(pipeline, offset, count).await
-                }
-                // The cluster client refuses a pipeline whose commands are
-                // in different slots; sent one by one, they are routed each
-                // to its node, and all are on their way before the first
-                // answer is awaited.
-                Inner::Cluster(cluster) => {
-                    let sent = pipeline.cmd_iter().map(|cmd| {
-                        let mut cluster = cluster.clone();
-                        async move { cluster.req_packed_command(cmd).await }
-                    });
-                    futures_util::future::try_join_all(sent).await
+                Inner::Cluster(shared) => {
+                    let mut cluster = shared.connection().await;
+                    // A transaction must stay on one node (its keys in one
+                    // slot). Other pipelines may span slots, which the
+                    // cluster client refuses: they go command by command.
+                    let result = if pipeline.is_transaction() {
+                        cluster.req_packed_commands(pipeline, offset, count).await
+                    } else {
+                        cluster_pipeline(&cluster, pipeline).await
+                    };
+                    shared.note(&result);
+                    result
                 }
             }
         })
@@ -349,6 +379,24 @@ impl ConnectionLike for Connection {
             Inner::Cluster(_) => 0,
         }
     }
+}
+
+/// Sends a pipeline's commands each to the node of its slot, a batch at a
+/// time (see [`CLUSTER_PIPELINE_DEPTH`]); answers in the pipeline's order.
+async fn cluster_pipeline(
+    cluster: &ClusterConnection,
+    pipeline: &Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut answers = Vec::with_capacity(commands.len());
+    for batch in commands.chunks(CLUSTER_PIPELINE_DEPTH) {
+        let sent = batch.iter().map(|cmd| {
+            let mut cluster = cluster.clone();
+            async move { cluster.req_packed_command(cmd).await }
+        });
+        answers.extend(futures_util::future::try_join_all(sent).await?);
+    }
+    Ok(answers)
 }
 
 /// Readiness: the server answers, and keeps what dak writes. In-flight
