@@ -1,27 +1,39 @@
 //! Redis Cluster: the stores keep their contracts on a cluster of three
 //! primaries of the test's own (`scripts/engines/redis-cluster`), so that each
-//! script's keys share a slot and pipelines spanning slots reach every node.
+//! script's keys share a slot and pipelines spanning slots reach every node;
+//! over TLS; and while slots move.
 
+use std::time::{Duration, Instant};
+
+use dak_runtime::presence::{Gateway, Presence, RedisPresence};
 use dak_runtime::redis::{RedisUrl, Target};
+use dak_wire::{DeviceId, UserId};
+
+use crate::servers::Cluster;
+
+/// A connection to `cluster` through its first node: one seed is enough, the
+/// client learns the others from it.
+async fn connect(cluster: &Cluster, tls: bool) -> dak_runtime::redis::Connection {
+    let target = Target {
+        urls: vec![RedisUrl(cluster.urls[0].clone())],
+        cluster: true,
+        ca_cert: tls.then(|| cluster.ca()),
+        ..Target::default()
+    };
+    crate::servers::connect(&target).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_keep_their_contracts_on_a_cluster() {
-    let cluster = crate::servers::Cluster::start(false);
-    let urls = &cluster.urls;
-    let target = Target {
-        // One seed is enough: the client learns the others from it.
-        urls: vec![RedisUrl(urls[0].clone())],
-        cluster: true,
-        ..Target::default()
-    };
-    let conn = crate::servers::connect(&target).await;
+    let cluster = Cluster::start(false);
+    let conn = connect(&cluster, false).await;
     crate::presence::redis_suites(conn.clone()).await;
     crate::dedup::redis_suites(conn.clone()).await;
     assert_eq!(dak_runtime::redis::ping(&conn).await, Ok(()));
 
     // The keys went to more than one node.
     let mut used = 0;
-    for url in urls {
+    for url in &cluster.urls {
         let mut node = redis::Client::open(url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -37,79 +49,46 @@ async fn stores_keep_their_contracts_on_a_cluster() {
 /// reaches the nodes it learns of over TLS too, trusting the given CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_keep_their_contracts_on_a_cluster_over_tls() {
-    let cluster = crate::servers::Cluster::start(true);
+    let cluster = Cluster::start(true);
     assert!(
         cluster.urls[0].starts_with("rediss://"),
         "{:?}",
         cluster.urls
     );
-    let target = Target {
-        urls: vec![RedisUrl(cluster.urls[0].clone())],
-        cluster: true,
-        ca_cert: Some(cluster.ca()),
-        ..Target::default()
-    };
-    let conn = crate::servers::connect(&target).await;
+    let conn = connect(&cluster, true).await;
     crate::presence::redis_suites(conn.clone()).await;
     crate::dedup::redis_suites(conn).await;
 }
 
-/// Slots move while a connection is open (`redis-cli --cluster reshard`
-/// moves most of one node's slots, keys and all, to another): the
-/// connection follows the redirections, and the stores keep their contracts
-/// and their data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stores_keep_their_contracts_while_slots_move() {
-    use dak_runtime::presence::{Connection, Gateway, Presence, RedisPresence};
-    use dak_wire::{DeviceId, UserId};
-
-    let cluster = crate::servers::Cluster::start(false);
-    let target = Target {
-        urls: vec![RedisUrl(cluster.urls[0].clone())],
-        cluster: true,
-        ..Target::default()
-    };
-    let conn = crate::servers::connect(&target).await;
-    // Written before the move: a device of each of many users.
+/// A cluster, a presence store on it, and `n` users with a device each,
+/// written before any slot moves.
+async fn cluster_with_devices(
+    n: usize,
+) -> (
+    Cluster,
+    dak_runtime::redis::Connection,
+    RedisPresence,
+    Vec<UserId>,
+) {
+    let cluster = Cluster::start(false);
+    let conn = connect(&cluster, false).await;
     let presence = RedisPresence::new(conn.clone(), &crate::unique_prefix());
-    let users: Vec<UserId> = (0..50)
+    let users: Vec<UserId> = (0..n)
         .map(|n| UserId::parse(format!("user-{n}")).unwrap())
         .collect();
     for user in &users {
-        presence
-            .register_device(user, &DeviceId::parse("phone").unwrap())
-            .await
-            .unwrap();
+        presence.register_device(user, &phone()).await.unwrap();
     }
-
-    reshard(&cluster);
-
-    // Read after the move, through the same connection.
-    let routes = presence.routes(&users).await.unwrap();
-    assert!(
-        routes.iter().all(|devices| devices.len() == 1),
-        "{routes:?}"
-    );
-    let gateway = Gateway::new("http://gw".into());
-    presence
-        .heartbeat(&gateway, std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
-    presence
-        .connect(&Connection {
-            user: users[0].clone(),
-            device: DeviceId::parse("phone").unwrap(),
-            gateway_id: gateway.id.clone(),
-            connection_id: "c1".into(),
-        })
-        .await
-        .unwrap();
-    crate::presence::redis_suites(conn.clone()).await;
-    crate::dedup::redis_suites(conn).await;
+    (cluster, conn, presence, users)
 }
 
-/// Moves 5000 of the first node's slots, keys and all, to the second.
-fn reshard(cluster: &crate::servers::Cluster) {
+fn phone() -> DeviceId {
+    DeviceId::parse("phone").unwrap()
+}
+
+/// Moves 5000 of the first node's slots, keys and all, to the second
+/// (`redis-cli --cluster reshard`).
+fn reshard(cluster: &Cluster) {
     let port = |url: &str| url.rsplit_once(':').unwrap().1.to_owned();
     let id = |url: &str| {
         let out = std::process::Command::new("redis-cli")
@@ -138,37 +117,50 @@ fn reshard(cluster: &crate::servers::Cluster) {
     );
 }
 
+/// Slots move while a connection is open: the connection follows the
+/// redirections, and the stores keep their contracts and their data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_keep_their_contracts_while_slots_move() {
+    let (cluster, conn, presence, users) = cluster_with_devices(50).await;
+    reshard(&cluster);
+
+    // Read after the move, through the same connection.
+    let routes = presence.routes(&users).await.unwrap();
+    assert!(
+        routes.iter().all(|devices| devices.len() == 1),
+        "{routes:?}"
+    );
+    let gateway = Gateway::new("http://gw".into());
+    presence
+        .heartbeat(&gateway, Duration::from_secs(30))
+        .await
+        .unwrap();
+    presence
+        .connect(&dak_runtime::presence::Connection {
+            user: users[0].clone(),
+            device: phone(),
+            gateway_id: gateway.id.clone(),
+            connection_id: "c1".into(),
+        })
+        .await
+        .unwrap();
+    crate::presence::redis_suites(conn.clone()).await;
+    crate::dedup::redis_suites(conn).await;
+}
+
 /// redis-rs's cluster connection can stop answering for good when many
 /// commands meet a slot map a reshard made stale (a hundred at once did it
 /// here); a command that timed out makes the next one use a new connection,
 /// so the stores answer again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_connection_that_stopped_answering_is_replaced() {
-    use dak_runtime::presence::{Presence, RedisPresence};
-    use dak_wire::{DeviceId, UserId};
-
-    let cluster = crate::servers::Cluster::start(false);
-    let target = Target {
-        urls: vec![RedisUrl(cluster.urls[0].clone())],
-        cluster: true,
-        ..Target::default()
-    };
-    let conn = crate::servers::connect(&target).await;
-    let presence = RedisPresence::new(conn.clone(), &crate::unique_prefix());
-    let users: Vec<UserId> = (0..200)
-        .map(|n| UserId::parse(format!("user-{n}")).unwrap())
-        .collect();
-    let phone = DeviceId::parse("phone").unwrap();
-    for user in &users {
-        presence.register_device(user, &phone).await.unwrap();
-    }
+    let (cluster, _conn, presence, users) = cluster_with_devices(200).await;
     reshard(&cluster);
 
     // Many commands at once, each on its own (not a pipeline).
     let burst = users.iter().map(|user| {
         let presence = presence.clone();
-        let phone = phone.clone();
-        async move { presence.register_device(user, &phone).await }
+        async move { presence.register_device(user, &phone()).await }
     });
     let failed = futures_util::future::join_all(burst)
         .await
@@ -176,12 +168,12 @@ async fn a_cluster_connection_that_stopped_answering_is_replaced() {
         .filter(|r| r.is_err())
         .count();
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match presence.routes(&users).await {
             Ok(routes) if routes.iter().all(|devices| devices.len() == 1) => break,
             other => assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "no answer 30 s after the burst ({failed} of its commands failed): {other:?}"
             ),
         }
