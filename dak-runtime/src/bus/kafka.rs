@@ -1,5 +1,7 @@
 //! The bus on a Kafka cluster, through rdkafka: start-up topic creation, the
-//! idempotent producer (`acks=all`), and at-least-once consumers.
+//! idempotent producer (`acks=all`), and at-least-once consumers. Every
+//! client also gets the TLS, SASL and pass-through properties
+//! `client_properties` resolves from the settings.
 //!
 //! Consumers use librdkafka's auto-commit of *stored* offsets: a handler
 //! stores a record's offset only after it finished with it, so a crash replays
