@@ -44,6 +44,7 @@ pub mod redis;
 pub mod scylla;
 pub mod shutdown;
 pub mod sqlite;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 

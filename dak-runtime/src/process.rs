@@ -120,7 +120,18 @@ pub fn spawn_admin(
     readiness: Readiness,
     shutdown: Shutdown,
 ) {
-    let router = admin::router(readiness);
+    spawn_admin_with(tasks, listener, readiness, axum::Router::new(), shutdown);
+}
+
+/// [`spawn_admin`], with a service's own routes beside the standard ones.
+pub fn spawn_admin_with(
+    tasks: &mut Tasks,
+    listener: TcpListener,
+    readiness: Readiness,
+    extra: axum::Router,
+    shutdown: Shutdown,
+) {
+    let router = admin::router(readiness).merge(extra);
     shutdown::spawn(
         tasks,
         "admin",

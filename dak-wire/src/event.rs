@@ -313,6 +313,104 @@ pub enum OfflineEvent {
     PushToken(PushToken),
 }
 
+/// What happened to a message, as the services report it on `dak.status`,
+/// keyed by the mid: the feed of the status store behind
+/// `GET /v1/messages/{mid}/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusEvent {
+    /// message-router took the message from `dak.inbound`.
+    Accepted {
+        mid: Mid,
+        from: UserId,
+        to: String,
+        chat: ChatKind,
+        at: u64,
+    },
+    /// A step of the message towards one device of `user` (or, with no
+    /// `device`, towards the user's inbox for devices still to come).
+    Device {
+        mid: Mid,
+        /// The message's sender, so that a read receipt can be checked against
+        /// any one of these events.
+        from: UserId,
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceId>,
+        step: DeviceStep,
+        at: u64,
+    },
+    /// `by` says it read the message and asks that `to` be told. It is relayed
+    /// only once a [`StatusEvent::Device`] showed the message went to `by` and
+    /// came from `to`.
+    Read {
+        mid: Mid,
+        to: UserId,
+        by: UserId,
+        device: DeviceId,
+        at: u64,
+    },
+}
+
+impl StatusEvent {
+    pub fn mid(&self) -> Mid {
+        match self {
+            StatusEvent::Accepted { mid, .. }
+            | StatusEvent::Device { mid, .. }
+            | StatusEvent::Read { mid, .. } => *mid,
+        }
+    }
+}
+
+/// The steps of a message towards one device, in the order they usually come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceStep {
+    /// Handed to the device's socket (reported just before the gateway writes
+    /// it: a send that finds the socket gone is followed by `stored`).
+    Delivered,
+    /// Sent again after the ack timeout.
+    Retried,
+    /// Kept in the offline inbox.
+    Stored,
+    /// A push notification went to the device.
+    Pushed,
+    /// The device acked it while it was in flight.
+    Acked,
+    /// The device acked it from its inbox, which then dropped it.
+    Dropped,
+    /// The device's user said it read the message (a checked read receipt).
+    Read,
+}
+
+impl DeviceStep {
+    pub const ALL: [DeviceStep; 7] = [
+        DeviceStep::Delivered,
+        DeviceStep::Retried,
+        DeviceStep::Stored,
+        DeviceStep::Pushed,
+        DeviceStep::Acked,
+        DeviceStep::Dropped,
+        DeviceStep::Read,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStep::Delivered => "delivered",
+            DeviceStep::Retried => "retried",
+            DeviceStep::Stored => "stored",
+            DeviceStep::Pushed => "pushed",
+            DeviceStep::Acked => "acked",
+            DeviceStep::Dropped => "dropped",
+            DeviceStep::Read => "read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|step| step.as_str() == s)
+    }
+}
+
 /// The versioned wrapper every event travels in.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope<T> {

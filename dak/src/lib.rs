@@ -5,7 +5,10 @@
 //! process. Unless told otherwise it uses librdkafka's in-process mock cluster as
 //! the event bus and in-process presence, dedup and in-flight stores; with
 //! `DAK_KAFKA_BROKERS` and `DAK_REDIS_URL` the same process runs against a real
-//! Kafka cluster and Redis instead.
+//! Kafka cluster and Redis instead. It also serves the web console
+//! ([`console`]): a try-it chat on the public address, an ops page on the
+//! admin address.
 
+pub mod console;
 pub mod token;
 pub mod up;

@@ -62,6 +62,16 @@ fn main() -> ExitCode {
                     "admin: http://{}/metrics /livez /readyz",
                     running.admin_addr
                 );
+                println!(
+                    "console: http://{}/ ({}), ops: http://{}/",
+                    running.public_addr,
+                    if running.try_it {
+                        "try-it chat on"
+                    } else {
+                        "try-it chat off, the page says why"
+                    },
+                    running.admin_addr
+                );
                 tracing::info!(public = %running.public_addr, admin = %running.admin_addr, bus = %running.bus.describe(), "dak up");
                 Ok(dak_runtime::process::Started {
                     tasks: running.tasks,

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::console::{self, TryIt};
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{Bus, Log, LogOptions};
@@ -52,6 +53,11 @@ pub struct UpArgs {
     /// `DAK_KAFKA_BROKERS`.
     #[arg(long, env = "DAK_BUS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub bus_retention: Duration,
+    /// Serve the console's try-it chat, which mints a token for any user
+    /// name, also with a configured DAK_JWT_SECRET. For development only:
+    /// anyone who reaches the public address can then speak as anyone.
+    #[arg(long, env = "DAK_DEV_CONSOLE")]
+    pub dev_console: bool,
 }
 
 /// A started stack: its addresses, and the tasks to supervise.
@@ -60,6 +66,8 @@ pub struct Running {
     pub internal_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub jwt_secret: Option<String>,
+    /// Whether the console's try-it chat hands out tokens.
+    pub try_it: bool,
     pub bus: Bus,
     pub tasks: Tasks,
 }
@@ -73,6 +81,8 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     if generated_secret {
         args.auth.jwt_secret = Some(config::random_secret());
     }
+    let try_it =
+        TryIt::decide(&args.auth, generated_secret, args.dev_console).map_err(ConfigError)?;
     let verifier = Verifier::from_args(&args.auth)
         .await
         .map_err(|e| ConfigError(e.to_string()))?;
@@ -126,6 +136,10 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .unwrap_or_else(|| format!("http://{internal_addr}"));
 
     let inbox = args.data.open_inbox(&args.scylla).await?;
+    let status = args
+        .data
+        .open_status(&args.scylla, args.persistence.status_retention)
+        .await?;
     persistence::standalone::inbox_check(&mut readiness, &inbox);
     let tokens = push::standalone::open_tokens(&args.data.data_dir, &args.scylla).await?;
     push::standalone::tokens_check(&mut readiness, &tokens);
@@ -163,6 +177,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         &bus,
         persistence::Deps {
             inbox,
+            status,
             producer: producer.clone(),
             verifier: verifier.clone(),
             internal_token: internal_token.clone(),
@@ -194,7 +209,13 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     session.store_orphans().await?;
 
     let mut tasks = Tasks::new();
-    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    process::spawn_admin_with(
+        &mut tasks,
+        admin,
+        readiness,
+        persistence.admin_router().merge(console::admin_router()),
+        shutdown.clone(),
+    );
     let push = push::Push::build(
         &args.push,
         &bus,
@@ -202,11 +223,14 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             tokens,
             presence: presence.clone(),
             sender,
+            producer: producer.clone(),
         },
     )?;
 
+    let try_it_on = try_it.is_on();
     let public_router = ws
         .public_router()
+        .merge(console::public_router(try_it))
         .merge(rest.router())
         .merge(persistence.router())
         .merge(group_router.router());
@@ -254,6 +278,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         jwt_secret: generated_secret
             .then(|| args.auth.jwt_secret.clone())
             .flatten(),
+        try_it: try_it_on,
         bus,
         tasks,
     })

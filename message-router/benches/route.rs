@@ -33,6 +33,7 @@ fn route_and_encode(payload: &[u8]) -> Vec<u8> {
         Route::Deliver { event, .. } => event::encode(&event),
         Route::Group { event, .. } => event::encode(&event),
         Route::Offline { event, .. } => event::encode(&event),
+        Route::Status(event) => event::encode(&event),
         Route::Drop(reason) => panic!("dropped: {reason}"),
     }
 }

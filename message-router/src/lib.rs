@@ -11,7 +11,10 @@
 //! - A group message (typing included) and a group command go to `dak.group`,
 //!   keyed by the group, where group-router applies them in the group's order.
 //!
-//! Receipts are direct messages the server wrote: they route like one. An
+//! Each message a user wrote is reported `accepted` on `dak.status`. A read
+//! receipt a client sent goes to `dak.status` too, keyed by the message it
+//! reports: persistence relays it to the message's sender only once the status
+//! shows the message went to the reader (see `persistence::status`). An
 //! event that cannot be decoded or routed is parked in the dead-letter topic
 //! (see [`dak_runtime::bus::DeadLetters`]): one bad record must not stall a
 //! partition. Offsets are committed only after the routed records were
@@ -22,8 +25,11 @@ pub mod standalone;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
-use dak_wire::event::{self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent};
-use dak_wire::{ChatKind, GroupId, UserId};
+use dak_runtime::status::Reporter;
+use dak_wire::event::{
+    self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent, StatusEvent,
+};
+use dak_wire::{ChatKind, GroupId, Message, Notice, UserId};
 
 /// Consumer group of every message-router instance.
 pub const GROUP: &str = "dak.message-router";
@@ -35,6 +41,7 @@ pub struct MessageRouter {
     consumer: Consumer,
     dead_letters: DeadLetters,
     producer: Producer,
+    status: Reporter,
     deliver_topic: String,
     offline_topic: String,
     group_topic: String,
@@ -43,9 +50,20 @@ pub struct MessageRouter {
 /// Where one inbound event goes.
 #[derive(Debug)]
 pub enum Route {
-    Deliver { key: UserId, event: DeliverEvent },
-    Offline { key: UserId, event: OfflineEvent },
-    Group { key: GroupId, event: GroupEvent },
+    Deliver {
+        key: UserId,
+        event: DeliverEvent,
+    },
+    Offline {
+        key: UserId,
+        event: OfflineEvent,
+    },
+    Group {
+        key: GroupId,
+        event: GroupEvent,
+    },
+    /// A client's read receipt, to be checked before it is relayed.
+    Status(StatusEvent),
     Drop(String),
 }
 
@@ -59,6 +77,7 @@ fn register_metrics() {
         "push_token",
         "group_message",
         "group_command",
+        "read_receipt",
     ] {
         metrics::register_counter(metrics::ROUTED, &[("kind", kind)]);
     }
@@ -75,6 +94,7 @@ impl MessageRouter {
         Ok(Self {
             dead_letters: consumer.dead_letters(),
             consumer,
+            status: Reporter::new(producer.clone(), &topics.status),
             producer,
             deliver_topic: topics.deliver.clone(),
             offline_topic: topics.offline.clone(),
@@ -105,6 +125,9 @@ impl MessageRouter {
                     let kind = match &event {
                         DeliverEvent::Message(d) => {
                             metrics::message_age("routed", d.message.ts);
+                            if let Some(accepted) = accepted(&d.message) {
+                                acks.push(self.status.enqueue(&accepted)?);
+                            }
                             "message"
                         }
                         DeliverEvent::Ack(_) => "ack",
@@ -130,7 +153,12 @@ impl MessageRouter {
                 }
                 Route::Group { key, event } => {
                     let kind = match &event {
-                        GroupEvent::Message(_) => "group_message",
+                        GroupEvent::Message(message) => {
+                            if let Some(accepted) = accepted(message) {
+                                acks.push(self.status.enqueue(&accepted)?);
+                            }
+                            "group_message"
+                        }
                         GroupEvent::Command(_) => "group_command",
                     };
                     ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
@@ -139,6 +167,10 @@ impl MessageRouter {
                         self.producer
                             .enqueue(&self.group_topic, key.as_str(), &payload)?,
                     );
+                }
+                Route::Status(event) => {
+                    ::metrics::counter!(metrics::ROUTED, "kind" => "read_receipt").increment(1);
+                    acks.push(self.status.enqueue(&event)?);
                 }
                 Route::Drop(reason) => self.dead_letters.park(record, &reason).await?,
             }
@@ -155,6 +187,29 @@ pub fn route(payload: &[u8]) -> Route {
         Err(e) => return Route::Drop(e.message),
     };
     match event {
+        InboundEvent::Message(Message {
+            mid,
+            from,
+            from_device,
+            to,
+            notice: Some(Notice::Receipt { mid: of, .. }),
+            ts,
+            ..
+        }) => match UserId::parse(&to) {
+            // Only clients send receipts through `dak.inbound`; the server's own
+            // `delivered` receipts go straight to `dak.deliver`.
+            Ok(to) => {
+                tracing::debug!(%mid, %of, "checking read receipt");
+                Route::Status(StatusEvent::Read {
+                    mid: of,
+                    to,
+                    by: from,
+                    device: from_device,
+                    at: ts,
+                })
+            }
+            Err(e) => Route::Drop(e.message),
+        },
         InboundEvent::Message(message) => match message.chat {
             ChatKind::Direct => match UserId::parse(message.to.as_str()) {
                 Ok(recipient) => {
@@ -195,6 +250,17 @@ pub fn route(payload: &[u8]) -> Route {
             event: OfflineEvent::PushToken(token),
         },
     }
+}
+
+/// The `accepted` status of a message a user wrote.
+fn accepted(message: &Message) -> Option<StatusEvent> {
+    dak_runtime::status::is_tracked(message).then(|| StatusEvent::Accepted {
+        mid: message.mid,
+        from: message.from.clone(),
+        to: message.to.clone(),
+        chat: message.chat,
+        at: message.ts,
+    })
 }
 
 #[cfg(test)]
@@ -268,6 +334,58 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn read_receipts_go_to_the_status_topic_to_be_checked() {
+        let bob = UserId::parse("bob").unwrap();
+        let phone = DeviceId::parse("phone").unwrap();
+        let read = message("bob", ChatKind::Direct);
+        let receipt = Message::receipt(
+            read.mid,
+            &read.from,
+            &bob,
+            &phone,
+            dak_wire::ReceiptState::Read,
+            5,
+        );
+        match route(&event::encode(&InboundEvent::Message(receipt))) {
+            Route::Status(StatusEvent::Read {
+                mid,
+                to,
+                by,
+                device,
+                at,
+            }) => {
+                assert_eq!(mid, read.mid);
+                assert_eq!(to.as_str(), "alice");
+                assert_eq!(by, bob);
+                assert_eq!(device, phone);
+                assert_eq!(at, 5);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_messages_users_wrote_are_reported_accepted() {
+        let m = message("bob", ChatKind::Direct);
+        assert!(matches!(
+            accepted(&m),
+            Some(StatusEvent::Accepted { mid, .. }) if mid == m.mid
+        ));
+        let mut typing = m.clone();
+        typing.ephemeral = true;
+        assert_eq!(accepted(&typing), None);
+        let notice = Message::receipt(
+            m.mid,
+            &m.from,
+            &UserId::parse("bob").unwrap(),
+            &DeviceId::default_device(),
+            dak_wire::ReceiptState::Delivered,
+            5,
+        );
+        assert_eq!(accepted(&notice), None);
     }
 
     #[test]

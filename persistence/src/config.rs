@@ -14,4 +14,8 @@ pub struct Config {
     /// How often expired messages are deleted.
     #[arg(long, env = "DAK_EXPIRY_INTERVAL", default_value = "1min", value_parser = humantime::parse_duration)]
     pub expiry_interval: Duration,
+    /// How long the status of a message is kept, counted from when it was sent.
+    /// A read receipt for a message older than this is refused.
+    #[arg(long, env = "DAK_STATUS_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub status_retention: Duration,
 }

@@ -17,12 +17,19 @@
 //!
 //! It serves `GET /v1/messages?after=<cursor>&limit=<n>` for background sync over
 //! REST. Offsets are committed only after the inbox write.
+//!
+//! It also keeps the status of messages, from `dak.status`, checks and relays
+//! read receipts, and serves `GET /v1/messages/{mid}/status` ([`status`]). It
+//! reports its own steps there: `stored` (before the inbox write, so before any
+//! device can read the message from the inbox), `delivered` for each replayed
+//! message, and `dropped`.
 
 mod config;
 pub mod inbox;
 mod replay;
 pub mod scylla;
 pub mod standalone;
+pub mod status;
 mod sync;
 
 use std::sync::Arc;
@@ -34,8 +41,9 @@ use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::{device_step, Reporter};
 use dak_runtime::{metrics, now_ms};
-use dak_wire::event::{self, Ack, Connected, DeliverEvent, OfflineEvent};
+use dak_wire::event::{self, Ack, Connected, DeliverEvent, DeviceStep, OfflineEvent};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::ServerFrame;
 use dak_wire::{Message, ReceiptState};
@@ -63,6 +71,7 @@ pub const INBOX_DEPTH: &str = "dak_inbox_depth";
 /// Everything persistence needs from outside.
 pub struct Deps {
     pub inbox: Arc<dyn Inbox>,
+    pub status: Arc<dyn status::StatusStore>,
     pub producer: Producer,
     pub verifier: Verifier,
     pub internal_token: String,
@@ -71,6 +80,8 @@ pub struct Deps {
 pub struct Persistence {
     consumer: Consumer,
     shared: Arc<Shared>,
+    status_consumer: Consumer,
+    status: Arc<status::StatusShared>,
 }
 
 struct Shared {
@@ -82,33 +93,65 @@ struct Shared {
     deliver_topic: String,
     replays: replay::Replays,
     dead_letters: DeadLetters,
+    status: Reporter,
 }
 
 impl Persistence {
     pub fn build(config: Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         let topics = bus.topics();
         describe();
+        status::describe();
         let consumer = bus
             .consumer(&topics.group(GROUP), &[&topics.offline])?
             .with_dead_letters(deps.producer.clone());
+        let status_consumer = bus
+            .consumer(&topics.group(status::GROUP), &[&topics.status])?
+            .with_dead_letters(deps.producer.clone());
+        let status = Arc::new(status::StatusShared {
+            store: deps.status,
+            producer: deps.producer.clone(),
+            deliver_topic: topics.deliver.clone(),
+            dead_letters: status_consumer.dead_letters(),
+            verifier: deps.verifier.clone(),
+            inbox_ttl_ms: config.inbox_ttl.as_millis() as u64,
+        });
         let shared = Arc::new(Shared {
             dead_letters: consumer.dead_letters(),
             gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
             config,
             inbox: deps.inbox,
+            status: Reporter::new(deps.producer.clone(), &topics.status),
             producer: deps.producer,
             verifier: deps.verifier,
             deliver_topic: topics.deliver.clone(),
             replays: replay::Replays::default(),
         });
-        Ok(Self { consumer, shared })
+        Ok(Self {
+            consumer,
+            shared,
+            status_consumer,
+            status,
+        })
     }
 
-    /// `GET /v1/messages`, for the public address.
+    /// `GET /v1/messages` and `GET /v1/messages/{mid}/status`, for the public
+    /// address.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/messages", get(sync::messages))
             .with_state(self.shared.clone())
+            .merge(
+                Router::new()
+                    .route("/v1/messages/{mid}/status", get(status::for_sender))
+                    .with_state(self.status.clone()),
+            )
+    }
+
+    /// `GET /v1/messages/{mid}/status` for any mid, for the admin address.
+    pub fn admin_router(&self) -> Router {
+        Router::new()
+            .route("/v1/messages/{mid}/status", get(status::for_ops))
+            .with_state(self.status.clone())
     }
 
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -120,7 +163,16 @@ impl Persistence {
                 Err(e) => Err((batch, e)),
             }
         });
-        tokio::join!(consume, shared.expiry_loop(&shutdown));
+        let status = &self.status;
+        let consume_status = self
+            .status_consumer
+            .run(BATCH, &shutdown, |batch| async move {
+                match status.handle_batch(&batch).await {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err((batch, e)),
+                }
+            });
+        tokio::join!(consume, consume_status, shared.expiry_loop(&shutdown));
         shared.replays.finish(Duration::from_secs(5)).await;
         shared.producer.flush(Duration::from_secs(5)).await;
         Ok(())
@@ -161,6 +213,13 @@ impl Shared {
                         .drop_acked(&ack.user, &ack.device, &ack.mids, tombstone)
                         .await?;
                     let n = dropped.len() as u64;
+                    let steps: Vec<_> = dropped
+                        .iter()
+                        .filter_map(|m| {
+                            device_step(m, &ack.user, Some(&ack.device), DeviceStep::Dropped, now)
+                        })
+                        .collect();
+                    self.status.report(&steps).await?;
                     ::metrics::counter!(DROPPED).increment(n);
                     ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
                     self.delivered_receipts(&ack, &dropped).await?;
@@ -202,6 +261,21 @@ impl Shared {
         if stores.is_empty() {
             return Ok(());
         }
+        // Reported before the write: once written, a device may read it.
+        let now = now_ms();
+        let steps: Vec<_> = stores
+            .iter()
+            .filter_map(|s| {
+                device_step(
+                    &s.message,
+                    &s.user,
+                    s.device.as_ref(),
+                    DeviceStep::Stored,
+                    now,
+                )
+            })
+            .collect();
+        self.status.report(&steps).await?;
         let stored = self.inbox.store(&stores).await?;
         ::metrics::counter!(STORED).increment(stored);
         // Kept current between the exact counts of the expiry loop.
@@ -227,6 +301,12 @@ impl Shared {
                 .await?;
             let full = page.len() == REPLAY_PAGE;
             after = page.last().map(|(seq, _)| *seq).or(after);
+            let now = now_ms();
+            let steps: Vec<_> = page
+                .iter()
+                .filter_map(|(_, m)| device_step(m, user, Some(device), DeviceStep::Delivered, now))
+                .collect();
+            self.status.report(&steps).await?;
             let frames: Vec<String> = page
                 .iter()
                 .map(|(_, m)| ServerFrame::from(m).to_json())

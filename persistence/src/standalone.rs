@@ -12,6 +12,7 @@ use dak_runtime::shutdown::{self, Shutdown};
 
 use crate::inbox::{Inbox, SqliteInbox};
 use crate::scylla::ScyllaInbox;
+use crate::status::{ScyllaStatus, SqliteStatus, StatusStore};
 use crate::{Config, Deps, Persistence};
 
 #[derive(Debug, clap::Parser)]
@@ -59,6 +60,31 @@ impl DataArgs {
             &self.data_dir.join("inbox.db"),
         )?))
     }
+
+    /// Opens the status store: ScyllaDB when `DAK_SCYLLA_NODES` is set, else
+    /// `status.db` under the data directory.
+    pub async fn open_status(
+        &self,
+        scylla: &ScyllaArgs,
+        retention: Duration,
+    ) -> anyhow::Result<Arc<dyn StatusStore>> {
+        if let Some(nodes) = scylla.nodes() {
+            let status = ScyllaStatus::connect(
+                &nodes,
+                &scylla.scylla_keyspace,
+                &scylla.keyspace_options(),
+                retention,
+            )
+            .await?;
+            return Ok(Arc::new(status));
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|e| ConfigError(format!("cannot create {}: {e}", self.data_dir.display())))?;
+        Ok(Arc::new(SqliteStatus::open(
+            &self.data_dir.join("status.db"),
+            retention,
+        )?))
+    }
 }
 
 /// Readiness: the inbox answers.
@@ -77,6 +103,10 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let internal_token = process::internal_token(&args.internal)?;
     let (bus, producer) = process::connect_kafka(&args.kafka).await?;
     let inbox = args.data.open_inbox(&args.scylla).await?;
+    let status = args
+        .data
+        .open_status(&args.scylla, args.persistence.status_retention)
+        .await?;
     let public = process::bind("the sync API", args.public.public_addr).await?;
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
 
@@ -85,6 +115,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     inbox_check(&mut readiness, &inbox);
     let deps = Deps {
         inbox,
+        status,
         producer: producer.clone(),
         verifier,
         internal_token,
@@ -92,7 +123,13 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let persistence = Persistence::build(args.persistence, &bus, deps)?;
 
     let mut tasks = Tasks::new();
-    process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());
+    process::spawn_admin_with(
+        &mut tasks,
+        admin,
+        readiness,
+        persistence.admin_router(),
+        shutdown.clone(),
+    );
     shutdown::spawn(
         &mut tasks,
         "sync API",

@@ -32,11 +32,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, Record};
+use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, Producer, Record};
+use dak_runtime::now_ms;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
-use dak_wire::event::{self, Message, Notice, OfflineEvent};
-use dak_wire::{ChatKind, DeviceId, UserId};
+use dak_runtime::status::{self, Reporter};
+use dak_wire::event::{self, DeviceStep, Message, Notice, OfflineEvent, StatusEvent};
+use dak_wire::{ChatKind, DeviceId, Mid, UserId};
 use futures_util::StreamExt;
 
 pub use fcm::{FcmError, FcmSender, LogSender, Notification, Outcome, Sender};
@@ -108,12 +110,15 @@ pub struct Deps {
     pub tokens: Arc<dyn PushTokens>,
     pub presence: Arc<dyn Presence>,
     pub sender: Arc<dyn Sender>,
+    /// For reporting what was pushed on `dak.status`.
+    pub producer: Producer,
 }
 
 pub struct Push {
     consumer: Consumer,
     dead_letters: DeadLetters,
     deps: Deps,
+    status: Reporter,
     ttl: Duration,
 }
 
@@ -123,6 +128,9 @@ struct Wake {
     user: UserId,
     device: DeviceId,
     notification: Notification,
+    /// The mid and sender of a message whose status is tracked, reported
+    /// `pushed` once the notification went out.
+    tracked: Option<(Mid, UserId)>,
 }
 
 impl Push {
@@ -132,6 +140,7 @@ impl Push {
         Ok(Self {
             dead_letters: consumer.dead_letters(),
             consumer,
+            status: Reporter::new(deps.producer.clone(), &bus.topics().status),
             deps,
             ttl: config.push_ttl,
         })
@@ -194,11 +203,13 @@ impl Push {
                 w.notification.data["mid"].clone(),
             ))
         });
-        futures_util::stream::iter(wakes)
+        let pushed: Vec<StatusEvent> = futures_util::stream::iter(wakes)
             .map(|wake| self.wake(wake))
             .buffer_unordered(CONCURRENCY)
-            .collect::<()>()
+            .filter_map(std::future::ready)
+            .collect()
             .await;
+        self.status.report(&pushed).await?;
         Ok(())
     }
 
@@ -277,6 +288,7 @@ impl Push {
             }
             wakes.push(Wake {
                 user: user.clone(),
+                tracked: status::is_tracked(message).then(|| (message.mid, message.from.clone())),
                 device: target.device.clone(),
                 notification: notification(user, message, target, self.ttl),
             });
@@ -284,12 +296,21 @@ impl Push {
         Ok(())
     }
 
-    async fn wake(&self, wake: Wake) {
+    /// Sends one notification; the `pushed` status to report if it went out.
+    async fn wake(&self, wake: Wake) -> Option<StatusEvent> {
         let n = &wake.notification;
         match self.deps.sender.send(n).await {
             Outcome::Sent => {
                 ::metrics::counter!(metrics::SENT).increment(1);
                 tracing::debug!(mid = %n.data["mid"], user = %wake.user, device = %wake.device, "pushed");
+                return wake.tracked.map(|(mid, from)| StatusEvent::Device {
+                    mid,
+                    from,
+                    user: wake.user,
+                    device: Some(wake.device),
+                    step: DeviceStep::Pushed,
+                    at: now_ms(),
+                });
             }
             Outcome::Failed(reason) => {
                 ::metrics::counter!(metrics::FAILURES, "reason" => reason).increment(1);
@@ -315,6 +336,7 @@ impl Push {
                 }
             }
         }
+        None
     }
 }
 

@@ -73,6 +73,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         tokens,
         presence: process::redis_presence(&redis, &args.store),
         sender,
+        producer: producer.clone(),
     };
     let push = Push::build(&args.push, &bus, deps)?;
 

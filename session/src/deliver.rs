@@ -8,8 +8,11 @@ use std::time::Duration;
 use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
+use dak_runtime::status::{self, Reporter};
 use dak_runtime::{metrics, now_ms};
-use dak_wire::event::{self, Ack, Connected, DeliverEvent, Delivery, OfflineEvent, OfflineReason};
+use dak_wire::event::{
+    self, Ack, Connected, DeliverEvent, Delivery, DeviceStep, OfflineEvent, OfflineReason,
+};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::{DeviceId, Message, Mid, ReceiptState, ServerFrame, UserId};
 use futures_util::future::join_all;
@@ -32,6 +35,7 @@ pub(crate) struct Core {
     presence: Arc<dyn Presence>,
     gateways: Gateways,
     producer: Producer,
+    status: Reporter,
     offline_topic: String,
     deliver_topic: String,
     /// The deliveries [`Core::store_orphans`] handed to the inboxes. If the
@@ -121,8 +125,10 @@ impl Core {
         dead_letters: DeadLetters,
         offline_topic: String,
         deliver_topic: String,
+        status_topic: &str,
     ) -> Self {
         Self {
+            status: Reporter::new(deps.producer.clone(), status_topic),
             dead_letters,
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
             config,
@@ -266,9 +272,19 @@ impl Core {
             }
         }
 
-        // Recorded before sending, so an ack can never find its delivery missing.
+        // Recorded before sending, so an ack can never find its delivery missing;
+        // reported `delivered` before sending too (see [`Core::report_sends`]),
+        // meanwhile.
         let pending: Vec<Pending> = candidates.iter().map(|(p, _)| p.clone()).collect();
-        let fresh = self.inflight.begin(&pending).await?;
+        let live: Vec<&Pending> = candidates
+            .iter()
+            .filter(|(_, target)| target.is_some())
+            .map(|(p, _)| p)
+            .collect();
+        let (fresh, ()) = tokio::try_join!(
+            async { Ok::<_, anyhow::Error>(self.inflight.begin(&pending).await?) },
+            self.report_sends(live),
+        )?;
         let to_send: Vec<Send> = candidates
             .into_iter()
             .zip(fresh)
@@ -403,6 +419,15 @@ impl Core {
                 match pending {
                     Some(p) => {
                         ::metrics::counter!(metrics::ACKED).increment(1);
+                        if let Some(acked) = status::device_step(
+                            &p.message,
+                            &ack.user,
+                            Some(&ack.device),
+                            DeviceStep::Acked,
+                            now,
+                        ) {
+                            forwards.push(self.status.enqueue(&acked)?);
+                        }
                         let latency = now.saturating_sub(p.first_sent_ms) as f64 / 1000.0;
                         ::metrics::histogram!(metrics::ACK_LATENCY).record(latency);
                         tracing::debug!(%mid, user = %ack.user, device = %ack.device, "acked");
@@ -574,6 +599,8 @@ impl Core {
         offline: &mut Offline,
         finished: &mut Vec<Pending>,
     ) -> anyhow::Result<()> {
+        self.report_sends(to_send.iter().map(|d| &d.pending).collect())
+            .await?;
         let mut resent = Vec::new();
         for (p, outcome) in self.send(to_send).await {
             match outcome {
@@ -616,6 +643,27 @@ impl Core {
         distinct.dedup();
         let routes = self.presence.routes(&distinct).await?;
         Ok(distinct.into_iter().zip(routes).collect())
+    }
+
+    /// Reports deliveries about to be sent `delivered` (or `retried`) on
+    /// `dak.status`, and returns once the reports are durable: before the device
+    /// can see the message, so that a read receipt from the device always finds
+    /// the report ahead of it.
+    async fn report_sends(&self, sends: Vec<&Pending>) -> anyhow::Result<()> {
+        let now = now_ms();
+        let steps: Vec<_> = sends
+            .into_iter()
+            .filter_map(|p| {
+                let step = if p.sends > 1 {
+                    DeviceStep::Retried
+                } else {
+                    DeviceStep::Delivered
+                };
+                status::device_step(&p.message, &p.user, Some(&p.device), step, now)
+            })
+            .collect();
+        self.status.report(&steps).await?;
+        Ok(())
     }
 
     /// Hands each delivery to its gateway, one request per gateway, addressed to

@@ -103,6 +103,7 @@ impl Session {
             consumer.dead_letters(),
             topics.offline.clone(),
             topics.deliver.clone(),
+            &topics.status,
         );
         Ok(Self { core, consumer })
     }

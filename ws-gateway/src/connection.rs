@@ -21,7 +21,7 @@ use dak_wire::frame::{ClientFrame, Refusal};
 use dak_wire::{ErrorCode, ServerFrame, WireError};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -159,6 +159,8 @@ struct Socket<'a> {
 enum Step {
     Continue,
     Close(u16, &'static str),
+    /// The client sent a close frame.
+    ClosedByClient,
     Gone,
 }
 
@@ -201,9 +203,19 @@ impl Socket<'_> {
                 break step;
             }
         };
-        if let Step::Close(code, reason) = step {
-            self.finish_pending().await;
-            self.close(code, reason).await;
+        match step {
+            Step::Close(code, reason) => {
+                self.finish_pending().await;
+                self.close(code, reason).await;
+            }
+            // tungstenite queued the echo of the client's close frame; only
+            // a flush sends it. Without it a browser reports the close as
+            // abnormal (1006).
+            Step::ClosedByClient => {
+                let deadline = CLOSE_WRITE_TIMEOUT.min(self.shared.config.idle_timeout);
+                let _ = tokio::time::timeout(deadline, self.ws.flush()).await;
+            }
+            Step::Continue | Step::Gone => {}
         }
     }
 
@@ -217,7 +229,7 @@ impl Socket<'_> {
                 self.refuse(Refusal { error, id: None }).await
             }
             Message::Ping(_) | Message::Pong(_) => Step::Continue,
-            Message::Close(_) => Step::Gone,
+            Message::Close(_) => Step::ClosedByClient,
         }
     }
 

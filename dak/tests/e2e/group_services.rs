@@ -69,7 +69,7 @@ async fn ack(client: &mut Client, frame: &Value) {
 /// `sender` (the client sent group messages); anyone else getting one fails.
 async fn next_not_receipt(client: &mut Client, who: &str, sender: bool) -> Value {
     loop {
-        let frame = client.recv().await;
+        let frame = client.recv_as(who, "a frame that is not a receipt").await;
         if frame["type"] != "receipt" {
             return frame;
         }
@@ -143,7 +143,7 @@ async fn read_phase(
         if done {
             return seen;
         }
-        let frame = client.recv().await;
+        let frame = client.recv_as(me, "a message of the read phase").await;
         match frame["type"].as_str() {
             Some("accepted") => {
                 let id = frame["id"].as_str().unwrap().to_owned();
@@ -207,6 +207,11 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
             ("DAK_WS_RATE_LIMIT", "0"),
             ("DAK_SCYLLA_NODES", &nodes),
             ("DAK_SCYLLA_KEYSPACE", &keyspace),
+            // Every delivery and send logged, to read if this test fails.
+            (
+                "RUST_LOG",
+                "info,session=debug,ws_gateway=debug,dak_runtime::gateway=debug,push=warn",
+            ),
         ],
     );
     let _router = services.start("message-router", &[]).await;
@@ -245,7 +250,7 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
     join_all(online.iter_mut().zip(online_users).map(|(client, me)| {
         let (created_mid, others) = (&created_mid, &users[1..]);
         async move {
-            let frame = client.recv().await;
+            let frame = client.recv_as(me, "the created notice").await;
             assert_notice(me, &frame, GROUP, "created");
             assert_eq!(
                 (
@@ -396,6 +401,50 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // m000 asks where its first message is, on persistence's status API (the
+    // status store is on the CQL server too): acked by the 99 other online
+    // members, stored for and pushed to the 100 offline ones (push and
+    // persistence read `dak.offline` apart, so either may come first).
+    let first = seen[0].accepted["a0"].clone();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = reqwest::Client::new()
+            .get(format!("http://{sync}/v1/messages/{first}/status"))
+            .bearer_auth(token("m000", "default"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let status: Value = response.json().await.unwrap();
+        let mut states: HashMap<&str, usize> = HashMap::new();
+        for device in status["devices"].as_array().unwrap() {
+            let user = device["user"].as_str().unwrap();
+            let state = device["state"].as_str().unwrap();
+            let steps: Vec<&str> = device["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["state"].as_str().unwrap())
+                .collect();
+            let online = online_users.iter().any(|u| u == user);
+            if online && state == "acked" {
+                *states.entry("acked").or_default() += 1;
+            }
+            if !online && steps.contains(&"stored") && steps.contains(&"pushed") {
+                *states.entry("stored and pushed").or_default() += 1;
+            }
+        }
+        if states.get("acked") == Some(&99) && states.get("stored and pushed") == Some(&100) {
+            assert_eq!(status["to"], GROUP, "{status}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status of {first} never showed 99 acked, 100 stored and pushed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // m000 removes m050: everyone online hears it, m050 included.
     let (status, answer) = rest_group(
         rest,
@@ -470,10 +519,20 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
     online[0]
         .send(json!({"type": "message", "id": "d-m050", "to": "m050", "chat": "direct", "body": "just you"}))
         .await;
-    let accepted = next_not_receipt(&mut online[0], "m000", true).await;
+    // The members' receipts for the last message may come before the
+    // `accepted`: they count below.
+    let mut early_receipts = Vec::new();
+    let accepted = loop {
+        let frame = online[0].recv_as("m000", "the accepted of d-m050").await;
+        if frame["type"] != "receipt" {
+            break frame;
+        }
+        ack(&mut online[0], &frame).await;
+        early_receipts.push(frame);
+    };
     assert_eq!(accepted["id"], "d-m050", "{accepted}");
     let direct_mid = mid(&accepted);
-    let frame = online[50].recv().await;
+    let frame = online[50].recv_as("m050", "the direct message").await;
     assert_eq!(
         (
             frame["type"].as_str(),
@@ -499,10 +558,19 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         .cloned()
         .collect();
     let mut by = BTreeSet::new();
+    let mut early = early_receipts.into_iter();
     while by != expected {
-        let frame = online[0].recv().await;
+        let frame = match early.next() {
+            Some(frame) => frame,
+            None => {
+                let frame = online[0]
+                    .recv_as("m000", "receipts of the last message")
+                    .await;
+                ack(&mut online[0], &frame).await;
+                frame
+            }
+        };
         assert_eq!(frame["type"], "receipt", "m000: {frame}");
-        ack(&mut online[0], &frame).await;
         if frame["mid"] == last_mid.as_str() {
             let who = frame["by"].as_str().unwrap().to_owned();
             assert!(expected.contains(&who), "receipt from {who}: {frame}");

@@ -256,6 +256,17 @@ async fn a_silent_socket_is_closed_and_its_device_goes_offline() {
     stack.stop().await;
 }
 
+/// The gateway answers a client's close frame, so the client sees a clean
+/// close (a browser reports one without an answer as 1006, abnormal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_gets_its_close_answered() {
+    let stack = Stack::start(Options::default()).await;
+    let mut bob = stack.connect("bob", "phone").await;
+    bob.close(1000).await;
+    assert_eq!(bob.closed().await, Some(1000));
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_device_replaces_its_old_socket() {
     let stack = Stack::start(Options::default()).await;

@@ -7,10 +7,13 @@
 //! processes and starts them again on the same data directory; `faults` and
 //! `soak` kill the broker, Redis and the services under traffic; `dashboards`
 //! checks that the Grafana dashboard and the alert rules in `deploy/` name only
-//! metrics a freshly started `dak up` exports.
+//! metrics a freshly started `dak up` exports; `console` drives the web
+//! console in headless Chromium (`browser`).
 
 mod bad_input;
 mod bench;
+mod browser;
+mod console;
 mod dashboards;
 mod faults;
 mod group_services;
@@ -20,4 +23,5 @@ mod offline;
 mod restart;
 mod services;
 mod soak;
+mod status;
 mod support;

@@ -3,6 +3,7 @@
 //! on `dak.offline`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -322,6 +323,15 @@ impl Client {
         }
     }
 
+    /// [`Client::recv`], for a test with many clients: a failure names `who`
+    /// and what it was waiting for.
+    pub async fn recv_as(&mut self, who: &str, waiting_for: &str) -> Value {
+        match self.next_frame(PATIENCE).await {
+            Ok(v) => v,
+            Err(why) => panic!("{who}, waiting for {waiting_for}: {why}"),
+        }
+    }
+
     /// The next JSON frame, or `None` if none comes within `wait` (or the socket closed).
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
         self.next_frame(wait).await.ok()
@@ -387,6 +397,19 @@ impl Client {
             Some(frame) => frame,
             None => panic!("no frame within {PATIENCE:?}"),
         }
+    }
+
+    /// Starts the close handshake with `code`.
+    pub async fn close(&mut self, code: u16) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        self.ws
+            .send(Message::Close(Some(frame)))
+            .await
+            .expect("websocket close");
     }
 
     /// Waits for the server to close the socket, returning the close code.
@@ -473,11 +496,13 @@ pub fn free_port() -> u16 {
 /// A child process killed when dropped.
 pub struct Process {
     child: Child,
+    /// Where its output goes, to be shown when the test fails.
+    log: Option<PathBuf>,
 }
 
 impl Process {
     pub fn from_child(child: Child) -> Self {
-        Self { child }
+        Self { child, log: None }
     }
 
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
@@ -499,6 +524,30 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+        // The test failed: what the process said last may tell why. The whole
+        // log is kept in dak-test-logs under the temporary directory.
+        if let (true, Some(log)) = (std::thread::panicking(), &self.log) {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            let kept = std::env::temp_dir().join("dak-test-logs");
+            let kept = std::fs::create_dir_all(&kept)
+                .and_then(|()| {
+                    let name = format!(
+                        "{}-{}",
+                        ulid::Ulid::new(),
+                        log.file_name().unwrap().to_string_lossy()
+                    );
+                    std::fs::copy(log, kept.join(&name)).map(|_| kept.join(name))
+                })
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|e| format!("not kept: {e}"));
+            eprintln!(
+                "--- last lines of {} (all of it: {kept}) ---\n{}",
+                log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -551,17 +600,29 @@ impl Services {
     /// Starts `dak <service>` with its own admin address and waits until it is ready.
     pub async fn start(&self, service: &str, extra: &[(&str, String)]) -> (Process, SocketAddr) {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = std::env::var_os("TEST_LOG").is_some();
+        // TEST_LOG=1 shows every service's output as it comes; otherwise it
+        // goes to a file in the data directory, shown if the test fails.
+        let (out, err, log) = if std::env::var_os("TEST_LOG").is_some() {
+            (Stdio::inherit(), Stdio::inherit(), None)
+        } else {
+            let path = self
+                .data_dir
+                .path()
+                .join(format!("{service}-{}.log", admin.port()));
+            let file = std::fs::File::create(&path).expect("service log file");
+            let copy = file.try_clone().expect("service log file");
+            (Stdio::from(file), Stdio::from(copy), Some(path))
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_dak"))
             .arg(service)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .env("DAK_ADMIN_ADDR", admin.to_string())
-            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("spawning dak");
-        let process = Process { child };
+        let process = Process { child, log };
         wait_ready(admin).await;
         (process, admin)
     }
@@ -706,8 +767,15 @@ pub async fn spawn_dak_up(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Process, SocketAddr, SocketAddr) {
+    start_dak_up(dak_up_command(data_dir, env)).await
+}
+
+/// The command [`spawn_dak_up`] runs, for a test to change before
+/// [`start_dak_up`] (to leave `DAK_JWT_SECRET` unset, say).
+pub fn dak_up_command(data_dir: &std::path::Path, env: &[(&str, &str)]) -> Command {
     let log = std::env::var_os("TEST_LOG").is_some();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dak"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dak"));
+    command
         .arg("up")
         .env("DAK_DATA_DIR", data_dir)
         .env("DAK_PUBLIC_ADDR", "127.0.0.1:0")
@@ -718,9 +786,14 @@ pub async fn spawn_dak_up(
         .env_remove("DAK_KAFKA_BROKERS")
         .env_remove("DAK_REDIS_URL")
         .stdout(Stdio::piped())
-        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
-        .spawn()
-        .expect("spawning dak up");
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() });
+    command
+}
+
+/// Starts `dak up` (its stdout piped) and returns the process and the public
+/// and admin addresses it printed, once it is ready.
+pub async fn start_dak_up(mut command: Command) -> (Process, SocketAddr, SocketAddr) {
+    let mut child = command.spawn().expect("spawning dak up");
     let stdout = child.stdout.take().expect("piped stdout");
     let process = Process::from_child(child);
     let (public, admin) = tokio::task::spawn_blocking(move || dak_up_addresses(stdout))
@@ -751,6 +824,26 @@ pub fn dak_up_addresses(stdout: std::process::ChildStdout) -> (SocketAddr, Socke
     }
     std::thread::spawn(move || lines.for_each(drop));
     (public.unwrap(), admin.unwrap())
+}
+
+/// Tries `attempt` every 50 ms until it gives a value; fails the test,
+/// naming `what`, when none comes within [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Polls `/readyz` until it answers 200.
@@ -1048,7 +1141,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (scripts/test installs it): {e}", self.name));
-        let mut process = Process { child };
+        let mut process = Process { child, log: None };
         wait_listening(self.name, &mut process, self.port, Duration::from_secs(120)).await;
         self.process = Some(process);
     }

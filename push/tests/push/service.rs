@@ -159,6 +159,7 @@ fn spawn(
         tokens: tokens.clone(),
         presence: presence.clone(),
         sender: Arc::new(FcmSender::new(config).unwrap()),
+        producer: bus.producer().unwrap(),
     };
     let service = Push::build(config, bus, deps).unwrap();
     tokio::spawn(service.run(shutdown.clone()))

@@ -1,0 +1,265 @@
+//! The status store of `dak up`: one SQLite file, `status.db`, under the data
+//! directory, written through [`dak_runtime::sqlite::Writer`] (group commit, on
+//! a thread of its own, apart from the inbox's file).
+//!
+//! Status is for looking at, not a promise to a client: a commit is durable
+//! against a crash of the process, not against a power loss
+//! ([`Durability::ProcessCrash`]). Rows are keyed by mid first, and mids begin
+//! with their time, so the rows past the retention are the first rows of the
+//! table: upkeep deletes them a bounded number at a time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dak_runtime::now_ms;
+use dak_runtime::sqlite::{Durability, Writer, WriterState};
+use dak_runtime::store::StoreError;
+use dak_wire::event::{DeviceStep, StatusEvent};
+use dak_wire::{ChatKind, DeviceId, Mid, UserId};
+use rusqlite::{params, Connection};
+
+use super::StatusStore;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS status (
+    mid TEXT NOT NULL,
+    user TEXT NOT NULL,
+    device TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    chat TEXT NOT NULL,
+    PRIMARY KEY (mid, user, device, state)
+) WITHOUT ROWID;
+";
+
+/// Rows deleted per upkeep round.
+const EXPIRE_BATCH: usize = 1000;
+
+pub struct SqliteStatus {
+    writer: Writer<Retention>,
+    keep_ms: u64,
+}
+
+/// What upkeep needs: how long rows are kept.
+struct Retention {
+    keep_ms: u64,
+}
+
+impl WriterState for Retention {
+    fn upkeep(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let cutoff = now_ms().saturating_sub(self.keep_ms);
+        let oldest_kept = ulid::Ulid::from_parts(cutoff, 0).to_string();
+        conn.prepare_cached(
+            "DELETE FROM status WHERE (mid, user, device, state) IN
+                (SELECT mid, user, device, state FROM status WHERE mid < ?1 LIMIT ?2)",
+        )?
+        .execute(params![oldest_kept, EXPIRE_BATCH as i64])?;
+        Ok(())
+    }
+}
+
+impl SqliteStatus {
+    pub fn open(path: &Path, retention: Duration) -> Result<Self, StoreError> {
+        let writer = Writer::open(
+            path,
+            "dak-status-db",
+            Durability::ProcessCrash,
+            SCHEMA,
+            |_| {
+                Ok(Retention {
+                    keep_ms: retention.as_millis() as u64,
+                })
+            },
+        )?;
+        Ok(Self {
+            writer,
+            keep_ms: retention.as_millis() as u64,
+        })
+    }
+}
+
+/// The columns of one step, as both engines keep it. The message-level
+/// `accepted` step has an empty user and device, and only it has a recipient
+/// and a chat; a step for the user-level inbox has an empty device.
+pub(super) struct Row {
+    pub mid: String,
+    pub user: String,
+    pub device: String,
+    pub state: &'static str,
+    pub at: i64,
+    pub sender: String,
+    pub recipient: String,
+    pub chat: &'static str,
+}
+
+/// The row of a step; `None` for a read receipt, which is not a step.
+pub(super) fn row(step: &StatusEvent) -> Option<Row> {
+    match step {
+        StatusEvent::Accepted {
+            mid,
+            from,
+            to,
+            chat,
+            at,
+        } => Some(Row {
+            mid: mid.to_string(),
+            user: String::new(),
+            device: String::new(),
+            state: "accepted",
+            at: *at as i64,
+            sender: from.to_string(),
+            recipient: to.clone(),
+            chat: chat_str(*chat),
+        }),
+        StatusEvent::Device {
+            mid,
+            from,
+            user,
+            device,
+            step,
+            at,
+        } => Some(Row {
+            mid: mid.to_string(),
+            user: user.to_string(),
+            device: device.as_ref().map(|d| d.to_string()).unwrap_or_default(),
+            state: step.as_str(),
+            at: *at as i64,
+            sender: from.to_string(),
+            recipient: String::new(),
+            chat: "",
+        }),
+        StatusEvent::Read { .. } => None,
+    }
+}
+
+fn chat_str(chat: ChatKind) -> &'static str {
+    match chat {
+        ChatKind::Direct => "direct",
+        ChatKind::Group => "group",
+    }
+}
+
+/// A step from its columns, the inverse of [`columns`].
+pub(super) fn from_columns(
+    mid: Mid,
+    (user, device, state, at, sender, recipient, chat): (
+        String,
+        String,
+        String,
+        i64,
+        String,
+        String,
+        String,
+    ),
+) -> Result<StatusEvent, String> {
+    let from = UserId::parse(&sender).map_err(|e| e.message)?;
+    let at = at.max(0) as u64;
+    if state == "accepted" {
+        let chat = match chat.as_str() {
+            "direct" => ChatKind::Direct,
+            "group" => ChatKind::Group,
+            other => return Err(format!("unknown chat `{other}`")),
+        };
+        return Ok(StatusEvent::Accepted {
+            mid,
+            from,
+            to: recipient,
+            chat,
+            at,
+        });
+    }
+    let step = DeviceStep::parse(&state).ok_or_else(|| format!("unknown state `{state}`"))?;
+    Ok(StatusEvent::Device {
+        mid,
+        from,
+        user: UserId::parse(&user).map_err(|e| e.message)?,
+        device: if device.is_empty() {
+            None
+        } else {
+            Some(DeviceId::parse(&device).map_err(|e| e.message)?)
+        },
+        step,
+        at,
+    })
+}
+
+#[async_trait]
+impl StatusStore for SqliteStatus {
+    async fn record(&self, steps: &[StatusEvent]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let rows: Vec<Row> = steps
+            .iter()
+            .filter(|s| s.mid().timestamp_ms() + self.keep_ms > now)
+            .filter_map(row)
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .call(move |conn, _| {
+                let mut insert = conn.prepare_cached(
+                    "INSERT INTO status (mid, user, device, state, at, sender, recipient, chat)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (mid, user, device, state) DO UPDATE SET at = min(at, excluded.at)",
+                )?;
+                for r in &rows {
+                    insert.execute(params![
+                        r.mid,
+                        r.user,
+                        r.device,
+                        r.state,
+                        r.at,
+                        r.sender,
+                        r.recipient,
+                        r.chat
+                    ])?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn steps(&self, mid: Mid) -> anyhow::Result<Vec<StatusEvent>> {
+        let rows = self
+            .writer
+            .call(move |conn, _| {
+                let mut select = conn.prepare_cached(
+                    "SELECT user, device, state, at, sender, recipient, chat
+                     FROM status WHERE mid = ?1",
+                )?;
+                let rows = select
+                    .query_map(params![mid.to_string()], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await?;
+        let mut steps = rows
+            .into_iter()
+            .map(|row| from_columns(mid, row).map_err(StoreError::Corrupt))
+            .collect::<Result<Vec<_>, _>>()?;
+        steps.sort_by_key(step_time);
+        Ok(steps)
+    }
+}
+
+pub(super) fn step_time(step: &StatusEvent) -> u64 {
+    match step {
+        StatusEvent::Accepted { at, .. }
+        | StatusEvent::Device { at, .. }
+        | StatusEvent::Read { at, .. } => *at,
+    }
+}
