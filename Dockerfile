@@ -10,8 +10,8 @@
 # wrote it); see deploy/README.md for what was checked.
 
 # --- build ---------------------------------------------------------------------
-# The Rust image carries a C toolchain, make and zlib's headers, which
-# librdkafka and SQLite (both built from source) need.
+# The Rust image carries a C toolchain, make, pkg-config and the headers of
+# zlib and OpenSSL, which librdkafka and SQLite (both built from source) need.
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -24,7 +24,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # --- runtime -------------------------------------------------------------------
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 dak \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/dak --create-home dak

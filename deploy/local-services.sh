@@ -219,6 +219,8 @@ command -v curl >/dev/null 2>&1 || { log "curl is needed"; exit 1; }
 if [ -n "${DAK_BIN:-}" ]; then
   BIN=$DAK_BIN
 else
+  # librdkafka is built against the system's OpenSSL.
+  pkg-config --exists openssl 2>/dev/null || { apt_install pkg-config; apt_install libssl-dev; }
   log "building dak (cargo build --release -p dak)"
   cargo build --release -p dak
   BIN=target/release/dak

@@ -6,7 +6,8 @@
 //! - [`bus`]: the event bus seam: topics, producers with durable
 //!   acknowledgements, at-least-once consumer groups; on Kafka or on the
 //!   embedded durable log `dak up` runs on.
-//! - [`redis`]: connecting to Redis.
+//! - [`redis`]: connecting to Redis: one server or a Redis Cluster, over TCP
+//!   or TLS.
 //! - [`admin`]: `/livez`, `/readyz` and `/metrics`.
 //! - [`auth`]: client JWTs (HS256, a public key, or an identity provider's
 //!   JWKS) and the internal token.

@@ -145,7 +145,7 @@ pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(Bus, Producer)> 
     let brokers = args.brokers.clone().ok_or_else(|| {
         ConfigError("DAK_KAFKA_BROKERS is required when a service runs on its own".into())
     })?;
-    let bus = Bus::kafka(KafkaConfig::new(brokers, args));
+    let bus = Bus::kafka(KafkaConfig::new(brokers, args)?);
     bus.create_topics().await?;
     let producer = bus.producer()?;
     Ok((bus, producer))
@@ -153,10 +153,12 @@ pub async fn connect_kafka(args: &KafkaArgs) -> anyhow::Result<(Bus, Producer)> 
 
 /// Redis for a service running on its own: `DAK_REDIS_URL` is required.
 pub async fn connect_redis(store: &StoreArgs) -> anyhow::Result<crate::redis::Connection> {
-    let url = store.redis_url.as_deref().ok_or_else(|| {
+    let target = store.redis_target().map_err(ConfigError)?.ok_or_else(|| {
         ConfigError("DAK_REDIS_URL is required when a service runs on its own".into())
     })?;
-    Ok(crate::redis::connect(url).await?)
+    crate::redis::connect_to(&target)
+        .await
+        .map_err(|e| anyhow::anyhow!("redis at {}: {e}", target.describe()))
 }
 
 pub fn redis_presence(redis: &crate::redis::Connection, store: &StoreArgs) -> Arc<dyn Presence> {

@@ -118,3 +118,25 @@ where
         std::panic::resume_unwind(failed.into_panic());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A node given as an IPv6 address in brackets is dialled: a listener on
+    /// [::1] sees the driver connect (nothing answers it; no CQL server needed).
+    #[tokio::test]
+    async fn ipv6_nodes_are_dialled() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0")
+            .await
+            .expect("an IPv6 loopback address");
+        let node = format!("[::1]:{}", listener.local_addr().unwrap().port());
+        let connecting =
+            tokio::spawn(async move { super::connect(&[node], "dak", &Default::default()).await });
+        let (_socket, peer) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+                .await
+                .expect("the driver connected within 10 s")
+                .unwrap();
+        assert!(peer.is_ipv6(), "{peer}");
+        connecting.abort();
+    }
+}

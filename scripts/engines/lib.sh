@@ -47,6 +47,18 @@ ensure_redis_server() {
   fi
 }
 
+# Installs OpenSSL's headers, pkg-config and the openssl command from Debian's
+# packages when they are missing: librdkafka is built against the system's
+# OpenSSL (TLS and SASL to Kafka), and the TLS tests make their certificates
+# with the command.
+ensure_build_deps() {
+  if ! pkg-config --exists openssl 2>/dev/null || ! command -v openssl >/dev/null 2>&1; then
+    echo "installing libssl-dev, pkg-config and openssl (apt-get)" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config openssl >/dev/null
+  fi
+}
+
 # Installs Debian's chromium and its chromedriver, which the console's browser
 # test drives, when either is missing.
 ensure_chromium() {

@@ -1,5 +1,7 @@
 //! The bus on a Kafka cluster, through rdkafka: start-up topic creation, the
-//! idempotent producer (`acks=all`), and at-least-once consumers.
+//! idempotent producer (`acks=all`), and at-least-once consumers. Every
+//! client also gets the TLS, SASL and pass-through properties
+//! `client_properties` resolves from the settings.
 //!
 //! Consumers use librdkafka's auto-commit of *stored* offsets: a handler
 //! stores a record's offset only after it finished with it, so a crash replays
@@ -16,15 +18,23 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 pub use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Message as _};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{
+    DeliveryFuture, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+    ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 
+mod client_properties;
+
+use self::client_properties::Property;
 use super::{Record, Topics};
-use crate::config::KafkaArgs;
+use crate::config::{KafkaArgs, SecurityProtocol};
+use crate::process::ConfigError;
 use crate::shutdown::Shutdown;
 
-/// Resolved Kafka settings: bootstrap servers and topics.
+/// Resolved Kafka settings: bootstrap servers, topics, and what every client
+/// gets besides (security, pass-through properties).
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -34,12 +44,17 @@ pub struct KafkaConfig {
     pub linger_ms: u32,
     pub fetch_wait_ms: u32,
     pub session_timeout_ms: u32,
+    pub security_protocol: SecurityProtocol,
+    client_properties: Vec<Property>,
 }
 
 impl KafkaConfig {
     /// Settings for a Kafka cluster: what `args` sets, or the defaults.
-    pub fn new(brokers: String, args: &KafkaArgs) -> Self {
-        Self {
+    /// Refuses a bad combination of security settings, and properties
+    /// librdkafka does not know or takes no such value for.
+    pub fn new(brokers: String, args: &KafkaArgs) -> Result<Self, ConfigError> {
+        let client_properties = client_properties::resolve(args).map_err(ConfigError)?;
+        let config = Self {
             brokers,
             topics: Topics::with_prefix(&args.topic_prefix),
             partitions: args.partitions.unwrap_or(12),
@@ -47,7 +62,24 @@ impl KafkaConfig {
             linger_ms: args.linger_ms.unwrap_or(1),
             fetch_wait_ms: args.fetch_wait_ms.unwrap_or(100),
             session_timeout_ms: args.session_timeout_ms,
+            security_protocol: args.security_protocol,
+            client_properties,
+        };
+        // librdkafka checks every name and value when it builds its
+        // configuration, without connecting anywhere.
+        if let Err(e) = config
+            .finish(&mut config.client_config())
+            .create_native_config()
+        {
+            return Err(ConfigError(match e {
+                // The value is left out: it may be a password.
+                KafkaError::ClientConfig(_, description, key, _) => {
+                    format!("kafka property {key}: {description}")
+                }
+                e => format!("kafka settings: {e}"),
+            }));
         }
+        Ok(config)
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -60,11 +92,103 @@ impl KafkaConfig {
             .set("log_level", "4");
         config
     }
+
+    /// Adds the resolved properties to a client's own, last, so that the
+    /// pass-through can change what dak chose (not what it refuses).
+    fn finish<'c>(&self, client: &'c mut ClientConfig) -> &'c mut ClientConfig {
+        for property in &self.client_properties {
+            client.set(&property.key, &property.value);
+        }
+        client
+    }
+}
+
+/// How long start-up waits for the cluster to let a client in: about as long
+/// as an admin request waits for a broker.
+const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits until the cluster answers a client with these settings. An admin
+/// client never reads the queue where librdkafka reports a refused login (a
+/// wrong password, a certificate no trusted CA signed), so topic creation
+/// alone would time out after a minute without saying why; a producer reads
+/// it, and a refusal ends the wait at once with librdkafka's reason.
+pub async fn join(config: &KafkaConfig) -> Result<(), ClusterRefused> {
+    let probe: ThreadedProducer<LastError> = config
+        .finish(&mut config.client_config())
+        .create_with_context(LastError::default())
+        .map_err(|e| ClusterRefused(e.to_string()))?;
+    let probe = Arc::new(probe);
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+    loop {
+        let asking = probe.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            asking
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| ClusterRefused(e.to_string()))?;
+        let Err(e) = answered else {
+            return Ok(());
+        };
+        let (refused, last) = probe.context().seen();
+        if let Some(reason) = refused {
+            return Err(ClusterRefused(reason));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterRefused(last.unwrap_or_else(|| e.to_string())));
+        }
+    }
+}
+
+/// The cluster did not let a client in, with librdkafka's last word on why.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the Kafka cluster: {0}")]
+pub struct ClusterRefused(pub String);
+
+/// A client context that keeps what librdkafka reported: the first refusal
+/// (a failed login or TLS handshake), which later errors such as "all
+/// brokers are down" must not hide, and the last error.
+#[derive(Default)]
+struct LastError(std::sync::Mutex<(Option<String>, Option<String>)>);
+
+impl LastError {
+    /// The first refusal and the last error.
+    fn seen(&self) -> (Option<String>, Option<String>) {
+        self.0.lock().expect("last error lock").clone()
+    }
+}
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+        let code = error.rdkafka_error_code();
+        let refused = matches!(
+            code,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        );
+        let mut seen = self.0.lock().expect("last error lock");
+        if refused && seen.0.is_none() {
+            seen.0 = Some(reason.to_owned());
+        }
+        // "n/m brokers are down" follows the error that says why.
+        if code != Some(RDKafkaErrorCode::AllBrokersDown) {
+            seen.1 = Some(reason.to_owned());
+        }
+    }
+}
+
+impl ProducerContext for LastError {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
 /// Creates the topics that do not exist yet, through the admin API.
 pub async fn create_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        config.finish(&mut config.client_config()).create()?;
     let topics: Vec<NewTopic> = config
         .topics
         .all()
@@ -98,8 +222,8 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
-        let inner = config
-            .client_config()
+        let mut client = config.client_config();
+        client
             // Idempotence keeps a key's records in order across retries. It does
             // not set enable.gapless.guarantee, which turns a batch that timed
             // out into a fatal error that stops the producer for good: a record
@@ -110,8 +234,8 @@ impl KafkaProducer {
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
             .set("queue.buffering.max.messages", "1000000")
-            .set("message.timeout.ms", "30000")
-            .create()?;
+            .set("message.timeout.ms", "30000");
+        let inner = config.finish(&mut client).create()?;
         Ok(Self { inner })
     }
 
@@ -194,8 +318,8 @@ pub struct KafkaConsumer {
 
 impl KafkaConsumer {
     pub fn new(config: &KafkaConfig, group: &str, topics: &[&str]) -> Result<Self, KafkaError> {
-        let inner: StreamConsumer<LagReporter> = config
-            .client_config()
+        let mut client = config.client_config();
+        client
             .set("group.id", group)
             .set("statistics.interval.ms", "5000")
             .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
@@ -205,10 +329,13 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", "1000")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .create_with_context(LagReporter {
-                group: group.to_owned(),
-            })?;
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        let inner: StreamConsumer<LagReporter> =
+            config
+                .finish(&mut client)
+                .create_with_context(LagReporter {
+                    group: group.to_owned(),
+                })?;
         inner.subscribe(topics)?;
         Ok(Self {
             inner: Arc::new(inner),
@@ -275,5 +402,72 @@ fn record(m: &BorrowedMessage<'_>) -> Record {
         offset: m.offset(),
         key: m.key().unwrap_or_default().to_vec(),
         payload: m.payload().unwrap_or_default().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_with(properties: &str) -> KafkaArgs {
+        KafkaArgs {
+            properties: Some(crate::config::Secret::new(properties)),
+            ..KafkaArgs::default()
+        }
+    }
+
+    #[test]
+    fn properties_librdkafka_does_not_take_stop_the_start() {
+        let error = KafkaConfig::new("127.0.0.1:9092".into(), &args_with("no.such.property=1"))
+            .unwrap_err();
+        assert!(
+            error.0.contains("kafka property no.such.property"),
+            "{error}"
+        );
+        let error = KafkaConfig::new(
+            "127.0.0.1:9092".into(),
+            &args_with("socket.keepalive.enable=perhaps"),
+        )
+        .unwrap_err();
+        assert!(error.0.contains("socket.keepalive.enable"), "{error}");
+        KafkaConfig::new(
+            "127.0.0.1:9092".into(),
+            &args_with("socket.keepalive.enable=true,client.id=dak"),
+        )
+        .unwrap();
+    }
+
+    /// librdkafka refuses `ssl` and `sasl_ssl` when it was built without
+    /// OpenSSL; this fails if the `ssl` feature goes missing.
+    #[test]
+    fn tls_and_sasl_are_built_in() {
+        let args = KafkaArgs {
+            security_protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(crate::config::SaslMechanism::ScramSha256),
+            sasl_username: Some("dak".into()),
+            sasl_password: Some(crate::config::Secret::new("secret")),
+            ..KafkaArgs::default()
+        };
+        let config = KafkaConfig::new("127.0.0.1:9092".into(), &args).unwrap();
+        KafkaProducer::new(&config).unwrap();
+    }
+
+    /// An IPv6 bootstrap server in brackets is dialled: a listener on [::1]
+    /// sees the client connect (nothing answers it, the test needs no broker).
+    #[tokio::test]
+    async fn ipv6_brokers_are_dialled() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0")
+            .await
+            .expect("an IPv6 loopback address");
+        let brokers = format!("[::1]:{}", listener.local_addr().unwrap().port());
+        let config = KafkaConfig::new(brokers, &KafkaArgs::default()).unwrap();
+        let producer = KafkaProducer::new(&config).unwrap();
+        let asking = tokio::spawn(async move { producer.check().await });
+        let (_socket, peer) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the client connected within 10 s")
+            .unwrap();
+        assert!(peer.is_ipv6(), "{peer}");
+        asking.abort();
     }
 }

@@ -28,6 +28,8 @@ pub use self::log::{Log, LogOptions};
 pub enum BusError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    KafkaRefused(#[from] kafka::ClusterRefused),
     #[error("embedded log: {0}")]
     Log(#[from] log::LogError),
 }
@@ -110,7 +112,11 @@ impl Bus {
     /// What the bus is, for the start-up log line.
     pub fn describe(&self) -> String {
         match &self.engine {
-            Engine::Kafka(config) => format!("kafka {}", config.brokers),
+            Engine::Kafka(config) => format!(
+                "kafka {} ({})",
+                config.brokers,
+                config.security_protocol.as_str()
+            ),
             Engine::Log(log) => format!("embedded log {}", log.path().display()),
         }
     }
@@ -126,7 +132,10 @@ impl Bus {
     /// Creates the topics that do not exist yet.
     pub async fn create_topics(&self) -> Result<(), BusError> {
         match &self.engine {
-            Engine::Kafka(config) => Ok(kafka::create_topics(config).await?),
+            Engine::Kafka(config) => {
+                kafka::join(config).await?;
+                Ok(kafka::create_topics(config).await?)
+            }
             Engine::Log(log) => {
                 let log = log.clone();
                 let topics = self.topics.clone();

@@ -1,12 +1,15 @@
 //! The bus contract: one suite, run on both engines — the embedded log (a
 //! SQLite file of each test's own) and Apache Kafka (`DAK_TEST_KAFKA_BROKERS`,
-//! which scripts/test starts, with a topic prefix of each test's own).
+//! which scripts/test starts, with a topic prefix of each test's own); and
+//! some of it on Kafka's SASL listeners, without and with TLS, and on its TLS
+//! listener that requires a client certificate (`DAK_TEST_KAFKA_SASL_BROKERS`,
+//! `DAK_TEST_KAFKA_SASL_SSL_BROKERS`, `DAK_TEST_KAFKA_SSL_BROKERS`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use dak_runtime::bus::{Bus, Consumer, KafkaConfig, Log, LogOptions, Record, Topics};
-use dak_runtime::config::KafkaArgs;
+use dak_runtime::config::{KafkaArgs, SaslMechanism, Secret, SecurityProtocol};
 use dak_runtime::shutdown::Shutdown;
 
 /// How long a test waits for records that should come. Kafka's group joins
@@ -23,6 +26,15 @@ fn unique() -> String {
 enum Engine {
     Log,
     Kafka,
+    /// Kafka through its SASL_PLAINTEXT listener (`DAK_TEST_KAFKA_SASL_BROKERS`),
+    /// as the user scripts/engines/kafka makes.
+    KafkaSasl(SaslMechanism),
+    /// Kafka through its SASL_SSL listener (`DAK_TEST_KAFKA_SASL_SSL_BROKERS`),
+    /// trusting the test CA (`DAK_TEST_KAFKA_CA`).
+    KafkaSaslSsl(SaslMechanism),
+    /// Kafka through its SSL listener (`DAK_TEST_KAFKA_SSL_BROKERS`), with
+    /// the client certificate the test CA signed.
+    KafkaSsl,
 }
 
 struct TestBus {
@@ -57,12 +69,93 @@ async fn bus(engine: Engine) -> TestBus {
                 linger_ms: None,
                 fetch_wait_ms: None,
                 session_timeout_ms: 6000,
+                ..KafkaArgs::default()
             };
-            Bus::kafka(KafkaConfig::new(brokers, &args))
+            Bus::kafka(KafkaConfig::new(brokers, &args).unwrap())
         }
+        Engine::KafkaSsl => Bus::kafka(KafkaConfig::new(ssl_brokers(), &ssl_args(true)).unwrap()),
+        Engine::KafkaSaslSsl(mechanism) => Bus::kafka(
+            KafkaConfig::new(
+                sasl_ssl_brokers(),
+                &sasl_ssl_args(mechanism, Some(test_ca())),
+            )
+            .unwrap(),
+        ),
+        Engine::KafkaSasl(mechanism) => Bus::kafka(
+            KafkaConfig::new(sasl_brokers(), &sasl_args(mechanism, "dak-secret")).unwrap(),
+        ),
     };
     bus.create_topics().await.expect("topics created");
     TestBus { bus, _dir: dir }
+}
+
+fn sasl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka SASL tests need DAK_TEST_KAFKA_SASL_BROKERS; scripts/test sets it")
+    })
+}
+
+/// Settings for the test broker's SASL listener: user `dak`, `password`.
+fn sasl_args(mechanism: SaslMechanism, password: &str) -> KafkaArgs {
+    KafkaArgs {
+        brokers: Some(sasl_brokers()),
+        topic_prefix: format!("t{}.", unique()),
+        partitions: Some(PARTITIONS as i32),
+        session_timeout_ms: 6000,
+        security_protocol: SecurityProtocol::SaslPlaintext,
+        sasl_mechanism: Some(mechanism),
+        sasl_username: Some("dak".into()),
+        sasl_password: Some(Secret::new(password)),
+        ..KafkaArgs::default()
+    }
+}
+
+fn sasl_ssl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SASL_SSL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka TLS tests need DAK_TEST_KAFKA_SASL_SSL_BROKERS; scripts/test sets it")
+    })
+}
+
+fn test_ca() -> std::path::PathBuf {
+    std::env::var("DAK_TEST_KAFKA_CA")
+        .unwrap_or_else(|_| {
+            panic!("the Kafka TLS tests need DAK_TEST_KAFKA_CA; scripts/test sets it")
+        })
+        .into()
+}
+
+/// Settings for the test broker's SASL_SSL listener, trusting `ca`.
+fn sasl_ssl_args(mechanism: SaslMechanism, ca: Option<std::path::PathBuf>) -> KafkaArgs {
+    KafkaArgs {
+        brokers: Some(sasl_ssl_brokers()),
+        security_protocol: SecurityProtocol::SaslSsl,
+        ssl_ca_location: ca,
+        ..sasl_args(mechanism, "dak-secret")
+    }
+}
+
+fn ssl_brokers() -> String {
+    std::env::var("DAK_TEST_KAFKA_SSL_BROKERS").unwrap_or_else(|_| {
+        panic!("the Kafka TLS tests need DAK_TEST_KAFKA_SSL_BROKERS; scripts/test sets it")
+    })
+}
+
+/// Settings for the test broker's SSL listener, with the client certificate
+/// next to the test CA or without one.
+fn ssl_args(client_certificate: bool) -> KafkaArgs {
+    let ca = test_ca();
+    let beside = |name: &str| ca.with_file_name(name);
+    KafkaArgs {
+        brokers: Some(ssl_brokers()),
+        topic_prefix: format!("t{}.", unique()),
+        partitions: Some(PARTITIONS as i32),
+        session_timeout_ms: 6000,
+        security_protocol: SecurityProtocol::Ssl,
+        ssl_certificate_location: client_certificate.then(|| beside("client.crt")),
+        ssl_key_location: client_certificate.then(|| beside("client.key")),
+        ssl_ca_location: Some(ca),
+        ..KafkaArgs::default()
+    }
 }
 
 /// Reads until `n` records came, or fails after [`PATIENCE`].
@@ -371,6 +464,131 @@ both_engines!(
     records_that_all_fail_are_retried_not_parked,
     a_bounded_fan_out_waits_for_room_and_keeps_order,
 );
+
+mod kafka_sasl {
+    //! Kafka with SASL: records go through and keep their order with each
+    //! mechanism; a wrong password gets nothing through.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_256() {
+        records_of_one_key_keep_their_order(Engine::KafkaSasl(SaslMechanism::ScramSha256)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_512() {
+        a_consumer_resumes_after_what_its_group_committed(Engine::KafkaSasl(
+            SaslMechanism::ScramSha512,
+        ))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain() {
+        records_of_one_key_keep_their_order(Engine::KafkaSasl(SaslMechanism::Plain)).await;
+    }
+
+    /// The broker answers a metadata request with the right password and
+    /// not with a wrong one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_gets_no_answer() {
+        for mechanism in [SaslMechanism::ScramSha256, SaslMechanism::Plain] {
+            let answered = |password: &'static str| async move {
+                let config =
+                    KafkaConfig::new(sasl_brokers(), &sasl_args(mechanism, password)).unwrap();
+                Bus::kafka(config).producer().unwrap().check().await
+            };
+            assert_eq!(answered("dak-secret").await, Ok(()), "{mechanism:?}");
+            assert!(answered("wrong").await.is_err(), "{mechanism:?}");
+        }
+    }
+
+    /// Start-up (creating the topics) stops soon on a wrong password, and
+    /// says why, instead of timing out a minute later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_stops_the_start_saying_why() {
+        let config = KafkaConfig::new(
+            sasl_brokers(),
+            &sasl_args(SaslMechanism::ScramSha256, "wrong"),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let error = Bus::kafka(config).create_topics().await.unwrap_err();
+        assert!(
+            error.to_string().contains("SASL authentication error"),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+mod kafka_sasl_ssl {
+    //! Kafka with SASL over TLS: records go through; a broker whose
+    //! certificate no trusted CA signed gets nothing.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_sha_512() {
+        records_of_one_key_keep_their_order(Engine::KafkaSaslSsl(SaslMechanism::ScramSha512)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain() {
+        a_consumer_resumes_after_what_its_group_committed(Engine::KafkaSaslSsl(
+            SaslMechanism::Plain,
+        ))
+        .await;
+    }
+
+    /// With the system's CAs instead of the test CA, the broker's
+    /// certificate is not trusted and nothing answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_no_trusted_ca_signed_gets_no_request() {
+        let answered = |ca: Option<std::path::PathBuf>| async move {
+            let args = sasl_ssl_args(SaslMechanism::ScramSha256, ca);
+            let config = KafkaConfig::new(sasl_ssl_brokers(), &args).unwrap();
+            Bus::kafka(config).producer().unwrap().check().await
+        };
+        assert_eq!(answered(Some(test_ca())).await, Ok(()));
+        assert!(answered(None).await.is_err());
+
+        let args = sasl_ssl_args(SaslMechanism::ScramSha256, None);
+        let config = KafkaConfig::new(sasl_ssl_brokers(), &args).unwrap();
+        let error = Bus::kafka(config).create_topics().await.unwrap_err();
+        assert!(
+            error.to_string().contains("certificate verify failed"),
+            "{error}"
+        );
+    }
+}
+
+mod kafka_ssl {
+    //! Kafka over TLS with a client certificate (mTLS): records go through;
+    //! without the certificate nothing answers.
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_client_certificate() {
+        records_of_one_key_keep_their_order(Engine::KafkaSsl).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_client_certificate_nothing_answers() {
+        let answered = |client_certificate: bool| async move {
+            let config = KafkaConfig::new(ssl_brokers(), &ssl_args(client_certificate)).unwrap();
+            Bus::kafka(config).producer().unwrap().check().await
+        };
+        assert_eq!(answered(true).await, Ok(()));
+        assert!(answered(false).await.is_err());
+    }
+}
 
 mod embedded {
     //! What only the embedded log promises: its own durability and retention.

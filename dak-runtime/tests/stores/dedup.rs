@@ -72,7 +72,16 @@ async fn memory_dedup_keeps_the_contract() {
 
 #[tokio::test]
 async fn redis_dedup_keeps_the_contract() {
-    let conn = crate::redis().await;
+    redis_suites(crate::redis().await).await;
+}
+
+/// The Redis store's suites on `conn`: also run over TLS and on a Cluster.
+pub async fn redis_suites(conn: dak_runtime::redis::Connection) {
+    redis_contracts(conn.clone()).await;
+    redis_bound(conn).await;
+}
+
+async fn redis_contracts(conn: dak_runtime::redis::Connection) {
     contract(&RedisDedup::new(
         conn.clone(),
         &crate::unique_prefix(),
@@ -303,7 +312,10 @@ async fn memory_dedup_keeps_at_most_its_bound_dropping_the_oldest() {
 
 #[tokio::test]
 async fn redis_dedup_keeps_at_most_its_bound_per_sender_dropping_the_oldest() {
-    let conn = crate::redis().await;
+    redis_bound(crate::redis().await).await;
+}
+
+async fn redis_bound(conn: dak_runtime::redis::Connection) {
     let prefix = crate::unique_prefix();
     let store = RedisDedup::new(conn.clone(), &prefix, Duration::from_secs(60), 10);
     let grace = UserId::parse("grace").unwrap();

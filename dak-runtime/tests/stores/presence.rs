@@ -190,18 +190,31 @@ async fn memory_presence_keeps_the_contract() {
 
 #[tokio::test]
 async fn redis_presence_keeps_the_contract() {
-    let store = RedisPresence::new(crate::redis().await, &crate::unique_prefix());
+    redis_contracts(crate::redis().await).await;
+}
+
+/// The Redis store's suites on `conn`: also run over TLS and on a Cluster.
+pub async fn redis_suites(conn: dak_runtime::redis::Connection) {
+    redis_contracts(conn.clone()).await;
+    written_back_after_data_loss(conn).await;
+}
+
+async fn redis_contracts(conn: dak_runtime::redis::Connection) {
+    let store = RedisPresence::new(conn, &crate::unique_prefix());
     contract(&store).await;
     expiry_contract(&store).await;
+}
+
+#[tokio::test]
+async fn redis_presence_written_back_after_data_loss() {
+    written_back_after_data_loss(crate::redis().await).await;
 }
 
 /// Redis lost its data: the gateway's write-back restores its sockets, each
 /// live or not as the gateway knows it, and leaves alone a device that a
 /// newer connection took over meanwhile.
-#[tokio::test]
-async fn redis_presence_written_back_after_data_loss() {
+async fn written_back_after_data_loss(mut redis: dak_runtime::redis::Connection) {
     let prefix = crate::unique_prefix();
-    let mut redis = crate::redis().await;
     let store = RedisPresence::new(redis.clone(), &prefix);
     let gw1 = Gateway::new("http://gw1".into());
     let gw2 = Gateway::new("http://gw2".into());

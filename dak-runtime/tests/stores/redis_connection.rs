@@ -3,40 +3,27 @@
 //! Against a redis-server of each test's own, since they block the server
 //! (`DEBUG SLEEP`) or change its settings.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Server(Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::servers::{free_port, start, Server};
 
 async fn client_id(conn: &mut dak_runtime::redis::Connection) -> redis::RedisResult<i64> {
     redis::cmd("CLIENT").arg("ID").query_async(conn).await
 }
 
 /// A redis-server of the test's own, with `args`, and a connection to it.
-async fn own_server(args: &[&str]) -> (Server, String, dak_runtime::redis::Connection) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+async fn own_server(
+    args: &[&str],
+) -> (
+    (Server, tempfile::TempDir),
+    String,
+    dak_runtime::redis::Connection,
+) {
+    let port = free_port().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let server = Server(
-        Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--dir", dir.path().to_str().unwrap()])
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/test installs it)"),
-        dir,
-    );
+    let mut all = vec!["--port", &port];
+    all.extend_from_slice(args);
+    let server = start(dir.path(), &all);
     let url = format!("redis://127.0.0.1:{port}");
     let conn = loop {
         match dak_runtime::redis::connect(&url).await {
@@ -44,7 +31,7 @@ async fn own_server(args: &[&str]) -> (Server, String, dak_runtime::redis::Conne
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    (server, url, conn)
+    ((server, dir), url, conn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,4 +101,15 @@ async fn a_command_that_timed_out_makes_the_next_one_use_a_new_connection() {
     assert_ne!(next, first, "the next command went over a new connection");
     // And that one stays: no new connection per command.
     assert_eq!(client_id(&mut conn).await.unwrap(), next);
+}
+
+/// An IPv6 address in brackets, as URLs write it, is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_address_is_reached() {
+    let port = free_port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let _server = start(dir.path(), &["--bind", "::1", "--port", &port]);
+    let target = dak_runtime::redis::Target::url(&format!("redis://[::1]:{port}"));
+    let mut conn = crate::servers::connect(&target).await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
 }

@@ -636,11 +636,11 @@ impl Services {
             linger_ms: None,
             fetch_wait_ms: None,
             session_timeout_ms: 6000,
+            ..dak_runtime::config::KafkaArgs::default()
         };
-        OfflineWatcher::new(&Bus::kafka(dak_runtime::bus::KafkaConfig::new(
-            self.brokers.clone(),
-            &args,
-        )))
+        OfflineWatcher::new(&Bus::kafka(
+            dak_runtime::bus::KafkaConfig::new(self.brokers.clone(), &args).unwrap(),
+        ))
     }
 
     /// Starts a ws-gateway on free public and internal ports; returns the

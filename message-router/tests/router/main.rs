@@ -54,10 +54,11 @@ async fn routes_on_kafka() {
         linger_ms: None,
         fetch_wait_ms: None,
         session_timeout_ms: 6_000,
+        ..KafkaArgs::default()
     };
-    routes_messages_and_acks_to_the_recipients_stream_in_order(Bus::kafka(KafkaConfig::new(
-        brokers, &args,
-    )))
+    routes_messages_and_acks_to_the_recipients_stream_in_order(Bus::kafka(
+        KafkaConfig::new(brokers, &args).unwrap(),
+    ))
     .await;
 }
 
