@@ -18,6 +18,7 @@
 //! user's steps and read receipts are on one partition (keyed by that user), so
 //! a genuine receipt always comes after a step that allows it.
 
+mod rows;
 mod scylla;
 mod sqlite;
 

@@ -21,7 +21,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-use super::sqlite::{from_columns, row, step_time, Row};
+use super::rows::{from_columns, row, step_time, Row};
 use super::StatusStore;
 
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS {ks}.message_status (
