@@ -117,3 +117,9 @@ pub(super) fn step_time(step: &StatusEvent) -> u64 {
         StatusEvent::Batch(_) => 0,
     }
 }
+
+/// When a step's retention ends: its mid's time plus `retention_ms`, in
+/// milliseconds. `None` for a batch.
+pub(super) fn kept_until(step: &StatusEvent, retention_ms: u64) -> Option<u64> {
+    Some(step.mid()?.timestamp_ms() + retention_ms)
+}

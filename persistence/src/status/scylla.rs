@@ -21,7 +21,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-use super::rows::{from_columns, row, step_time, Row};
+use super::rows::{from_columns, kept_until, row, step_time, Row};
 use super::StatusStore;
 
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS {ks}.message_status (
@@ -85,7 +85,7 @@ impl StatusStore for ScyllaStatus {
         let rows: Vec<(Row, i32)> = steps
             .iter()
             .filter_map(|s| {
-                let ends = s.mid()?.timestamp_ms() + self.retention_ms;
+                let ends = kept_until(s, self.retention_ms)?;
                 let ttl_secs = i32::try_from(ends.checked_sub(now)?.div_ceil(1000)).ok()?;
                 Some((row(s)?, ttl_secs.max(1)))
             })

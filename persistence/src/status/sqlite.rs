@@ -19,7 +19,7 @@ use dak_wire::event::StatusEvent;
 use dak_wire::Mid;
 use rusqlite::{params, Connection};
 
-use super::rows::{from_columns, row, step_time, Row};
+use super::rows::{from_columns, kept_until, row, step_time, Row};
 use super::StatusStore;
 
 const SCHEMA: &str = "
@@ -88,10 +88,7 @@ impl StatusStore for SqliteStatus {
         let now = now_ms();
         let rows: Vec<Row> = steps
             .iter()
-            .filter(|s| {
-                s.mid()
-                    .is_some_and(|mid| mid.timestamp_ms() + self.keep_ms > now)
-            })
+            .filter(|s| kept_until(s, self.keep_ms).is_some_and(|end| end > now))
             .filter_map(row)
             .collect();
         if rows.is_empty() {
