@@ -8,6 +8,11 @@ use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use serde_json::value::RawValue;
 use session::inflight::{InFlight, MemoryInFlight, Pending, RedisInFlight, SqliteInFlight};
 
+/// The Redis servers of dak-runtime's store tests: a Cluster of their own.
+#[allow(dead_code)]
+#[path = "../../../dak-runtime/tests/stores/servers.rs"]
+mod servers;
+
 fn delivery(user: &str, device: &str, deadline_ms: u64) -> Pending {
     Pending {
         user: UserId::parse(user).unwrap(),
@@ -243,7 +248,7 @@ async fn redis_inflight_keeps_the_contract() {
 /// a slot and a claim's pipeline spans the shards' slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_inflight_keeps_the_contract_on_a_cluster() {
-    let cluster = Cluster::start();
+    let cluster = servers::Cluster::start(false);
     let target = dak_runtime::redis::Target {
         urls: vec![dak_runtime::redis::RedisUrl(cluster.urls[0].clone())],
         cluster: true,
@@ -255,53 +260,6 @@ async fn redis_inflight_keeps_the_contract_on_a_cluster() {
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
-}
-
-/// A Redis Cluster of three primaries (`scripts/engines/redis-cluster`),
-/// stopped when dropped.
-struct Cluster {
-    script: std::process::Child,
-    urls: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let dir = tempfile::tempdir().unwrap();
-        let mut script = std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/engines/redis-cluster"
-        ))
-        .arg(dir.path())
-        // A group of its own, which Drop stops with the nodes in it.
-        .process_group(0)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("scripts/engines/redis-cluster");
-        let mut line = String::new();
-        std::io::BufReader::new(script.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let cluster = Self {
-            script,
-            urls: line.trim().split(',').map(str::to_owned).collect(),
-            _dir: dir,
-        };
-        assert_eq!(cluster.urls.len(), 3, "the Redis Cluster did not start");
-        cluster
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.script.id());
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .status();
-        let _ = self.script.wait();
-    }
 }
 
 #[tokio::test]
