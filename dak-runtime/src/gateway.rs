@@ -8,8 +8,13 @@
 //! A batch is split into requests of at most [`REQUEST_BYTES`], and a request
 //! the gateway finds too large is split again, so a big batch is never refused
 //! as a whole.
+//!
+//! In `dak up` the gateway runs in the same process: its sockets are reached
+//! through [`LocalGateway`], with no HTTP request and no JSON, and with the
+//! same outcomes per delivery.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dak_wire::send::{SendItem, SendOutcome, SendResponse};
@@ -38,11 +43,26 @@ struct Request<'a> {
     deliveries: &'a [SendItem],
 }
 
+/// What a gateway does with a batch of deliveries: one outcome per item, in
+/// order, with a device's later frames refused `busy` once one of its frames
+/// was not queued.
+pub trait Sockets: Send + Sync + 'static {
+    fn send(&self, items: &[SendItem]) -> Vec<SendOutcome>;
+}
+
+/// The gateway of this process and the internal URL presence knows it by.
+#[derive(Clone)]
+pub struct LocalGateway {
+    pub url: String,
+    pub sockets: Arc<dyn Sockets>,
+}
+
 #[derive(Clone)]
 pub struct Gateways {
     http: reqwest::Client,
     token: String,
     request_bytes: usize,
+    local: Option<LocalGateway>,
 }
 
 impl Gateways {
@@ -60,13 +80,23 @@ impl Gateways {
             http,
             token,
             request_bytes: REQUEST_BYTES,
+            local: None,
         }
+    }
+
+    /// Sends to `local` directly when a delivery is for its URL.
+    pub fn with_local(mut self, local: Option<LocalGateway>) -> Self {
+        self.local = local;
+        self
     }
 
     /// Sends `items` to the gateway at `url`, returning one outcome per item, in
     /// order. Frames for one device keep their order: once one of them is not
     /// written, the later ones are not sent either and come back `Busy`.
     pub async fn send(&self, url: &str, items: Vec<SendItem>) -> Vec<SendOutcome> {
+        if let Some(local) = self.local.as_ref().filter(|l| l.url == url) {
+            return local.sockets.send(&items);
+        }
         let mut outcomes = vec![SendOutcome::Busy; items.len()];
         let mut stalled: HashSet<(UserId, DeviceId)> = HashSet::new();
         let mut queue: VecDeque<Vec<(usize, SendItem)>> =
@@ -265,6 +295,43 @@ mod tests {
         let outcomes = gateways.send(&url, items).await;
         assert_eq!(outcomes, vec![SendOutcome::Sent; 20]);
         assert_eq!(taken.load(Ordering::SeqCst), 20);
+    }
+
+    /// Sockets that answer `not_connected` for everything and count what
+    /// they were given.
+    struct Counted(AtomicUsize);
+
+    impl Sockets for Counted {
+        fn send(&self, items: &[SendItem]) -> Vec<SendOutcome> {
+            self.0.fetch_add(items.len(), Ordering::SeqCst);
+            vec![SendOutcome::NotConnected; items.len()]
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gateway_of_this_process_is_sent_to_without_http() {
+        let (remote, taken) = gateway(64 * 1024).await;
+        let local = Arc::new(Counted(AtomicUsize::new(0)));
+        // Nothing listens at the local URL: a request there would fail.
+        let local_url = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let gateways =
+            Gateways::new("t".into(), Duration::from_secs(5)).with_local(Some(LocalGateway {
+                url: local_url.clone(),
+                sockets: local.clone(),
+            }));
+        let outcomes = gateways
+            .send(&local_url, vec![item("phone", 10), item("tablet", 10)])
+            .await;
+        assert_eq!(outcomes, vec![SendOutcome::NotConnected; 2]);
+        assert_eq!(local.0.load(Ordering::SeqCst), 2);
+        // Any other gateway still gets a request.
+        let outcomes = gateways.send(&remote, vec![item("phone", 10)]).await;
+        assert_eq!(outcomes, vec![SendOutcome::Sent]);
+        assert_eq!(taken.load(Ordering::SeqCst), 1);
+        assert_eq!(local.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -99,6 +99,10 @@ impl<S: WriterState> Writer<S> {
             Durability::PowerLoss => "FULL",
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
+        // Each job runs in a savepoint, whose undo pages SQLite otherwise
+        // writes to a temporary file: several writes per job, all for nothing
+        // once the job is released.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.execute_batch(schema)?;
         let state = state(&conn)?;
         let (jobs, queue) = mpsc::channel();

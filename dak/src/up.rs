@@ -181,6 +181,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             producer: producer.clone(),
             verifier: verifier.clone(),
             internal_token: internal_token.clone(),
+            local_gateway: Some(ws.local()),
         },
     )?;
     let group_router = group_router::GroupRouter::build(
@@ -201,6 +202,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             presence: presence.clone(),
             producer: producer.clone(),
             internal_token,
+            local_gateway: Some(ws.local()),
         },
     )?;
 

@@ -39,7 +39,7 @@ use axum::routing::get;
 use axum::Router;
 use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
-use dak_runtime::gateway::Gateways;
+use dak_runtime::gateway::{Gateways, LocalGateway};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::status::{device_step, Reporter};
 use dak_runtime::{metrics, now_ms};
@@ -75,6 +75,8 @@ pub struct Deps {
     pub producer: Producer,
     pub verifier: Verifier,
     pub internal_token: String,
+    /// The gateway in this process, if any (`dak up`): replayed to directly.
+    pub local_gateway: Option<LocalGateway>,
 }
 
 pub struct Persistence {
@@ -117,7 +119,8 @@ impl Persistence {
         });
         let shared = Arc::new(Shared {
             dead_letters: consumer.dead_letters(),
-            gateways: Gateways::new(deps.internal_token, Duration::from_secs(10)),
+            gateways: Gateways::new(deps.internal_token, Duration::from_secs(10))
+                .with_local(deps.local_gateway),
             config,
             inbox: deps.inbox,
             status: Reporter::new(deps.producer.clone(), &topics.status),

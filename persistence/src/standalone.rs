@@ -119,6 +119,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         producer: producer.clone(),
         verifier,
         internal_token,
+        local_gateway: None,
     };
     let persistence = Persistence::build(args.persistence, &bus, deps)?;
 

@@ -130,7 +130,8 @@ impl Core {
         Self {
             status: Reporter::new(deps.producer.clone(), status_topic),
             dead_letters,
-            gateways: Gateways::new(deps.internal_token, config.gateway_timeout),
+            gateways: Gateways::new(deps.internal_token, config.gateway_timeout)
+                .with_local(deps.local_gateway),
             config,
             inflight: deps.inflight,
             presence: deps.presence,

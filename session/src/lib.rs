@@ -40,6 +40,7 @@ pub mod standalone;
 use std::sync::Arc;
 
 use dak_runtime::bus::{Bus, BusError, Consumer, Producer};
+use dak_runtime::gateway::LocalGateway;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
 
@@ -59,6 +60,8 @@ pub struct Deps {
     pub presence: Arc<dyn Presence>,
     pub producer: Producer,
     pub internal_token: String,
+    /// The gateway in this process, if any (`dak up`): sent to directly.
+    pub local_gateway: Option<LocalGateway>,
 }
 
 pub struct Session {

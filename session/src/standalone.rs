@@ -39,6 +39,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         presence: process::redis_presence(&redis, &args.store),
         producer,
         internal_token,
+        local_gateway: None,
     };
     let session = Session::build(args.session, &bus, deps)?;
 

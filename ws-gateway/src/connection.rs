@@ -21,7 +21,7 @@ use dak_wire::frame::{ClientFrame, Refusal};
 use dak_wire::{ErrorCode, ServerFrame, WireError};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,10 @@ use crate::Shared;
 const READ_BUFFER: usize = 4096;
 /// The longest a close frame may take to write: the socket is dropped anyway.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most frames written to a socket before one flush: what queued up for it
+/// meanwhile goes out in one write to the kernel, not one write a frame.
+const WRITE_BATCH: usize = 64;
 
 #[derive(Deserialize)]
 pub(crate) struct TokenQuery {
@@ -178,11 +182,8 @@ impl Socket<'_> {
             let step = tokio::select! {
                 _ = self.shared.shutdown.cancelled() => Step::Close(1001, "server shutting down"),
                 _ = self.replaced.cancelled() => Step::Close(4000, "replaced by a newer connection of this device"),
-                Some(frame) = self.queued.recv() => self.forward(frame).await,
-                Some(reply) = self.pending.next(), if !self.pending.is_empty() => match reply {
-                    Some(text) => self.forward(text.into()).await,
-                    None => Step::Continue,
-                },
+                Some(frame) = self.queued.recv() => self.forward_queued(frame).await,
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => self.forward_replies(reply).await,
                 incoming = self.ws.recv(), if self.pending.len() < config.max_pending => match incoming {
                     None | Some(Err(_)) => Step::Gone,
                     Some(Ok(message)) => {
@@ -325,23 +326,67 @@ impl Socket<'_> {
     }
 
     async fn forward_message(&mut self, message: Message) -> Step {
-        match self.write(message, self.shared.config.idle_timeout).await {
+        self.forward_all(vec![message]).await
+    }
+
+    /// Writes `first` and the frames queued behind it, up to [`WRITE_BATCH`].
+    async fn forward_queued(&mut self, first: Utf8Bytes) -> Step {
+        let mut messages = vec![Message::Text(first)];
+        while messages.len() < WRITE_BATCH {
+            let Some(frame) = self.queued.try_recv() else {
+                break;
+            };
+            messages.push(Message::Text(frame));
+        }
+        self.forward_all(messages).await
+    }
+
+    /// Writes `first` and the replies already answered behind it, in order,
+    /// up to [`WRITE_BATCH`].
+    async fn forward_replies(&mut self, first: Option<String>) -> Step {
+        let mut messages: Vec<Message> =
+            first.map(|t| Message::Text(t.into())).into_iter().collect();
+        while messages.len() < WRITE_BATCH && !self.pending.is_empty() {
+            match self.pending.next().now_or_never() {
+                Some(Some(Some(text))) => messages.push(Message::Text(text.into())),
+                Some(Some(None)) => {}
+                Some(None) | None => break,
+            }
+        }
+        if messages.is_empty() {
+            return Step::Continue;
+        }
+        self.forward_all(messages).await
+    }
+
+    async fn forward_all(&mut self, messages: Vec<Message>) -> Step {
+        match self.write(messages, self.shared.config.idle_timeout).await {
             Ok(()) => Step::Continue,
             Err(()) => Step::Gone,
         }
     }
 
     async fn send_text(&mut self, text: String) -> Result<(), ()> {
-        self.write(Message::Text(text.into()), self.shared.config.idle_timeout)
-            .await
+        self.write(
+            vec![Message::Text(text.into())],
+            self.shared.config.idle_timeout,
+        )
+        .await
     }
 
-    /// Writes `message`, giving up on a socket that took nothing for
-    /// `deadline`: its client stopped reading, or the link is dead and TCP
-    /// has not noticed. The frames still queued for it are never acked, so
-    /// session sends them again or stores them.
-    async fn write(&mut self, message: Message, deadline: Duration) -> Result<(), ()> {
-        match tokio::time::timeout(deadline, self.ws.send(message)).await {
+    /// Writes `messages` and flushes once, giving up on a socket that took
+    /// them not within `deadline`: its client stopped reading, or the link is
+    /// dead and TCP has not noticed. The frames still queued for it are never
+    /// acked, so session sends them again or stores them.
+    async fn write(&mut self, messages: Vec<Message>, deadline: Duration) -> Result<(), ()> {
+        let ws = &mut self.ws;
+        let written = async move {
+            for message in messages {
+                ws.feed(message).await?;
+            }
+            ws.flush().await
+        };
+        match tokio::time::timeout(deadline, written).await {
             Ok(result) => result.map_err(|_| ()),
             Err(_) => {
                 ::metrics::counter!(metrics::STALLED_SOCKETS).increment(1);
@@ -370,7 +415,9 @@ impl Socket<'_> {
             reason: reason.into(),
         };
         let deadline = CLOSE_WRITE_TIMEOUT.min(self.shared.config.idle_timeout);
-        let _ = self.write(Message::Close(Some(frame)), deadline).await;
+        let _ = self
+            .write(vec![Message::Close(Some(frame))], deadline)
+            .await;
     }
 }
 

@@ -13,7 +13,9 @@
 //!
 //! Session delivers to sockets through the internal `POST /internal/v1/send`
 //! (bearer `DAK_INTERNAL_TOKEN`, on its own address), a batch of pre-encoded
-//! frames with one result per delivery.
+//! frames with one result per delivery. In `dak up`, session and persistence
+//! reach the sockets of the gateway in their own process directly
+//! ([`WsGateway::local`]), with the same results.
 //!
 //! Liveness of sockets: the gateway pings every `ping_interval` and closes a
 //! socket it has heard nothing from for `idle_timeout`, which finds half-open
@@ -38,9 +40,11 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::Router;
 use dak_runtime::auth::Verifier;
+use dak_runtime::gateway::{LocalGateway, Sockets};
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Connection, Gateway, Presence};
 use dak_runtime::shutdown::Shutdown;
+use dak_wire::send::{SendItem, SendOutcome};
 
 pub use config::Config;
 use registry::Registry;
@@ -59,6 +63,15 @@ pub struct Deps {
 #[derive(Clone)]
 pub struct WsGateway {
     shared: Arc<Shared>,
+}
+
+/// [`WsGateway::local`]'s sockets.
+struct Local(Arc<Shared>);
+
+impl Sockets for Local {
+    fn send(&self, items: &[SendItem]) -> Vec<SendOutcome> {
+        send::write(&self.0.registry, items)
+    }
 }
 
 struct Shared {
@@ -154,6 +167,15 @@ impl WsGateway {
             }
         }
         Ok(())
+    }
+
+    /// This gateway's sockets for session and persistence in the same
+    /// process, under the internal URL presence knows it by.
+    pub fn local(&self) -> LocalGateway {
+        LocalGateway {
+            url: self.shared.deps.gateway.url.clone(),
+            sockets: Arc::new(Local(self.shared.clone())),
+        }
     }
 
     /// Sockets held right now.

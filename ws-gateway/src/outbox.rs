@@ -64,6 +64,13 @@ impl OutboxReceiver {
         self.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
         Some(frame)
     }
+
+    /// The next frame if one is queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let frame = self.frames.try_recv().ok()?;
+        self.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
 }
 
 #[cfg(test)]
@@ -94,6 +101,18 @@ mod tests {
         tx.try_send(frame(1)).unwrap();
         tx.try_send(frame(1)).unwrap();
         assert!(matches!(tx.try_send(frame(1)), Err(TrySendError::Full(_))));
+    }
+
+    #[tokio::test]
+    async fn frames_taken_without_waiting_come_in_order_and_free_their_bytes() {
+        let (tx, mut rx) = outbox(100, 1000);
+        assert!(rx.try_recv().is_none());
+        tx.try_send("a".into()).unwrap();
+        tx.try_send("bb".into()).unwrap();
+        assert_eq!(rx.try_recv().unwrap().as_str(), "a");
+        assert_eq!(rx.recv().await.unwrap().as_str(), "bb");
+        assert!(rx.try_recv().is_none());
+        assert_eq!(tx.bytes.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

@@ -9,10 +9,11 @@ use axum::http::HeaderMap;
 use axum::Json;
 use dak_runtime::http::ApiError;
 use dak_wire::frame::SYNC_DONE;
-use dak_wire::send::{SendOutcome, SendRequest, SendResponse};
+use dak_wire::send::{SendItem, SendOutcome, SendRequest, SendResponse};
 use dak_wire::{DeviceId, ErrorCode, UserId};
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::registry::Registry;
 use crate::Shared;
 
 pub(crate) async fn send(
@@ -33,18 +34,23 @@ pub(crate) async fn send(
             format!("malformed send request: {e}"),
         )
     })?;
-    // Frames for one device are written in request order: after the first one
-    // that cannot be queued, the rest for that device are refused too, so the
-    // caller can resend the remainder without reordering.
+    let results = write(&shared.registry, &request.deliveries);
+    Ok(Json(SendResponse { results }))
+}
+
+/// Queues each frame on its device's socket. Frames for one device are written
+/// in request order: after the first one that cannot be queued, the rest for
+/// that device are refused too, so the caller can resend the remainder without
+/// reordering.
+pub(crate) fn write(registry: &Registry, deliveries: &[SendItem]) -> Vec<SendOutcome> {
     let mut stalled: HashSet<(&UserId, &DeviceId)> = HashSet::new();
-    let results = request
-        .deliveries
+    deliveries
         .iter()
         .map(|item| {
             if stalled.contains(&(&item.user, &item.device)) {
                 return SendOutcome::Busy;
             }
-            let outcome = match shared.registry.get(&item.user, &item.device) {
+            let outcome = match registry.get(&item.user, &item.device) {
                 None => SendOutcome::NotConnected,
                 Some(socket)
                     if item
@@ -70,6 +76,5 @@ pub(crate) async fn send(
             }
             outcome
         })
-        .collect();
-    Ok(Json(SendResponse { results }))
+        .collect()
 }

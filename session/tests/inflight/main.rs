@@ -349,6 +349,75 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
     assert!(acks[1].is_none(), "acked before the restart");
 }
 
+/// A file written by a version whose table was `inflight` (keyed user first):
+/// opening it moves every delivery into the current table, due and held ones
+/// alike, and the old table is gone.
+#[tokio::test]
+async fn sqlite_inflight_takes_over_the_deliveries_of_an_older_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inflight.db");
+    let sent = delivery("heidi", "phone", 5_000);
+    let mut held = delivery("heidi", "tablet", 90_000);
+    held.sends = 0;
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE inflight (
+                 user TEXT NOT NULL, device TEXT NOT NULL, mid TEXT NOT NULL,
+                 deadline INTEGER NOT NULL, held INTEGER, record TEXT NOT NULL,
+                 UNIQUE (user, device, mid));
+             CREATE INDEX inflight_due ON inflight (deadline);
+             CREATE INDEX inflight_held ON inflight (user, device, held)
+                 WHERE held IS NOT NULL;",
+        )
+        .unwrap();
+        for (d, place) in [(&sent, None), (&held, Some(7))] {
+            old.execute(
+                "INSERT INTO inflight (user, device, mid, deadline, held, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    d.user.as_str(),
+                    d.device.as_str(),
+                    d.message.mid.to_string(),
+                    d.deadline_ms as i64,
+                    place,
+                    serde_json::to_string(d).unwrap()
+                ],
+            )
+            .unwrap();
+        }
+    }
+
+    let store = SqliteInFlight::open(&path).unwrap();
+    assert_eq!(store.count().await.unwrap(), 2);
+    let due = store.claim_due(5_000, 10_000, 100).await.unwrap();
+    assert_eq!(mids(&due), vec![sent.message.mid]);
+    let taken = store.take_held(&held.user, &held.device).await.unwrap();
+    assert_eq!(mids(&taken), vec![held.message.mid]);
+    // A delivery held now goes after the ones held before the upgrade.
+    let mut later = delivery("heidi", "tablet", 90_000);
+    later.sends = 0;
+    store.begin(&[later.clone()]).await.unwrap();
+    let mut rehold = held.clone();
+    rehold.deadline_ms = 95_000;
+    assert!(store.resent(&rehold).await.unwrap());
+    let taken = store.take_held(&held.user, &held.device).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|p| p.message.mid).collect::<Vec<_>>(),
+        vec![later.message.mid, held.message.mid]
+    );
+    drop(store);
+    let tables: Vec<String> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(tables, vec!["deliveries".to_owned()]);
+}
+
 /// `dak up` hands the deliveries of an earlier process to the inbox in the
 /// order of their deadlines (the order they were sent), so the SQLite store
 /// claims earliest deadline first, as the in-process one does.
