@@ -172,6 +172,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         limits,
         presence.clone(),
     );
+    let local_gateway = ws.local();
     let persistence = persistence::Persistence::build(
         args.persistence,
         &bus,
@@ -181,7 +182,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             producer: producer.clone(),
             verifier: verifier.clone(),
             internal_token: internal_token.clone(),
-            local_gateway: Some(ws.local()),
+            local_gateway: Some(local_gateway.clone()),
         },
     )?;
     let group_router = group_router::GroupRouter::build(
@@ -202,7 +203,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             presence: presence.clone(),
             producer: producer.clone(),
             internal_token,
-            local_gateway: Some(ws.local()),
+            local_gateway: Some(local_gateway),
         },
     )?;
 
