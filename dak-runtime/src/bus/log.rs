@@ -14,8 +14,10 @@
 //!   atomic. A consumer starts from its group's committed offset, or from the
 //!   oldest record kept; one consumer per group at a time (like a Kafka group
 //!   whose one partition goes to one member).
-//! - **Woken by appends.** Consumers wait on a notification that the writer
-//!   fires after each commit; nothing polls, so an idle log costs no CPU.
+//! - **Woken by appends.** Each consumer waits on a notification of its own,
+//!   which the writer fires after a commit that appended to one of the
+//!   consumer's topics; nothing polls, so an idle log costs no CPU, and a
+//!   consumer is not woken by appends to topics it does not read.
 //! - **Backlog on disk.** The newest records of each partition are also kept
 //!   in memory (up to [`LogOptions::tail_bytes`]) so that consumers that keep
 //!   up never read the file; a consumer behind that reads from SQLite.
@@ -27,6 +29,9 @@
 //! partition, next_offset)` and one table per topic partition, `"log:<topic>:<n>"
 //! (offset INTEGER PRIMARY KEY, key, payload, at_ms)`: a rowid table, so
 //! appends go to the end of its B-tree and a read by offset is a range scan.
+//! A partition's next offset is one past its last record; `partitions` keeps
+//! it only for when retention deletes every record, written in the same
+//! transaction as the delete, so that appends need not rewrite it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -92,19 +97,63 @@ struct Inner {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
     /// Groups with a live consumer.
     busy: Mutex<HashSet<String>>,
-    /// Fired after every commit that appended records.
-    appended: Notify,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct Topic {
     name: String,
     partitions: Vec<Partition>,
+    /// The notifications of the consumers reading this topic, fired after
+    /// each commit that appended to it.
+    readers: Mutex<Vec<std::sync::Weak<Notify>>>,
+}
+
+impl Topic {
+    fn new(name: String, partitions: Vec<Partition>) -> Self {
+        Self {
+            name,
+            partitions,
+            readers: Mutex::default(),
+        }
+    }
+
+    /// Wakes every live consumer of the topic. A consumer busy with a batch
+    /// keeps the wake-up for its next wait.
+    fn wake_readers(&self) {
+        self.readers
+            .lock()
+            .expect("log lock")
+            .retain(|reader| match reader.upgrade() {
+                Some(wake) => {
+                    wake.notify_one();
+                    true
+                }
+                None => false,
+            });
+    }
 }
 
 struct Partition {
     table: String,
+    /// The statement that appends to `table`.
+    insert: String,
     tail: Mutex<Tail>,
+}
+
+impl Partition {
+    fn new(table: String, start: i64, end: i64) -> Self {
+        Self {
+            insert: format!(
+                "INSERT INTO {table} (offset, key, payload, at_ms) VALUES (?1, ?2, ?3, ?4)"
+            ),
+            table,
+            tail: Mutex::new(Tail {
+                start,
+                end,
+                ..Tail::default()
+            }),
+        }
+    }
 }
 
 /// What the writer made durable and the newest of it in memory.
@@ -172,7 +221,6 @@ impl Log {
             writer,
             topics: Mutex::new(topics),
             busy: Mutex::default(),
-            appended: Notify::new(),
             thread: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
@@ -301,11 +349,22 @@ impl Log {
         {
             return Err(LogError::GroupBusy(group.to_owned()));
         }
+        let wake = Arc::new(Notify::new());
+        let mut topics_read: Vec<&Arc<Topic>> = positions.iter().map(|p| &p.topic).collect();
+        topics_read.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for topic in topics_read {
+            topic
+                .readers
+                .lock()
+                .expect("log lock")
+                .push(Arc::downgrade(&wake));
+        }
         let consumer = LogConsumer {
             log: self.clone(),
             group: group.to_owned(),
             positions,
             reader: Arc::new(Mutex::new(reader)),
+            wake,
             turn: 0,
         };
         consumer.report_lag();
@@ -393,23 +452,29 @@ fn load_topics(conn: &Connection) -> Result<HashMap<String, Arc<Topic>>, LogErro
     let mut topics: HashMap<String, Vec<Partition>> = HashMap::new();
     for (name, index, next_offset) in rows.drain(..) {
         let table = table_name(&name, index as usize);
-        let start: Option<i64> =
-            conn.query_row(&format!("SELECT MIN(offset) FROM {table}"), [], |row| {
-                row.get(0)
-            })?;
-        topics.entry(name).or_default().push(Partition {
-            table,
-            tail: Mutex::new(Tail {
-                start: start.unwrap_or(next_offset),
-                end: next_offset,
-                ..Tail::default()
-            }),
-        });
+        let partition = open_partition(conn, table, next_offset)?;
+        topics.entry(name).or_default().push(partition);
     }
     Ok(topics
         .into_iter()
-        .map(|(name, partitions)| (name.clone(), Arc::new(Topic { name, partitions })))
+        .map(|(name, partitions)| (name.clone(), Arc::new(Topic::new(name, partitions))))
         .collect())
+}
+
+/// A partition as its table holds it. `stored_next` is the next offset that
+/// `partitions` holds, which is behind unless the table is empty.
+fn open_partition(
+    conn: &Connection,
+    table: String,
+    stored_next: i64,
+) -> Result<Partition, LogError> {
+    let (first, last): (Option<i64>, Option<i64>) = conn.query_row(
+        &format!("SELECT MIN(offset), MAX(offset) FROM {table}"),
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let end = last.map_or(stored_next, |last| stored_next.max(last + 1));
+    Ok(Partition::new(table, first.unwrap_or(end), end))
 }
 
 /// The one thread that writes to the file.
@@ -473,7 +538,11 @@ impl Writer {
                     .map(|log| log.options.tail_bytes)
                     .unwrap_or(0);
                 let mut done = Vec::with_capacity(appended.len());
+                let mut touched: Vec<Arc<Topic>> = Vec::new();
                 for (topic, partition, stored, answer) in appended {
+                    if !touched.iter().any(|t| Arc::ptr_eq(t, &topic)) {
+                        touched.push(topic.clone());
+                    }
                     let mut tail = topic.partitions[partition].tail.lock().expect("log lock");
                     tail.end = stored.offset + 1;
                     tail.bytes += stored.key.len() + stored.payload.len();
@@ -490,8 +559,8 @@ impl Writer {
                 for (answer, offset) in done {
                     let _ = answer.send(Ok(offset));
                 }
-                if let Some(log) = self.log.upgrade() {
-                    log.appended.notify_waiters();
+                for topic in touched {
+                    topic.wake_readers();
                 }
             }
             Err(e) => {
@@ -523,7 +592,7 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let now = crate::now_ms() as i64;
         // Next offsets of the partitions this batch appends to.
-        let mut next: HashMap<(String, usize), i64> = HashMap::new();
+        let mut next: HashMap<(*const Topic, usize), i64> = HashMap::new();
         for command in batch {
             match command {
                 Command::Append {
@@ -535,13 +604,10 @@ impl Writer {
                 } => {
                     let p = &topic.partitions[partition];
                     let offset = next
-                        .entry((topic.name.clone(), partition))
+                        .entry((Arc::as_ptr(&topic), partition))
                         .or_insert_with(|| p.tail.lock().expect("log lock").end);
-                    tx.prepare_cached(&format!(
-                        "INSERT INTO {} (offset, key, payload, at_ms) VALUES (?1, ?2, ?3, ?4)",
-                        p.table
-                    ))?
-                    .execute(params![*offset, &key, &payload, now])?;
+                    tx.prepare_cached(&p.insert)?
+                        .execute(params![*offset, &key, &payload, now])?;
                     let stored = Stored {
                         offset: *offset,
                         key,
@@ -579,12 +645,6 @@ impl Writer {
                 }
             }
         }
-        for ((topic, partition), next_offset) in &next {
-            tx.prepare_cached(
-                "UPDATE partitions SET next_offset = ?3 WHERE topic = ?1 AND partition = ?2",
-            )?
-            .execute(params![topic, *partition as i64, next_offset])?;
-        }
         tx.commit()?;
         Ok(())
     }
@@ -610,16 +670,17 @@ impl Writer {
             .cloned()
             .collect();
         let oldest_kept = crate::now_ms() as i64 - log.options.retention.as_millis() as i64;
-        for topic in topics {
+        let tx = self.conn.transaction()?;
+        // Tails move once the deletes are committed.
+        let mut moved = Vec::new();
+        for topic in &topics {
             for (index, partition) in topic.partitions.iter().enumerate() {
-                let read_by_all: Option<i64> = self
-                    .conn
+                let read_by_all: Option<i64> = tx
                     .prepare_cached(
                         "SELECT MIN(next_offset) FROM offsets WHERE topic = ?1 AND partition = ?2",
                     )?
                     .query_row(params![topic.name, index as i64], |row| row.get(0))?;
-                let expired: Option<i64> = self
-                    .conn
+                let expired: Option<i64> = tx
                     .prepare_cached(&format!(
                         "SELECT MAX(offset) + 1 FROM {} WHERE at_ms < ?1",
                         partition.table
@@ -636,14 +697,23 @@ impl Writer {
                 if new_start <= start {
                     continue;
                 }
-                self.conn
-                    .prepare_cached(&format!(
-                        "DELETE FROM {} WHERE offset < ?1",
-                        partition.table
-                    ))?
-                    .execute(params![new_start])?;
-                partition.tail.lock().expect("log lock").start = new_start;
+                // The next offset, for when no record is left to tell it.
+                tx.prepare_cached(
+                    "UPDATE partitions SET next_offset = ?3
+                     WHERE topic = ?1 AND partition = ?2 AND next_offset < ?3",
+                )?
+                .execute(params![topic.name, index as i64, end])?;
+                tx.prepare_cached(&format!(
+                    "DELETE FROM {} WHERE offset < ?1",
+                    partition.table
+                ))?
+                .execute(params![new_start])?;
+                moved.push((partition, new_start));
             }
+        }
+        tx.commit()?;
+        for (partition, new_start) in moved {
+            partition.tail.lock().expect("log lock").start = new_start;
         }
         Ok(())
     }
@@ -677,19 +747,9 @@ fn create_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Arc<To
             params![name, index as i64],
             |row| row.get(0),
         )?;
-        parts.push(Partition {
-            table,
-            tail: Mutex::new(Tail {
-                start: next_offset,
-                end: next_offset,
-                ..Tail::default()
-            }),
-        });
+        parts.push(open_partition(conn, table, next_offset)?);
     }
-    Ok(Arc::new(Topic {
-        name: name.to_owned(),
-        partitions: parts,
-    }))
+    Ok(Arc::new(Topic::new(name.to_owned(), parts)))
 }
 
 /// Where a consumer is in one partition.
@@ -708,6 +768,9 @@ pub struct LogConsumer {
     group: String,
     positions: Vec<Position>,
     reader: Arc<Mutex<Connection>>,
+    /// Fired by the writer after each commit that appended to one of this
+    /// consumer's topics.
+    wake: Arc<Notify>,
     /// The partition to look at first, so that a busy one does not starve
     /// the others.
     turn: usize,
@@ -719,11 +782,8 @@ impl LogConsumer {
     /// consumer of the group starts from what was committed.
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
         loop {
-            // Registered before looking, so an append in between is not missed.
-            let log = self.log.clone();
-            let appended = log.inner.appended.notified();
-            tokio::pin!(appended);
-            appended.as_mut().enable();
+            // An append after the look below leaves its wake-up stored in
+            // `wake` (`notify_one`), so the wait cannot miss it.
             let count = self.positions.len();
             for step in 0..count {
                 let index = (self.turn + step) % count;
@@ -733,7 +793,7 @@ impl LogConsumer {
                     return Ok(batch);
                 }
             }
-            appended.await;
+            self.wake.notified().await;
         }
     }
 

@@ -699,6 +699,55 @@ mod embedded {
     }
 
     #[tokio::test]
+    async fn offsets_go_on_after_retention_deleted_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.db");
+        let log = open(&path);
+        log.create_topics(&["t"]).unwrap();
+        for i in 0..10 {
+            log.append("t", b"k", format!("r{i}").as_bytes())
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        let consumer = bus.consumer("g", &["t"]).unwrap();
+        let all = read(&consumer, 10).await;
+        consumer.done(&all).await;
+        consumer.commit().await;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !log.is_empty("t").unwrap() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kept {} records that every group read",
+                log.len("t").unwrap()
+            );
+            // Retention runs in the writer at most once a second.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // As after a SIGKILL: the file, with no record left, is all there is.
+        std::mem::forget(consumer);
+        std::mem::forget(bus);
+        std::mem::forget(log);
+
+        let log = open(&path);
+        let offset = log
+            .append("t", b"k", b"r10")
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            offset, 10,
+            "an offset the group committed past is not reused"
+        );
+        let bus = Bus::log(log, Topics::with_prefix(""));
+        let consumer = bus.consumer("g", &["t"]).unwrap();
+        assert_eq!(text(&read(&consumer, 1).await[0]), "r10");
+    }
+
+    #[tokio::test]
     async fn a_second_consumer_of_a_live_group_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(&dir.path().join("bus.db"));
