@@ -23,7 +23,9 @@
 //!   up never read the file; a consumer behind that reads from SQLite.
 //! - **Retention.** A record is deleted once every group that reads its topic
 //!   has committed past it, or once it is older than
-//!   [`LogOptions::retention`], whichever comes first.
+//!   [`LogOptions::retention`], whichever comes first. Once a second the
+//!   writer works out what is due; the deletes then go in small chunks into
+//!   the transactions that append (or, idle, into transactions of their own).
 //!
 //! Tables: `partitions (topic, partition, next_offset)`, `offsets (grp, topic,
 //! partition, next_offset)` and one table per topic partition, `"log:<topic>:<n>"
@@ -80,8 +82,15 @@ impl Default for LogOptions {
 
 /// Most appends written in one transaction.
 const MAX_BATCH: usize = 4096;
-/// How often the writer deletes what every group has read.
+/// How often the writer looks for what every group has read, or what is
+/// older than the retention.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
+/// Most records of one partition that one transaction deletes. Deleting
+/// rides along with the transactions that append, a little in each, so that
+/// no append waits behind one large delete.
+const DELETE_CHUNK: i64 = 128;
+/// How soon the writer, idle, deletes the next chunk of what is due.
+const DELETE_WHILE_IDLE_EVERY: Duration = Duration::from_millis(10);
 
 /// A handle to the log, cheap to clone. The writer thread ends when the last
 /// handle is dropped.
@@ -482,7 +491,31 @@ struct Writer {
     conn: Connection,
     log: std::sync::Weak<Inner>,
     last_retention: std::time::Instant,
+    /// Partitions whose oldest records retention is to delete.
+    due: Vec<Due>,
 }
+
+/// Retention's work left in one partition: delete the records below `below`.
+struct Due {
+    topic: Arc<Topic>,
+    partition: usize,
+    below: i64,
+}
+
+/// A partition whose records below `start` a transaction deleted.
+struct Moved {
+    topic: Arc<Topic>,
+    partition: usize,
+    start: i64,
+}
+
+/// A record appended in the current transaction, and who waits for it.
+type Appended = (
+    Arc<Topic>,
+    usize,
+    Stored,
+    oneshot::Sender<Result<i64, LogError>>,
+);
 
 impl Writer {
     fn new(conn: Connection, log: std::sync::Weak<Inner>) -> Self {
@@ -490,16 +523,22 @@ impl Writer {
             conn,
             log,
             last_retention: std::time::Instant::now(),
+            due: Vec::new(),
         }
     }
 
     fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
         use std::sync::mpsc::RecvTimeoutError;
-        // Whether anything was written since retention last ran: an idle log
-        // wakes once per RETENTION_EVERY and does nothing.
+        // Whether anything was written since retention last looked: an idle
+        // log with nothing due wakes once per RETENTION_EVERY and does nothing.
         let mut written = false;
         loop {
-            match commands.recv_timeout(RETENTION_EVERY) {
+            let wait = if self.due.is_empty() {
+                RETENTION_EVERY
+            } else {
+                DELETE_WHILE_IDLE_EVERY
+            };
+            match commands.recv_timeout(wait) {
                 Ok(first) => {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -511,13 +550,15 @@ impl Writer {
                     self.write(batch);
                     written = true;
                 }
+                // Idle: a transaction that only deletes.
+                Err(RecvTimeoutError::Timeout) if !self.due.is_empty() => self.write(Vec::new()),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if written && self.last_retention.elapsed() >= RETENTION_EVERY {
                 written = false;
                 self.last_retention = std::time::Instant::now();
-                if let Err(e) = self.apply_retention() {
+                if let Err(e) = self.plan_retention() {
                     tracing::warn!(error = %e, "embedded log retention failed");
                 }
             }
@@ -527,9 +568,27 @@ impl Writer {
     fn write(&mut self, batch: Vec<Command>) {
         let mut appended = Vec::new();
         let mut flushed = Vec::new();
-        let result = self.write_all(batch, &mut appended, &mut flushed);
+        let mut moved = Vec::new();
+        let result = self.write_all(batch, &mut appended, &mut flushed, &mut moved);
         match result {
             Ok(()) => {
+                for Moved {
+                    topic,
+                    partition,
+                    start,
+                } in moved
+                {
+                    topic.partitions[partition]
+                        .tail
+                        .lock()
+                        .expect("log lock")
+                        .start = start;
+                    self.due.retain(|due| {
+                        !(Arc::ptr_eq(&due.topic, &topic)
+                            && due.partition == partition
+                            && due.below <= start)
+                    });
+                }
                 // Durable now: into the tails, then tell the producers and
                 // wake the consumers.
                 let tail_bytes = self
@@ -576,17 +635,12 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn write_all(
         &mut self,
         batch: Vec<Command>,
-        appended: &mut Vec<(
-            Arc<Topic>,
-            usize,
-            Stored,
-            oneshot::Sender<Result<i64, LogError>>,
-        )>,
+        appended: &mut Vec<Appended>,
         flushed: &mut Vec<oneshot::Sender<()>>,
+        moved: &mut Vec<Moved>,
     ) -> Result<(), LogError> {
         let partitions = self.partitions();
         let tx = self.conn.transaction()?;
@@ -645,6 +699,7 @@ impl Writer {
                 }
             }
         }
+        delete_due(&tx, &self.due, &next, moved)?;
         tx.commit()?;
         Ok(())
     }
@@ -656,9 +711,12 @@ impl Writer {
             .unwrap_or(1)
     }
 
-    /// Deletes what every group reading a topic has committed past, and what
-    /// is older than the retention.
-    fn apply_retention(&mut self) -> Result<(), LogError> {
+    /// Works out, for each partition, below which offset records are to be
+    /// deleted: what every group reading it has committed past, and what is
+    /// older than the retention. Records count as older than the retention
+    /// up to the first that is not (records are appended in time order; after
+    /// a clock step back, some wait longer).
+    fn plan_retention(&mut self) -> Result<(), LogError> {
         let Some(log) = self.log.upgrade() else {
             return Ok(());
         };
@@ -670,53 +728,103 @@ impl Writer {
             .cloned()
             .collect();
         let oldest_kept = crate::now_ms() as i64 - log.options.retention.as_millis() as i64;
-        let tx = self.conn.transaction()?;
-        // Tails move once the deletes are committed.
-        let mut moved = Vec::new();
-        for topic in &topics {
+        for topic in topics {
             for (index, partition) in topic.partitions.iter().enumerate() {
-                let read_by_all: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT MIN(next_offset) FROM offsets WHERE topic = ?1 AND partition = ?2",
-                    )?
-                    .query_row(params![topic.name, index as i64], |row| row.get(0))?;
-                let expired: Option<i64> = tx
-                    .prepare_cached(&format!(
-                        "SELECT MAX(offset) + 1 FROM {} WHERE at_ms < ?1",
-                        partition.table
-                    ))?
-                    .query_row(params![oldest_kept], |row| row.get(0))?;
                 let (start, end) = {
                     let tail = partition.tail.lock().expect("log lock");
                     (tail.start, tail.end)
                 };
-                let new_start = read_by_all
-                    .unwrap_or(start)
-                    .max(expired.unwrap_or(start))
-                    .min(end);
-                if new_start <= start {
+                let read_by_all: Option<i64> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT MIN(next_offset) FROM offsets WHERE topic = ?1 AND partition = ?2",
+                    )?
+                    .query_row(params![topic.name, index as i64], |row| row.get(0))?;
+                let mut below = read_by_all.unwrap_or(start).clamp(start, end);
+                let oldest: Option<i64> = self
+                    .conn
+                    .prepare_cached(&format!(
+                        "SELECT at_ms FROM {} WHERE offset >= ?1 ORDER BY offset LIMIT 1",
+                        partition.table
+                    ))?
+                    .query_row(params![below], |row| row.get(0))
+                    .optional()?;
+                if oldest.is_some_and(|at_ms| at_ms < oldest_kept) {
+                    let first_kept: Option<i64> = self
+                        .conn
+                        .prepare_cached(&format!(
+                            "SELECT offset FROM {} WHERE offset >= ?1 AND at_ms >= ?2
+                             ORDER BY offset LIMIT 1",
+                            partition.table
+                        ))?
+                        .query_row(params![below, oldest_kept], |row| row.get(0))
+                        .optional()?;
+                    below = first_kept.unwrap_or(end);
+                }
+                if below <= start {
                     continue;
                 }
-                // The next offset, for when no record is left to tell it.
-                tx.prepare_cached(
-                    "UPDATE partitions SET next_offset = ?3
-                     WHERE topic = ?1 AND partition = ?2 AND next_offset < ?3",
-                )?
-                .execute(params![topic.name, index as i64, end])?;
-                tx.prepare_cached(&format!(
-                    "DELETE FROM {} WHERE offset < ?1",
-                    partition.table
-                ))?
-                .execute(params![new_start])?;
-                moved.push((partition, new_start));
+                match self
+                    .due
+                    .iter_mut()
+                    .find(|due| Arc::ptr_eq(&due.topic, &topic) && due.partition == index)
+                {
+                    Some(due) => due.below = due.below.max(below),
+                    None => self.due.push(Due {
+                        topic: topic.clone(),
+                        partition: index,
+                        below,
+                    }),
+                }
             }
-        }
-        tx.commit()?;
-        for (partition, new_start) in moved {
-            partition.tail.lock().expect("log lock").start = new_start;
         }
         Ok(())
     }
+}
+
+/// Deletes, in the transaction `tx`, the next chunk of each partition's
+/// records that retention found due. `next` holds the next offsets of the
+/// partitions this transaction appended to.
+fn delete_due(
+    tx: &Connection,
+    due: &[Due],
+    next: &HashMap<(*const Topic, usize), i64>,
+    moved: &mut Vec<Moved>,
+) -> Result<(), LogError> {
+    for due in due {
+        let partition = &due.topic.partitions[due.partition];
+        let (start, end) = {
+            let tail = partition.tail.lock().expect("log lock");
+            (tail.start, tail.end)
+        };
+        let end = next
+            .get(&(Arc::as_ptr(&due.topic), due.partition))
+            .copied()
+            .unwrap_or(end);
+        let new_start = due.below.min(start + DELETE_CHUNK).min(end);
+        if new_start <= start {
+            continue;
+        }
+        if new_start == end {
+            // No record is left to tell the next offset: keep it.
+            tx.prepare_cached(
+                "UPDATE partitions SET next_offset = ?3
+                 WHERE topic = ?1 AND partition = ?2 AND next_offset < ?3",
+            )?
+            .execute(params![due.topic.name, due.partition as i64, end])?;
+        }
+        tx.prepare_cached(&format!(
+            "DELETE FROM {} WHERE offset < ?1",
+            partition.table
+        ))?
+        .execute(params![new_start])?;
+        moved.push(Moved {
+            topic: due.topic.clone(),
+            partition: due.partition,
+            start: new_start,
+        });
+    }
+    Ok(())
 }
 
 fn create_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Arc<Topic>, LogError> {

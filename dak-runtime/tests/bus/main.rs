@@ -684,18 +684,35 @@ mod embedded {
         let some = read(&slow, 3).await;
         slow.done(&some).await;
         slow.commit().await;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while log.len("t").unwrap() != 7 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "kept {} records, expected the 7 that slow has not read",
-                log.len("t").unwrap()
-            );
-            // Retention runs in the writer at most once a second.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // The 7 that slow has not read.
+        until_kept(&log, 7).await;
         let rest = read(&slow, 7).await;
         assert_eq!(text(&rest[0]), "r3", "nothing slow needs was deleted");
+    }
+
+    /// Appends `n` records `r0`, `r1`, … to `t`, waiting for them all.
+    async fn append_all(log: &Log, n: usize) {
+        let mut answers = Vec::new();
+        for i in 0..n {
+            answers.push(log.append("t", b"k", format!("r{i}").as_bytes()).unwrap());
+        }
+        for answer in answers {
+            answer.await.unwrap().unwrap();
+        }
+    }
+
+    /// Waits until retention has left `t` with `left` records.
+    async fn until_kept(log: &Log, left: i64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while log.len("t").unwrap() != left {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kept {} records, expected {left}",
+                log.len("t").unwrap()
+            );
+            // Retention looks at most once a second.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     #[tokio::test]
@@ -704,28 +721,15 @@ mod embedded {
         let path = dir.path().join("bus.db");
         let log = open(&path);
         log.create_topics(&["t"]).unwrap();
-        for i in 0..10 {
-            log.append("t", b"k", format!("r{i}").as_bytes())
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        // More than one transaction deletes.
+        append_all(&log, 1000).await;
         let bus = Bus::log(log.clone(), Topics::with_prefix(""));
         let consumer = bus.consumer("g", &["t"]).unwrap();
-        let all = read(&consumer, 10).await;
+        let all = read(&consumer, 1000).await;
+        assert_eq!(all.len(), 1000);
         consumer.done(&all).await;
         consumer.commit().await;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !log.is_empty("t").unwrap() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "kept {} records that every group read",
-                log.len("t").unwrap()
-            );
-            // Retention runs in the writer at most once a second.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until_kept(&log, 0).await;
         // As after a SIGKILL: the file, with no record left, is all there is.
         std::mem::forget(consumer);
         std::mem::forget(bus);
@@ -733,18 +737,49 @@ mod embedded {
 
         let log = open(&path);
         let offset = log
-            .append("t", b"k", b"r10")
+            .append("t", b"k", b"r1000")
             .unwrap()
             .await
             .unwrap()
             .unwrap();
         assert_eq!(
-            offset, 10,
+            offset, 1000,
             "an offset the group committed past is not reused"
         );
         let bus = Bus::log(log, Topics::with_prefix(""));
         let consumer = bus.consumer("g", &["t"]).unwrap();
-        assert_eq!(text(&read(&consumer, 1).await[0]), "r10");
+        assert_eq!(text(&read(&consumer, 1).await[0]), "r1000");
+    }
+
+    #[tokio::test]
+    async fn records_older_than_the_retention_go_though_a_group_has_not_read_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(
+            &dir.path().join("bus.db"),
+            LogOptions {
+                retention: Duration::from_millis(200),
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        log.create_topics(&["t"]).unwrap();
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        let idle = bus.consumer("idle", &["t"]).unwrap();
+        append_all(&log, 300).await;
+        until_kept(&log, 0).await;
+        let offset = log
+            .append("t", b"k", b"new")
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(offset, 300);
+        let next = read(&idle, 1).await;
+        assert_eq!(
+            (next[0].offset, text(&next[0])),
+            (300, "new".to_owned()),
+            "the group goes on from the oldest record kept"
+        );
     }
 
     #[tokio::test]
