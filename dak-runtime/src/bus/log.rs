@@ -66,7 +66,10 @@ pub struct LogOptions {
     pub partitions: u32,
     /// Records older than this are deleted even if a group has not read them.
     pub retention: Duration,
-    /// Bytes of payload kept in memory per partition for consumers that keep up.
+    /// Bytes of payload kept in memory per partition for consumers that keep
+    /// up. The default, 2 MiB, is about 5,000 messages: a third of a second
+    /// at the rates `dak up` reaches on two cores. A consumer further behind
+    /// reads from the file.
     pub tail_bytes: usize,
 }
 
@@ -75,7 +78,7 @@ impl Default for LogOptions {
         Self {
             partitions: 1,
             retention: Duration::from_secs(7 * 24 * 3600),
-            tail_bytes: 8 << 20,
+            tail_bytes: 2 << 20,
         }
     }
 }
