@@ -632,13 +632,7 @@ mod embedded {
         let path = dir.path().join("bus.db");
         let log = open(&path);
         log.create_topics(&["t"]).unwrap();
-        for i in 0..10 {
-            log.append("t", b"k", format!("r{i}").as_bytes())
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_all(&log, 10).await;
         let bus = Bus::log(log.clone(), Topics::with_prefix(""));
         let consumer = bus.consumer("g", &["t"]).unwrap();
         let first = read(&consumer, 10).await;
@@ -671,13 +665,7 @@ mod embedded {
         let bus = Bus::log(log.clone(), Topics::with_prefix(""));
         let fast = bus.consumer("fast", &["t"]).unwrap();
         let slow = bus.consumer("slow", &["t"]).unwrap();
-        for i in 0..10 {
-            log.append("t", b"k", format!("r{i}").as_bytes())
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_all(&log, 10).await;
         let all = read(&fast, 10).await;
         fast.done(&all).await;
         fast.commit().await;
@@ -803,20 +791,11 @@ mod embedded {
         )
         .unwrap();
         log.create_topics(&["t"]).unwrap();
-        let mut deliveries = Vec::new();
-        for i in 0..1000 {
-            deliveries.push(
-                log.append("t", b"k", format!("r{i:04}").as_bytes())
-                    .unwrap(),
-            );
-        }
-        for delivery in deliveries {
-            delivery.await.unwrap().unwrap();
-        }
+        append_all(&log, 1000).await;
         let bus = Bus::log(log, Topics::with_prefix(""));
         let consumer = bus.consumer("g", &["t"]).unwrap();
         let records = read(&consumer, 1000).await;
-        let expected: Vec<String> = (0..1000).map(|i| format!("r{i:04}")).collect();
+        let expected: Vec<String> = (0..1000).map(|i| format!("r{i}")).collect();
         assert_eq!(records.iter().map(text).collect::<Vec<_>>(), expected);
     }
 }
