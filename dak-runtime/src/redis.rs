@@ -4,10 +4,13 @@
 //!
 //! To one server, [`Connection`] wraps redis-rs's `ConnectionManager`, which
 //! reconnects after I/O errors but not after a command timed out. A
-//! multiplexed connection whose answers stopped coming (seen under CPU
-//! starvation: every command of a gateway timed out for minutes while Redis
-//! itself answered other clients at once) would otherwise stay stuck; here a
-//! timed-out command makes the next command open a new connection.
+//! multiplexed connection whose answers stopped coming would otherwise stay
+//! stuck; here a timed-out command makes the next command open a new
+//! connection. (The stall that first showed this, every command of a gateway
+//! timing out for minutes while Redis answered other clients at once, was
+//! the gateway's own: command futures that held places in the connection's
+//! bounded queue without being polled. See `spawn_reply` in ws-gateway.
+//! Keep such futures polled: a new connection does not help against it.)
 //!
 //! To a Cluster, it wraps redis-rs's cluster connection, which routes each
 //! command by its key's slot and follows the cluster's changes; a timed-out

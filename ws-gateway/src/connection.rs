@@ -149,6 +149,30 @@ async fn serve(shared: Arc<Shared>, identity: Identity, socket: WebSocket) {
 /// What a finished Kafka write tells the client: nothing, or one frame.
 type Reply = BoxFuture<'static, Option<String>>;
 
+/// Runs the wait for a client frame's answer (the bus's acknowledgement, then
+/// the dedup confirm) as a task of its own, and returns the wait for its result.
+///
+/// The socket's loop polls its pending answers only between its own steps,
+/// and one step awaits the next frame's dedup reserve. A confirm polled from
+/// there held its place in the Redis connection's bounded queue unpolled while
+/// that reserve waited behind it: with a few hundred sockets doing the same,
+/// every Redis command of the gateway stalled until the 5 s timeouts freed
+/// the queue (`many_sockets_sending_at_once_all_hear_accepted`). As a task the
+/// answer makes progress whatever its socket is doing. When the socket goes,
+/// dropping the handle leaves the task to finish on its own: the confirm still
+/// lands, and its wait on the bus and on Redis is bounded by their timeouts.
+fn spawn_reply(
+    answer: impl std::future::Future<Output = Option<String>> + Send + 'static,
+) -> Reply {
+    let task = tokio::spawn(answer);
+    Box::pin(async move {
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "answering a client frame failed");
+            None
+        })
+    })
+}
+
 struct Socket<'a> {
     shared: &'a Shared,
     identity: &'a Identity,
@@ -266,7 +290,7 @@ impl Socket<'_> {
                 match ingress.receipt(self.identity, &receipt) {
                     Ok(pending) => {
                         // Answered only when the client gave an id to answer to.
-                        self.pending.push_back(Box::pin(async move {
+                        self.pending.push_back(spawn_reply(async move {
                             match pending.accepted().await {
                                 Ok(a) => answer.then(|| accepted(&a)),
                                 Err(e) => Some(unavailable(&e, id)),
@@ -284,7 +308,7 @@ impl Socket<'_> {
             ClientFrame::Ack { mids } => {
                 let ingress = ingress.clone();
                 let identity = self.identity.clone();
-                self.pending.push_back(Box::pin(async move {
+                self.pending.push_back(spawn_reply(async move {
                     ingress
                         .ack(&identity, mids)
                         .await
@@ -296,7 +320,7 @@ impl Socket<'_> {
         };
         match submitted {
             Ok(pending) => {
-                self.pending.push_back(Box::pin(async move {
+                self.pending.push_back(spawn_reply(async move {
                     Some(match pending.accepted().await {
                         Ok(a) => accepted(&a),
                         Err(e) => unavailable(&e, id),

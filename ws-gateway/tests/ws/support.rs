@@ -7,7 +7,7 @@ use std::time::Duration;
 use dak_runtime::auth::{self, Verifier};
 use dak_runtime::bus::{Bus, Log, LogOptions, Topics};
 use dak_runtime::config::LimitArgs;
-use dak_runtime::dedup::MemoryDedup;
+use dak_runtime::dedup::{Dedup, MemoryDedup};
 use dak_runtime::http::ConnectionLimits;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence};
@@ -54,15 +54,16 @@ pub fn config() -> Config {
 
 impl Ws {
     pub async fn start(config: Config) -> Self {
+        Self::start_with_dedup(config, Arc::new(MemoryDedup::new(Duration::from_secs(60)))).await
+    }
+
+    /// A gateway whose dedup store is `dedup`.
+    pub async fn start_with_dedup(config: Config, dedup: Arc<dyn Dedup>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(&dir.path().join("bus.db"), LogOptions::default()).unwrap();
         let bus = Bus::log(log, Topics::with_prefix(""));
         bus.create_topics().await.unwrap();
-        let ingress = Ingress::new(
-            bus.producer().unwrap(),
-            bus.topics().inbound.clone(),
-            Arc::new(MemoryDedup::new(Duration::from_secs(60))),
-        );
+        let ingress = Ingress::new(bus.producer().unwrap(), bus.topics().inbound.clone(), dedup);
         let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (public_addr, internal_addr) =
