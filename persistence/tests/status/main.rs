@@ -124,6 +124,44 @@ pub async fn contract(store: &dyn StatusStore) {
     store.record(&each).await.unwrap();
     assert_eq!(store.steps(all).await.unwrap(), each);
 
+    // One call with the steps of many mids, as a busy consumer's batch has,
+    // a step among them twice: each mid gets its own, the earliest time kept.
+    let many: Vec<Mid> = (0..25).map(|_| mid(1000)).collect();
+    let mut steps: Vec<StatusEvent> = many
+        .iter()
+        .flat_map(|&m| {
+            let t = m.timestamp_ms();
+            [
+                accepted(m, t),
+                step(m, "bob", Some("phone"), DeviceStep::Delivered, t + 10),
+            ]
+        })
+        .collect();
+    let (twice, twice_t) = (many[7], many[7].timestamp_ms());
+    steps.insert(
+        3,
+        step(
+            twice,
+            "bob",
+            Some("phone"),
+            DeviceStep::Delivered,
+            twice_t + 90,
+        ),
+    );
+    store.record(&steps).await.unwrap();
+    for &m in &many {
+        let t = m.timestamp_ms();
+        assert_eq!(
+            store.steps(m).await.unwrap(),
+            vec![
+                accepted(m, t),
+                step(m, "bob", Some("phone"), DeviceStep::Delivered, t + 10)
+            ],
+            "{m} (written twice: {})",
+            m == twice
+        );
+    }
+
     // The retention counts from the mid's own time: a mid older than it keeps
     // nothing, however late its steps come.
     let old = mid(RETENTION.as_millis() as u64 + 60_000);
