@@ -28,6 +28,8 @@ pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
 pub const DEDUP_CONFIRM_FAILURES: &str = "dak_dedup_confirm_failures_total";
 pub const JWKS_FETCH_FAILURES: &str = "dak_jwks_fetch_failures_total";
 pub const BUILD_INFO: &str = "dak_build_info";
+pub const BATCH_SECONDS: &str = "dak_batch_seconds";
+pub const BATCH_RECORDS: &str = "dak_batch_records";
 
 /// Makes the counter `name` with `labels` appear in `/metrics` at zero.
 pub fn register_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
@@ -133,6 +135,16 @@ pub(crate) fn describe() {
         MESSAGE_AGE,
         Unit::Seconds,
         "time since the message was accepted, at each stage of its way to a socket"
+    );
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "time a consumer group's handler took over one batch of records, failed attempts included"
+    );
+    describe_histogram!(
+        BATCH_RECORDS,
+        Unit::Count,
+        "records in each batch a consumer group handled"
     );
     describe_gauge!(
         CONNECTED_DEVICES,

@@ -487,6 +487,9 @@ impl Consumer {
     {
         while let Some(mut batch) = self.next_batch(max, shutdown).await {
             let mut failures = 0;
+            let started = std::time::Instant::now();
+            ::metrics::histogram!(crate::metrics::BATCH_RECORDS, "group" => self.group.clone())
+                .record(batch.len() as f64);
             loop {
                 match handle(batch).await {
                     Ok(done) => {
@@ -525,6 +528,8 @@ impl Consumer {
                     }
                 }
             }
+            ::metrics::histogram!(crate::metrics::BATCH_SECONDS, "group" => self.group.clone())
+                .record(started.elapsed().as_secs_f64());
         }
         self.commit().await;
     }
