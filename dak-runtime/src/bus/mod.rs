@@ -485,11 +485,14 @@ impl Consumer {
         H: FnMut(Vec<Record>) -> Fut,
         Fut: Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
     {
+        let batch_records =
+            ::metrics::histogram!(crate::metrics::BATCH_RECORDS, "group" => self.group.clone());
+        let batch_seconds =
+            ::metrics::histogram!(crate::metrics::BATCH_SECONDS, "group" => self.group.clone());
         while let Some(mut batch) = self.next_batch(max, shutdown).await {
             let mut failures = 0;
             let started = std::time::Instant::now();
-            ::metrics::histogram!(crate::metrics::BATCH_RECORDS, "group" => self.group.clone())
-                .record(batch.len() as f64);
+            batch_records.record(batch.len() as f64);
             loop {
                 match handle(batch).await {
                     Ok(done) => {
@@ -528,8 +531,7 @@ impl Consumer {
                     }
                 }
             }
-            ::metrics::histogram!(crate::metrics::BATCH_SECONDS, "group" => self.group.clone())
-                .record(started.elapsed().as_secs_f64());
+            batch_seconds.record(started.elapsed().as_secs_f64());
         }
         self.commit().await;
     }

@@ -144,6 +144,35 @@ impl ScyllaStatus {
     }
 }
 
+impl ScyllaStatus {
+    /// One unlogged batch of the insert, with each row's values. Each row
+    /// carries its own write timestamp (earliest wins), so a retried batch
+    /// changes nothing.
+    fn bound(&self, rows: Vec<(Row, i32)>) -> (Batch, Vec<BoundRow>) {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_is_idempotent(true);
+        let values = rows
+            .into_iter()
+            .map(|(r, ttl_secs)| {
+                batch.append_statement(self.insert.clone());
+                (
+                    r.mid,
+                    r.user,
+                    r.device,
+                    r.state,
+                    r.at,
+                    r.sender,
+                    r.recipient,
+                    r.chat,
+                    ttl_secs,
+                    EARLIEST_WINS - r.at,
+                )
+            })
+            .collect();
+        (batch, values)
+    }
+}
+
 #[async_trait]
 impl StatusStore for ScyllaStatus {
     async fn record(&self, steps: &[StatusEvent]) -> anyhow::Result<()> {
@@ -158,40 +187,14 @@ impl StatusStore for ScyllaStatus {
             .collect();
         // A mid's steps side by side, so that they share a batch.
         rows.sort_by(|a, b| a.0.mid.cmp(&b.0.mid));
-        let batches: Vec<(Batch, Vec<BoundRow>)> = in_batches(rows)
-            .into_iter()
-            .map(|rows| {
-                let mut batch = Batch::new(BatchType::Unlogged);
-                // Each row carries its own timestamp (earliest wins), so a
-                // retried write changes nothing.
-                batch.set_is_idempotent(true);
-                let values = rows
-                    .into_iter()
-                    .map(|(r, ttl_secs)| {
-                        batch.append_statement(self.insert.clone());
-                        let timestamp = EARLIEST_WINS - r.at;
-                        (
-                            r.mid,
-                            r.user,
-                            r.device,
-                            r.state,
-                            r.at,
-                            r.sender,
-                            r.recipient,
-                            r.chat,
-                            ttl_secs,
-                            timestamp,
-                        )
-                    })
-                    .collect();
-                (batch, values)
-            })
-            .collect();
         // Futures made beforehand rather than in a `map` on the stream, which
         // would not be `Send` for `async_trait`.
-        let writes: Vec<_> = batches
+        let writes: Vec<_> = in_batches(rows)
             .into_iter()
-            .map(|(batch, values)| async move { self.session.batch(&batch, values).await })
+            .map(|rows| {
+                let (batch, values) = self.bound(rows);
+                async move { self.session.batch(&batch, values).await }
+            })
             .collect();
         stream::iter(writes)
             .buffer_unordered(CONCURRENCY)
