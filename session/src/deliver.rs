@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record};
+use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record, Settle};
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::status::{self, Reporter};
@@ -165,7 +165,9 @@ impl Core {
     /// are delivered together; a connect or replay event is a boundary, since it
     /// changes how the messages after it are routed. Acks go last: an ack can
     /// only be for a message delivered before it.
-    pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
+    /// Handles a batch of `dak.deliver`; what it returns settles once the
+    /// acks' receipts, drops and status steps are on the bus.
+    pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<Settle> {
         let mut messages = Vec::new();
         let mut acks = Vec::new();
         for record in records {
@@ -402,8 +404,10 @@ impl Core {
     }
 
     /// Removes acked deliveries, sends the senders a `delivered` receipt for
-    /// each, and forwards what was not in flight to storage as a `drop`.
-    async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<()> {
+    /// each, and forwards what was not in flight to storage as a `drop`. The
+    /// produced records are left to settle: nothing later in the batch
+    /// depends on them, and the next batch can start meanwhile.
+    async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<Settle> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
         let mut acked = Vec::new();
         // Concurrent, so a store with group commit removes them together. The
@@ -472,8 +476,7 @@ impl Core {
             }
         }
         forwards.extend(self.status.enqueue(acked)?);
-        bus::acknowledged_all(forwards).await?;
-        Ok(())
+        Ok(Settle::acknowledged(forwards))
     }
 
     /// Every delivery past its deadline: sent again, or handed to offline after

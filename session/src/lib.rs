@@ -121,12 +121,14 @@ impl Session {
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::info!("session running");
         let core = &self.core;
-        let deliveries = self.consumer.run(BATCH, &shutdown, |batch| async move {
-            match core.handle_batch(&batch).await {
-                Ok(()) => Ok(batch),
-                Err(e) => Err((batch, e)),
-            }
-        });
+        let deliveries = self
+            .consumer
+            .run_overlapped(BATCH, &shutdown, |batch| async move {
+                match core.handle_batch(&batch).await {
+                    Ok(settle) => Ok((batch, settle)),
+                    Err(e) => Err((batch, e)),
+                }
+            });
         tokio::join!(deliveries, core.retry_loop(&shutdown));
         core.flush().await;
         Ok(())

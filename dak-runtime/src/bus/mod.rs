@@ -485,55 +485,172 @@ impl Consumer {
         H: FnMut(Vec<Record>) -> Fut,
         Fut: Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
     {
+        self.run_overlapped(max, shutdown, |batch| {
+            let handled = handle(batch);
+            async move { handled.await.map(|done| (done, Settle::done())) }
+        })
+        .await
+    }
+
+    /// [`Consumer::run`] for a handler that hands back, with its batch, what
+    /// must still succeed before the batch counts as done: typically the
+    /// acknowledgements of what it produced. The next batch is handled while
+    /// that settles, and offsets are committed in order once it has. When it
+    /// fails, the batch is handled again (the batch after it may then have
+    /// been handled already: handlers are idempotent). A handler that
+    /// succeeds must hand back the batch it was given.
+    pub async fn run_overlapped<H, Fut>(&self, max: usize, shutdown: &Shutdown, mut handle: H)
+    where
+        H: FnMut(Vec<Record>) -> Fut,
+        Fut: Future<Output = Result<(Vec<Record>, Settle), (Vec<Record>, anyhow::Error)>>,
+    {
         let batch_records =
             ::metrics::histogram!(crate::metrics::BATCH_RECORDS, "group" => self.group.clone());
         let batch_seconds =
             ::metrics::histogram!(crate::metrics::BATCH_SECONDS, "group" => self.group.clone());
-        while let Some(mut batch) = self.next_batch(max, shutdown).await {
-            let mut failures = 0;
-            let started = std::time::Instant::now();
-            batch_records.record(batch.len() as f64);
-            loop {
-                match handle(batch).await {
-                    Ok(done) => {
-                        self.done(&done).await;
-                        break;
-                    }
-                    Err((again, e)) => {
-                        failures += 1;
-                        batch = again;
-                        let delay = batch_retry_delay(failures);
-                        tracing::warn!(group = %self.group, error = %format!("{e:#}"), failures, ?delay, "batch failed, retrying");
-                        if failures >= ISOLATE_AFTER {
-                            if batch.len() == 1 {
-                                let more = tokio::time::timeout(
-                                    delay,
-                                    self.next_batch(max.saturating_sub(1).max(1), shutdown),
-                                );
-                                match more.await {
-                                    Ok(Some(more)) => batch.extend(more),
-                                    Ok(None) => return self.commit().await,
-                                    Err(_) => continue,
-                                }
+        let mut unsettled: Option<(Vec<Record>, Settle)> = None;
+        loop {
+            let next = match unsettled.as_mut() {
+                None => self.next_batch(max, shutdown).await,
+                // Whichever comes first: a quiet topic must not keep a batch
+                // from its commit, nor a failed settling from its retry.
+                Some((_, settle)) => {
+                    let settled = tokio::select! {
+                        biased;
+                        settled = &mut settle.0 => Ok(settled),
+                        next = self.next_batch(max, shutdown) => Err(next),
+                    };
+                    match settled {
+                        Ok(settled) => {
+                            let (batch, _) = unsettled.take().expect("a batch was settling");
+                            if !self
+                                .settled(batch, settled, max, shutdown, &mut handle)
+                                .await
+                            {
+                                break;
                             }
-                            match self.isolate(batch, &mut handle).await {
-                                Ok(done) => {
-                                    self.done(&done).await;
-                                    break;
-                                }
-                                Err(again) => batch = again,
-                            }
+                            continue;
                         }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return self.commit().await,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                        Err(next) => next,
                     }
                 }
-            }
+            };
+            let Some(batch) = next else { break };
+            let started = std::time::Instant::now();
+            batch_records.record(batch.len() as f64);
+            let handled = self
+                .handle_until_done(batch, max, shutdown, &mut handle)
+                .await;
             batch_seconds.record(started.elapsed().as_secs_f64());
+            if let Some((previous, settle)) = unsettled.take() {
+                let settled = settle.0.await;
+                if !self
+                    .settled(previous, settled, max, shutdown, &mut handle)
+                    .await
+                {
+                    break;
+                }
+            }
+            match handled {
+                Some(handled) => unsettled = Some(handled),
+                None => break,
+            }
+        }
+        if let Some((last, settle)) = unsettled {
+            let settled = settle.0.await;
+            self.settled(last, settled, max, shutdown, &mut handle)
+                .await;
         }
         self.commit().await;
+    }
+
+    /// Marks `batch` done once `settled` says it settled; otherwise handles it
+    /// again, and waits for that to settle, until it does. False when
+    /// shutdown came first.
+    async fn settled<H, Fut>(
+        &self,
+        mut batch: Vec<Record>,
+        mut settled: anyhow::Result<()>,
+        max: usize,
+        shutdown: &Shutdown,
+        handle: &mut H,
+    ) -> bool
+    where
+        H: FnMut(Vec<Record>) -> Fut,
+        Fut: Future<Output = Result<(Vec<Record>, Settle), (Vec<Record>, anyhow::Error)>>,
+    {
+        let mut failures = 0;
+        loop {
+            let e = match settled {
+                Ok(()) => {
+                    self.done(&batch).await;
+                    return true;
+                }
+                Err(e) => e,
+            };
+            failures += 1;
+            let delay = batch_retry_delay(failures);
+            tracing::warn!(group = %self.group, error = %format!("{e:#}"), failures, ?delay, "batch did not settle, handling it again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let Some((again, settle)) = self.handle_until_done(batch, max, shutdown, handle).await
+            else {
+                return false;
+            };
+            batch = again;
+            settled = settle.0.await;
+        }
+    }
+
+    /// Hands `batch` to `handle` until it succeeds, with the pauses and the
+    /// isolation described at [`Consumer::run`]. None when shutdown came first.
+    async fn handle_until_done<H, Fut>(
+        &self,
+        mut batch: Vec<Record>,
+        max: usize,
+        shutdown: &Shutdown,
+        handle: &mut H,
+    ) -> Option<(Vec<Record>, Settle)>
+    where
+        H: FnMut(Vec<Record>) -> Fut,
+        Fut: Future<Output = Result<(Vec<Record>, Settle), (Vec<Record>, anyhow::Error)>>,
+    {
+        let mut failures = 0;
+        loop {
+            let e = match handle(batch).await {
+                Ok(handled) => return Some(handled),
+                Err((again, e)) => {
+                    batch = again;
+                    e
+                }
+            };
+            failures += 1;
+            let delay = batch_retry_delay(failures);
+            tracing::warn!(group = %self.group, error = %format!("{e:#}"), failures, ?delay, "batch failed, retrying");
+            if failures >= ISOLATE_AFTER {
+                if batch.len() == 1 {
+                    let more = tokio::time::timeout(
+                        delay,
+                        self.next_batch(max.saturating_sub(1).max(1), shutdown),
+                    );
+                    match more.await {
+                        Ok(Some(more)) => batch.extend(more),
+                        Ok(None) => return None,
+                        Err(_) => continue,
+                    }
+                }
+                match self.isolate(batch, handle).await {
+                    Ok(done) => return Some((done, Settle::done())),
+                    Err(again) => batch = again,
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
     }
 
     /// Handles `batch` one record at a time, in order, each with up to
@@ -550,18 +667,18 @@ impl Consumer {
     ) -> Result<Vec<Record>, Vec<Record>>
     where
         H: FnMut(Vec<Record>) -> Fut,
-        Fut: Future<Output = Result<Vec<Record>, (Vec<Record>, anyhow::Error)>>,
+        Fut: Future<Output = Result<(Vec<Record>, Settle), (Vec<Record>, anyhow::Error)>>,
     {
         let mut i = 0;
         while i < batch.len() {
             let mut failure = None;
             for attempt in 1..=ISOLATED_ATTEMPTS {
-                match handle(vec![batch[i].clone()]).await {
-                    Ok(_) => {
+                match handle_alone(handle, &batch[i]).await {
+                    Ok(()) => {
                         failure = None;
                         break;
                     }
-                    Err((_, e)) => failure = Some(e),
+                    Err(e) => failure = Some(e),
                 }
                 if attempt < ISOLATED_ATTEMPTS {
                     tokio::time::sleep(batch_retry_delay(attempt)).await;
@@ -575,15 +692,15 @@ impl Consumer {
             let Some(next) = batch.get(i + 1) else {
                 return Err(batch);
             };
-            if handle(vec![next.clone()]).await.is_err() {
+            if handle_alone(handle, next).await.is_err() {
                 return Err(batch);
             }
             let failing_since = tokio::time::Instant::now();
             let mut pause = Duration::from_millis(500);
             loop {
-                let failure = match handle(vec![batch[i].clone()]).await {
-                    Ok(_) => break,
-                    Err((_, e)) => e,
+                let failure = match handle_alone(handle, &batch[i]).await {
+                    Ok(()) => break,
+                    Err(e) => e,
                 };
                 if failing_since.elapsed() >= POISON_AFTER {
                     let reason = format!(
@@ -620,6 +737,37 @@ pub fn batch_retry_delay(failures: u32) -> Duration {
     FIRST
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(MOST)
+}
+
+/// What a batch's handler left to finish before the batch counts as done
+/// ([`Consumer::run_overlapped`]).
+pub struct Settle(Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>);
+
+impl Settle {
+    /// Nothing left: the batch is done.
+    pub fn done() -> Self {
+        Self::new(std::future::ready(Ok(())))
+    }
+
+    /// Done once every one of `deliveries` is acknowledged by the bus.
+    pub fn acknowledged(deliveries: Vec<ProduceFuture>) -> Self {
+        Self::new(async move { Ok(acknowledged_all(deliveries).await?) })
+    }
+
+    /// Done once `settling` succeeds; when it fails, the batch is handled again.
+    pub fn new(settling: impl Future<Output = anyhow::Result<()>> + Send + 'static) -> Self {
+        Self(Box::pin(settling))
+    }
+}
+
+/// Handles `record` on its own and waits for it to settle.
+async fn handle_alone<H, Fut>(handle: &mut H, record: &Record) -> anyhow::Result<()>
+where
+    H: FnMut(Vec<Record>) -> Fut,
+    Fut: Future<Output = Result<(Vec<Record>, Settle), (Vec<Record>, anyhow::Error)>>,
+{
+    let (_, settle) = handle(vec![record.clone()]).await.map_err(|(_, e)| e)?;
+    settle.0.await
 }
 
 #[cfg(test)]

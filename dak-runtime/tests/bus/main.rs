@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use dak_runtime::bus::{Bus, Consumer, KafkaConfig, Log, LogOptions, Record, Topics};
+use dak_runtime::bus::{Bus, Consumer, KafkaConfig, Log, LogOptions, Record, Settle, Topics};
 use dak_runtime::config::{KafkaArgs, SaslMechanism, Secret, SecurityProtocol};
 use dak_runtime::shutdown::Shutdown;
 
@@ -412,6 +412,113 @@ async fn records_that_all_fail_are_retried_not_parked(engine: Engine) {
     );
 }
 
+async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
+    let t = bus(engine).await;
+    let group = t.bus.topics().group("overlap");
+    let topic = t.bus.topics().deliver.clone();
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    let shutdown = Shutdown::new();
+    let first_handled = tokio::sync::Notify::new();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let mut release = Some(release);
+    let mut released = Some(released);
+    let handled = std::sync::Mutex::new(Vec::new());
+    let run = consumer.run_overlapped(50, &shutdown, |batch| {
+        let texts: Vec<String> = batch.iter().map(text).collect();
+        handled.lock().unwrap().extend(texts.iter().cloned());
+        let settle = if texts.contains(&"k:0".to_owned()) {
+            // Settles only once the next batch has been handled.
+            let released = released.take().expect("k:0 handled once");
+            first_handled.notify_one();
+            Settle::new(async move { Ok(released.await?) })
+        } else {
+            if texts.contains(&"k:1".to_owned()) {
+                release.take().unwrap().send(()).unwrap();
+                shutdown.cancel();
+            }
+            Settle::done()
+        };
+        async move { Ok((batch, settle)) }
+    });
+    let (ran, ()) = tokio::join!(tokio::time::timeout(PATIENCE, run), async {
+        produce(&t.bus, &["k"], 1).await;
+        first_handled.notified().await;
+        t.bus
+            .producer()
+            .unwrap()
+            .send(&topic, "k", b"k:1")
+            .await
+            .unwrap();
+    });
+    ran.expect("k:1 was handled while k:0 was still settling");
+    assert_eq!(handled.into_inner().unwrap(), ["k:0", "k:1"]);
+    // Both settled, so both were committed.
+    drop(consumer);
+    t.bus
+        .producer()
+        .unwrap()
+        .send(&topic, "k", b"k:2")
+        .await
+        .unwrap();
+    let again = t.bus.consumer(&group, &[&topic]).unwrap();
+    assert_eq!(
+        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
+        ["k:2"]
+    );
+}
+
+async fn a_batch_that_does_not_settle_is_handled_again(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 3).await;
+    let group = t.bus.topics().group("unsettled");
+    let topic = t.bus.topics().deliver.clone();
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    let shutdown = Shutdown::new();
+    let mut calls = 0;
+    let handled = std::sync::Mutex::new(Vec::new());
+    let run = consumer.run_overlapped(50, &shutdown, |batch| {
+        calls += 1;
+        let mut handled = handled.lock().unwrap();
+        handled.extend(batch.iter().map(text));
+        let settle = if calls == 1 {
+            // As when the bus refuses what the handler produced.
+            Settle::new(async { Err(anyhow::anyhow!("the bus refused a record")) })
+        } else {
+            Settle::done()
+        };
+        if handled.iter().filter(|t| *t == "k:0").count() == 2 && handled.contains(&"k:2".into()) {
+            shutdown.cancel();
+        }
+        async move { Ok((batch, settle)) }
+    });
+    tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("the consumer got past every record");
+    let handled = handled.into_inner().unwrap();
+    assert_eq!(handled.first().map(String::as_str), Some("k:0"));
+    assert_eq!(
+        handled.iter().filter(|t| *t == "k:0").count(),
+        2,
+        "the batch that did not settle was handled again: {handled:?}"
+    );
+    for i in 0..3 {
+        assert!(handled.contains(&format!("k:{i}")), "{handled:?}");
+    }
+    // Committed once it settled: the group does not see it again.
+    drop(consumer);
+    t.bus
+        .producer()
+        .unwrap()
+        .send(&topic, "k", b"k:3")
+        .await
+        .unwrap();
+    let again = t.bus.consumer(&group, &[&topic]).unwrap();
+    assert_eq!(
+        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
+        ["k:3"]
+    );
+}
+
 async fn a_bounded_fan_out_waits_for_room_and_keeps_order(engine: Engine) {
     let t = bus(engine).await;
     let producer = t.bus.producer().unwrap();
@@ -463,6 +570,8 @@ both_engines!(
     a_record_that_always_fails_is_parked_and_the_rest_go_through,
     records_that_all_fail_are_retried_not_parked,
     a_bounded_fan_out_waits_for_room_and_keeps_order,
+    the_next_batch_is_handled_while_one_settles,
+    a_batch_that_does_not_settle_is_handled_again,
 );
 
 mod kafka_sasl {
