@@ -44,6 +44,10 @@ pub(crate) struct Shared {
     /// Closed loop over delivery: a message stays in the window until its
     /// `delivered` receipt arrives (see [`crate::BenchArgs::window`]).
     pub awaits_delivery: bool,
+    /// `direct`: the senders track their `delivered` receipts, and the run
+    /// ends once they all came, so that none is left for the inbox of a
+    /// sender that disconnected (and for the next run's servers to store).
+    pub tracks_receipts: bool,
 }
 
 impl Shared {
@@ -63,6 +67,7 @@ impl Shared {
             },
             // Only `direct` peers are online to send `delivered` receipts back.
             awaits_delivery: args.rate == 0 && args.scenario == crate::Scenario::Direct,
+            tracks_receipts: args.scenario == crate::Scenario::Direct,
         }
     }
 }
@@ -168,6 +173,7 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     }
     let sending = drive(args, &shared, &phase, args.devices, |c| {
         Counters::get(&c.delivered) >= Counters::get(&c.accepted)
+            && Counters::get(&c.awaiting_receipts) == 0
     })
     .await;
     let elapsed = start.elapsed();
@@ -414,7 +420,7 @@ struct DeviceState<'a> {
     /// Seq → when it was sent, until answered.
     outstanding: HashMap<u64, Instant>,
     /// Mids accepted but not yet confirmed by a `delivered` receipt (direct
-    /// closed loop only).
+    /// only; they count against the window in a closed loop).
     undelivered: HashSet<String>,
     /// Mids whose `delivered` receipt came before their `accepted`.
     delivered_early: HashSet<String>,
@@ -425,7 +431,12 @@ struct DeviceState<'a> {
 impl DeviceState<'_> {
     /// What counts against the closed-loop window.
     fn in_window(&self) -> usize {
-        self.outstanding.len() + self.undelivered.len()
+        let undelivered = if self.shared.awaits_delivery {
+            self.undelivered.len()
+        } else {
+            0
+        };
+        self.outstanding.len() + undelivered
     }
 
     fn sent(&mut self, seq: u64) {
@@ -462,9 +473,9 @@ impl DeviceState<'_> {
                     return;
                 };
                 if let Some(sent) = self.outstanding.remove(&seq) {
-                    if let Some(mid) = frame.mid.filter(|_| self.shared.awaits_delivery) {
-                        if !self.delivered_early.remove(&mid) {
-                            self.undelivered.insert(mid);
+                    if let Some(mid) = frame.mid.filter(|_| self.shared.tracks_receipts) {
+                        if !self.delivered_early.remove(&mid) && self.undelivered.insert(mid) {
+                            Counters::add(&shared.counters.awaiting_receipts, 1);
                         }
                     }
                     shared.accept.record(index, sent.elapsed());
@@ -490,10 +501,12 @@ impl DeviceState<'_> {
                 if let Some(rid) = frame.rid {
                     self.acks.push(rid);
                 }
-                if frame.state.as_deref() == Some("delivered") && self.shared.awaits_delivery {
+                if frame.state.as_deref() == Some("delivered") && self.shared.tracks_receipts {
                     if let Some(mid) = frame.mid {
                         // A receipt that overtook its `accepted` settles it early.
-                        if !self.undelivered.remove(&mid) {
+                        if self.undelivered.remove(&mid) {
+                            Counters::sub(&shared.counters.awaiting_receipts, 1);
+                        } else {
                             self.delivered_early.insert(mid);
                         }
                     }
@@ -560,6 +573,16 @@ mod tests {
         assert!(!shared(&["--scenario", "direct", "--rate", "100"]).awaits_delivery);
         assert!(!shared(&["--scenario", "offline"]).awaits_delivery);
         assert!(!shared(&["--scenario", "group", "--devices", "20"]).awaits_delivery);
+    }
+
+    #[test]
+    fn every_direct_run_waits_for_its_receipts_before_it_ends() {
+        assert!(shared(&["--scenario", "direct"]).tracks_receipts);
+        assert!(shared(&["--scenario", "direct", "--rate", "100"]).tracks_receipts);
+        // Nobody online to ack offline messages; a group sender's receipts
+        // come from every member and are not tracked.
+        assert!(!shared(&["--scenario", "offline"]).tracks_receipts);
+        assert!(!shared(&["--scenario", "group", "--devices", "20"]).tracks_receipts);
     }
 
     #[test]

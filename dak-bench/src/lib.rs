@@ -104,7 +104,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub gateway_pid: Option<u32>,
     /// After sending stops, how long to wait for outstanding messages to arrive
-    /// before counting them lost.
+    /// (and, in `direct`, for the senders' `delivered` receipts) before
+    /// counting them lost.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     /// Connections opened at once while connecting.

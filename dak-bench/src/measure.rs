@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub connected: AtomicU64,
     /// Device tasks that stopped sending (or ended) once sending was over.
     pub stopped: AtomicU64,
+    /// Accepted `direct` messages whose `delivered` receipt has not come yet.
+    pub awaiting_receipts: AtomicU64,
     /// When sending (or, for `idle`, holding) began; the progress bar counts
     /// from here.
     pub sending_since: OnceLock<Instant>,
@@ -40,6 +42,10 @@ impl Counters {
 
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
+    }
+
+    pub fn sub(c: &AtomicU64, n: u64) {
+        c.fetch_sub(n, Relaxed);
     }
 
     /// Sent messages not answered yet, neither `accepted` nor `error`.
