@@ -412,6 +412,18 @@ async fn records_that_all_fail_are_retried_not_parked(engine: Engine) {
     );
 }
 
+/// Produces `fresh`, and asserts that a new member of `group` reads it
+/// first: everything before it was committed.
+async fn assert_group_resumes_at(bus: &Bus, group: &str, topic: &str, fresh: &str) {
+    let producer = bus.producer().unwrap();
+    producer.send(topic, "k", fresh.as_bytes()).await.unwrap();
+    let again = bus.consumer(group, &[topic]).unwrap();
+    assert_eq!(
+        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
+        [fresh]
+    );
+}
+
 async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
     let t = bus(engine).await;
     let group = t.bus.topics().group("overlap");
@@ -454,17 +466,7 @@ async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
     assert_eq!(handled.into_inner().unwrap(), ["k:0", "k:1"]);
     // Both settled, so both were committed.
     drop(consumer);
-    t.bus
-        .producer()
-        .unwrap()
-        .send(&topic, "k", b"k:2")
-        .await
-        .unwrap();
-    let again = t.bus.consumer(&group, &[&topic]).unwrap();
-    assert_eq!(
-        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
-        ["k:2"]
-    );
+    assert_group_resumes_at(&t.bus, &group, &topic, "k:2").await;
 }
 
 async fn a_batch_that_does_not_settle_is_handled_again(engine: Engine) {
@@ -506,17 +508,7 @@ async fn a_batch_that_does_not_settle_is_handled_again(engine: Engine) {
     }
     // Committed once it settled: the group does not see it again.
     drop(consumer);
-    t.bus
-        .producer()
-        .unwrap()
-        .send(&topic, "k", b"k:3")
-        .await
-        .unwrap();
-    let again = t.bus.consumer(&group, &[&topic]).unwrap();
-    assert_eq!(
-        read(&again, 1).await.iter().map(text).collect::<Vec<_>>(),
-        ["k:3"]
-    );
+    assert_group_resumes_at(&t.bus, &group, &topic, "k:3").await;
 }
 
 async fn a_bounded_fan_out_waits_for_room_and_keeps_order(engine: Engine) {
