@@ -41,9 +41,6 @@ pub(crate) struct Shared {
     pub period: Option<Duration>,
     /// `direct` or `group`: what the senders' messages are.
     pub chat: &'static str,
-    /// Closed loop over delivery: a message stays in the window until its
-    /// `delivered` receipt arrives (see [`crate::BenchArgs::window`]).
-    pub awaits_delivery: bool,
     /// `direct`: the senders track their `delivered` receipts, and the run
     /// ends once they all came, so that none is left for the inbox of a
     /// sender that disconnected (and for the next run's servers to store).
@@ -66,9 +63,14 @@ impl Shared {
                 _ => "direct",
             },
             // Only `direct` peers are online to send `delivered` receipts back.
-            awaits_delivery: args.rate == 0 && args.scenario == crate::Scenario::Direct,
             tracks_receipts: args.scenario == crate::Scenario::Direct,
         }
+    }
+
+    /// Closed loop over delivery: a message stays in the window until its
+    /// `delivered` receipt arrives (see [`crate::BenchArgs::window`]).
+    pub fn awaits_delivery(&self) -> bool {
+        self.tracks_receipts && self.period.is_none()
     }
 }
 
@@ -431,7 +433,7 @@ struct DeviceState<'a> {
 impl DeviceState<'_> {
     /// What counts against the closed-loop window.
     fn in_window(&self) -> usize {
-        let undelivered = if self.shared.awaits_delivery {
+        let undelivered = if self.shared.awaits_delivery() {
             self.undelivered.len()
         } else {
             0
@@ -568,11 +570,11 @@ mod tests {
 
     #[test]
     fn only_a_direct_closed_loop_waits_for_delivered_receipts() {
-        assert!(shared(&["--scenario", "direct"]).awaits_delivery);
+        assert!(shared(&["--scenario", "direct"]).awaits_delivery());
         // Paced, offline (no receiver acks) and group runs count `accepted`.
-        assert!(!shared(&["--scenario", "direct", "--rate", "100"]).awaits_delivery);
-        assert!(!shared(&["--scenario", "offline"]).awaits_delivery);
-        assert!(!shared(&["--scenario", "group", "--devices", "20"]).awaits_delivery);
+        assert!(!shared(&["--scenario", "direct", "--rate", "100"]).awaits_delivery());
+        assert!(!shared(&["--scenario", "offline"]).awaits_delivery());
+        assert!(!shared(&["--scenario", "group", "--devices", "20"]).awaits_delivery());
     }
 
     #[test]
