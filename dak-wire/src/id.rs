@@ -131,6 +131,11 @@ impl Mid {
     pub fn timestamp_ms(&self) -> u64 {
         self.0.timestamp_ms()
     }
+
+    /// The random part of this mid: its low 80 bits.
+    pub fn random(&self) -> u128 {
+        self.0.random()
+    }
 }
 
 fn truncate(s: &str) -> &str {

@@ -217,3 +217,90 @@ async fn scylla_status_keeps_the_contract() {
     )
     .await;
 }
+
+/// After an upgrade from a version that kept the steps in `message_status`
+/// (partition `mid`), a message sent before it keeps its status: its steps
+/// from the old table and the new, each step once at its earliest time.
+#[tokio::test]
+async fn scylla_status_reads_the_steps_an_earlier_version_wrote() {
+    dak_runtime::scylla::with_test_keyspace(
+        "scylla_status_reads_the_steps_an_earlier_version_wrote",
+        |nodes, keyspace| async move {
+            let session = dak_runtime::scylla::connect(&nodes, &keyspace, &Default::default())
+                .await
+                .expect("connect to DAK_TEST_SCYLLA_NODES");
+            session
+                .query_unpaged(
+                    format!(
+                        "CREATE TABLE {keyspace}.message_status (
+                            mid text, user_id text, device_id text, state text,
+                            at bigint, sender text, recipient text, chat text,
+                            PRIMARY KEY ((mid), user_id, device_id, state))"
+                    ),
+                    (),
+                )
+                .await
+                .unwrap();
+            let old = mid(5_000);
+            let t = old.timestamp_ms();
+            let insert = format!(
+                "INSERT INTO {keyspace}.message_status
+                   (mid, user_id, device_id, state, at, sender, recipient, chat)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            );
+            for (user, device, state, at, recipient, chat) in [
+                ("", "", "accepted", t, "bob", "direct"),
+                ("bob", "phone", "delivered", t + 10, "", ""),
+            ] {
+                session
+                    .query_unpaged(
+                        insert.as_str(),
+                        (
+                            old.to_string(),
+                            user,
+                            device,
+                            state,
+                            at as i64,
+                            "alice",
+                            recipient,
+                            chat,
+                        ),
+                    )
+                    .await
+                    .unwrap();
+            }
+
+            let store = ScyllaStatus::connect(&nodes, &keyspace, &Default::default(), RETENTION)
+                .await
+                .unwrap();
+            // The device acks after the upgrade, and a replay reports its
+            // delivery again, later.
+            store
+                .record(&[
+                    step(old, "bob", Some("phone"), DeviceStep::Acked, t + 30),
+                    step(old, "bob", Some("phone"), DeviceStep::Delivered, t + 20),
+                ])
+                .await
+                .unwrap();
+            let accepted_before = StatusEvent::Accepted {
+                mid: old,
+                from: user("alice"),
+                to: "bob".into(),
+                chat: ChatKind::Direct,
+                at: t,
+            };
+            assert_eq!(
+                store.steps(old).await.unwrap(),
+                vec![
+                    accepted_before,
+                    step(old, "bob", Some("phone"), DeviceStep::Delivered, t + 10),
+                    step(old, "bob", Some("phone"), DeviceStep::Acked, t + 30),
+                ]
+            );
+
+            // A message sent after the upgrade is the new table's alone.
+            contract(&store).await;
+        },
+    )
+    .await;
+}
