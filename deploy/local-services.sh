@@ -15,6 +15,8 @@
 # Script settings (all optional):
 #   DAK_PUBLIC_ADDR     where nginx serves the whole client API (default 127.0.0.1:8080)
 #   DAK_KAFKA_BROKERS   use this Kafka; start none
+#   DAK_KAFKA_PARTITIONS partitions of each topic dak creates (default 3 on
+#                       the Kafka this script starts, dak's 12 on another)
 #   DAK_SCYLLA_NODES    use this ScyllaDB/Cassandra cluster (CQL); start none
 #   DAK_STORES          cql (default) or sqlite: sqlite keeps the inbox, push
 #                       tokens and groups in SQLite files under $DATA, and
@@ -275,6 +277,12 @@ if [ -n "${DAK_KAFKA_BROKERS:-}" ]; then
   log "Kafka: $DAK_KAFKA_BROKERS (from DAK_KAFKA_BROKERS)"
 else
   export DAK_KAFKA_BROKERS=127.0.0.1:$LOCAL_KAFKA_PORT
+  # One broker and one instance of each service: 3 partitions per topic make
+  # bigger batches than dak's default of 12, and cost the broker less per
+  # message (docs/performance.md). dak sets the count only when it creates a
+  # topic: set DAK_KAFKA_PARTITIONS before the first start to run more
+  # instances of a service.
+  export DAK_KAFKA_PARTITIONS=${DAK_KAFKA_PARTITIONS:-3}
   if listening "$LOCAL_KAFKA_PORT"; then
     log "Kafka: something already listens on $DAK_KAFKA_BROKERS, using it"
   else
