@@ -237,29 +237,28 @@ impl ScyllaStatus {
         batch.set_is_idempotent(true);
         let values = writes
             .into_iter()
-            .map(
-                |Write {
-                     partition,
-                     row: r,
-                     ttl_secs,
-                 }| {
-                    batch.append_statement(self.insert.clone());
-                    (
-                        partition.0,
-                        partition.1,
-                        r.mid,
-                        r.user,
-                        r.device,
-                        r.state,
-                        r.at,
-                        r.sender,
-                        r.recipient,
-                        r.chat,
-                        ttl_secs,
-                        EARLIEST_WINS - r.at,
-                    )
-                },
-            )
+            .map(|w| {
+                batch.append_statement(self.insert.clone());
+                let Write {
+                    partition,
+                    row,
+                    ttl_secs,
+                } = w;
+                (
+                    partition.0,
+                    partition.1,
+                    row.mid,
+                    row.user,
+                    row.device,
+                    row.state,
+                    row.at,
+                    row.sender,
+                    row.recipient,
+                    row.chat,
+                    ttl_secs,
+                    EARLIEST_WINS - row.at,
+                )
+            })
             .collect();
         (batch, values)
     }
@@ -316,12 +315,11 @@ impl StatusStore for ScyllaStatus {
 
     async fn steps(&self, mid: Mid) -> anyhow::Result<Vec<StatusEvent>> {
         let (slot, shard) = partition(mid);
-        let mut rows = self
-            .rows(&self.select, (slot, shard, mid.to_string()))
-            .await?;
+        let key = mid.to_string();
+        let mut rows = self.rows(&self.select, (slot, shard, &key)).await?;
         if let Some(legacy) = &self.legacy_select {
-            if !rows.iter().any(|row| row.2 == "accepted") {
-                rows.extend(self.rows(legacy, (mid.to_string(),)).await?);
+            if !rows.iter().any(|(_, _, state, ..)| state == "accepted") {
+                rows.extend(self.rows(legacy, (&key,)).await?);
             }
         }
         let mut steps = rows
