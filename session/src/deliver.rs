@@ -410,15 +410,8 @@ impl Core {
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<Settle> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
         let mut acked = Vec::new();
-        // Concurrent, so a store with group commit removes them together. The
-        // calls still reach the store in the order of the acks.
-        let found = join_all(
-            acks.iter()
-                .map(|ack| self.inflight.ack(&ack.user, &ack.device, &ack.mids)),
-        )
-        .await;
+        let found = self.inflight.ack(&acks).await?;
         for (ack, found) in acks.iter().zip(found) {
-            let found = found?;
             let now = now_ms();
             let mut forward = Vec::new();
             for (mid, pending) in ack.mids.iter().zip(found) {

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use dak_runtime::store::{StoreError, StoreResult};
-use dak_wire::event::Message;
+use dak_wire::event::{Ack, Message};
 use dak_wire::{DeviceId, Mid, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -66,13 +66,10 @@ pub trait InFlight: Send + Sync + 'static {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
     /// Takes the device's held deliveries, in the order they were held.
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>>;
-    /// Removes the acked deliveries, returning each one that was in flight.
-    async fn ack(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        mids: &[Mid],
-    ) -> StoreResult<Vec<Option<Pending>>>;
+    /// Removes the acked deliveries of each ack, in one round trip for all of
+    /// them, returning for each ack each of its mids' delivery that was in
+    /// flight.
+    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>>;
     /// Claims up to `limit` deliveries whose deadline is at or before `now_ms`,
     /// leasing them until `now_ms + lease_ms`.
     async fn claim_due(
@@ -143,20 +140,20 @@ impl InFlight for MemoryInFlight {
             .collect())
     }
 
-    async fn ack(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        mids: &[Mid],
-    ) -> StoreResult<Vec<Option<Pending>>> {
+    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
         let mut state = self.state.lock().expect("in-flight lock");
-        Ok(mids
+        Ok(acks
             .iter()
-            .map(|mid| {
-                let key = member(user, device, *mid);
-                let (score, pending) = state.records.remove(&key)?;
-                state.due.remove(&(score, key));
-                Some(pending)
+            .map(|ack| {
+                ack.mids
+                    .iter()
+                    .map(|mid| {
+                        let key = member(&ack.user, &ack.device, *mid);
+                        let (score, pending) = state.records.remove(&key)?;
+                        state.due.remove(&(score, key));
+                        Some(pending)
+                    })
+                    .collect()
             })
             .collect())
     }
@@ -377,26 +374,29 @@ impl InFlight for RedisInFlight {
         Ok(held?.into_iter().filter(Pending::is_held).collect())
     }
 
-    async fn ack(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        mids: &[Mid],
-    ) -> StoreResult<Vec<Option<Pending>>> {
-        if mids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys = self.keys_for(user);
+    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
         let mut pipe = redis::pipe();
-        for mid in mids {
-            let mut cmd = eval(ACK, &keys);
-            cmd.arg(member(user, device, *mid));
-            pipe.add_command(cmd);
+        for ack in acks {
+            let keys = self.keys_for(&ack.user);
+            for mid in &ack.mids {
+                let mut cmd = eval(ACK, &keys);
+                cmd.arg(member(&ack.user, &ack.device, *mid));
+                pipe.add_command(cmd);
+            }
+        }
+        if pipe.is_empty() {
+            return Ok(vec![Vec::new(); acks.len()]);
         }
         let found: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
-        found
-            .into_iter()
-            .map(|v| v.as_deref().map(decode).transpose())
+        let mut found = found.into_iter();
+        acks.iter()
+            .map(|ack| {
+                found
+                    .by_ref()
+                    .take(ack.mids.len())
+                    .map(|v| v.as_deref().map(decode).transpose())
+                    .collect()
+            })
             .collect()
     }
 

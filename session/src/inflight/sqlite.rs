@@ -13,6 +13,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use dak_runtime::sqlite::{sql_ms, Durability, Writer, WriterState};
 use dak_runtime::store::StoreResult;
+use dak_wire::event::Ack;
 use dak_wire::{DeviceId, Mid, UserId};
 use rusqlite::{params, OptionalExtension};
 
@@ -187,38 +188,49 @@ impl InFlight for SqliteInFlight {
         Ok(held?.into_iter().filter(Pending::is_held).collect())
     }
 
-    async fn ack(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        mids: &[Mid],
-    ) -> StoreResult<Vec<Option<Pending>>> {
-        if mids.is_empty() {
-            return Ok(Vec::new());
+    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+        let keys: Vec<(String, String, Vec<String>)> = acks
+            .iter()
+            .map(|a| {
+                let mids = a.mids.iter().map(Mid::to_string).collect();
+                (a.user.to_string(), a.device.to_string(), mids)
+            })
+            .collect();
+        if keys.iter().all(|(_, _, mids)| mids.is_empty()) {
+            return Ok(vec![Vec::new(); acks.len()]);
         }
-        let (user, device) = (user.to_string(), device.to_string());
-        let mids: Vec<String> = mids.iter().map(Mid::to_string).collect();
-        let found: Vec<Option<String>> = self
+        // One job for every ack: one savepoint and one answer, however many
+        // devices acked.
+        let found: Vec<Vec<Option<String>>> = self
             .writer
             .call(move |conn, _| {
                 let mut delete = conn.prepare_cached(
                     "DELETE FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3
                      RETURNING record",
                 )?;
-                let mut found = Vec::with_capacity(mids.len());
-                for mid in mids {
-                    found.push(
-                        delete
-                            .query_row(params![user, device, mid], |r| r.get(0))
-                            .optional()?,
-                    );
+                let mut found = Vec::with_capacity(keys.len());
+                for (user, device, mids) in keys {
+                    let mut records = Vec::with_capacity(mids.len());
+                    for mid in mids {
+                        records.push(
+                            delete
+                                .query_row(params![user, device, mid], |r| r.get(0))
+                                .optional()?,
+                        );
+                    }
+                    found.push(records);
                 }
                 Ok(found)
             })
             .await?;
         found
             .iter()
-            .map(|json| json.as_deref().map(decode).transpose())
+            .map(|records| {
+                records
+                    .iter()
+                    .map(|json| json.as_deref().map(decode).transpose())
+                    .collect()
+            })
             .collect()
     }
 

@@ -3,7 +3,7 @@
 //! same suite. Time is passed in
 //! explicitly, so deadlines and leases are tested without waiting.
 
-use dak_wire::event::Message;
+use dak_wire::event::{Ack, Message};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use serde_json::value::RawValue;
 use session::inflight::{InFlight, MemoryInFlight, Pending, RedisInFlight, SqliteInFlight};
@@ -33,6 +33,23 @@ fn delivery(user: &str, device: &str, deadline_ms: u64) -> Pending {
         first_sent_ms: 1_000,
         deadline_ms,
     }
+}
+
+/// An ack from `user`'s `device` for `mids`.
+fn ack(user: &UserId, device: &DeviceId, mids: &[Mid]) -> Ack {
+    Ack {
+        user: user.clone(),
+        device: device.clone(),
+        mids: mids.to_vec(),
+    }
+}
+
+/// The mid of each delivery an ack found, or `None`.
+fn found_mids(found: &[Option<Pending>]) -> Vec<Option<Mid>> {
+    found
+        .iter()
+        .map(|p| p.as_ref().map(|p| p.message.mid))
+        .collect()
 }
 
 fn mids(found: &[Pending]) -> Vec<Mid> {
@@ -116,19 +133,20 @@ async fn contract(store: &dyn InFlight) {
 
     // Acks remove exactly what they name, once.
     let acked = store
-        .ack(&a.user, &a.device, &[a.message.mid, c.message.mid])
+        .ack(&[ack(&a.user, &a.device, &[a.message.mid, c.message.mid])])
         .await
         .unwrap();
     assert_eq!(
-        acked[0].as_ref().map(|p| p.message.mid),
-        Some(a.message.mid)
+        found_mids(&acked[0]),
+        vec![Some(a.message.mid), None],
+        "c is carol's, not bob's phone's"
     );
-    assert!(acked[1].is_none(), "c is carol's, not bob's phone's");
-    assert!(store
-        .ack(&a.user, &a.device, &[a.message.mid])
+    let again = store
+        .ack(&[ack(&a.user, &a.device, &[a.message.mid])])
         .await
-        .unwrap()[0]
-        .is_none());
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(found_mids(&again[0]), vec![None]);
     // A resend after the ack does not bring the delivery back.
     assert!(!store.resent(&a).await.unwrap());
 
@@ -136,6 +154,65 @@ async fn contract(store: &dyn InFlight) {
     assert_eq!(store.count().await.unwrap(), 1, "only a_elsewhere is left");
     let last = store.claim_due(u64::MAX / 4, 10, 100).await.unwrap();
     assert_eq!(mids(&last), vec![a_elsewhere.message.mid]);
+}
+
+/// One call acks for several devices at once: each ack gets its own answer, in
+/// the order of the acks and of their mids, and an ack without mids gets none.
+async fn many_acks_contract(store: &dyn InFlight) {
+    let phone = delivery("dave", "phone", 2_000);
+    let phone_later = delivery("dave", "phone", 2_000);
+    let tablet = delivery("dave", "tablet", 2_000);
+    let erin = delivery("erin", "web", 2_000);
+    let all = [
+        phone.clone(),
+        phone_later.clone(),
+        tablet.clone(),
+        erin.clone(),
+    ];
+    assert!(store.begin(&all).await.unwrap().iter().all(|fresh| *fresh));
+    let before = store.count().await.unwrap();
+
+    let found = store
+        .ack(&[
+            ack(
+                &phone.user,
+                &phone.device,
+                &[
+                    phone_later.message.mid,
+                    tablet.message.mid,
+                    phone.message.mid,
+                ],
+            ),
+            ack(&erin.user, &erin.device, &[]),
+            ack(&tablet.user, &tablet.device, &[tablet.message.mid]),
+            // The same delivery twice in one call is found once.
+            ack(&phone.user, &phone.device, &[phone.message.mid]),
+        ])
+        .await
+        .unwrap();
+    let found: Vec<Vec<Option<Mid>>> = found.iter().map(|f| found_mids(f)).collect();
+    assert_eq!(
+        found,
+        vec![
+            vec![Some(phone_later.message.mid), None, Some(phone.message.mid)],
+            vec![],
+            vec![Some(tablet.message.mid)],
+            vec![None],
+        ]
+    );
+    assert_eq!(store.count().await.unwrap(), before - 3, "erin's is left");
+    assert!(store.ack(&[]).await.unwrap().is_empty());
+    let only_empty = store
+        .ack(&[ack(&erin.user, &erin.device, &[])])
+        .await
+        .unwrap();
+    assert_eq!(only_empty.len(), 1);
+    assert!(only_empty[0].is_empty());
+    let erin_found = store
+        .ack(&[ack(&erin.user, &erin.device, &[erin.message.mid])])
+        .await
+        .unwrap();
+    assert_eq!(found_mids(&erin_found[0]), vec![Some(erin.message.mid)]);
 }
 
 /// Deliveries held while their device replays come back in order, once.
@@ -231,6 +308,7 @@ fn prefix() -> String {
 async fn memory_inflight_keeps_the_contract() {
     contract(&MemoryInFlight::default()).await;
     held_contract(&MemoryInFlight::default()).await;
+    many_acks_contract(&MemoryInFlight::default()).await;
     claim_limit_contract(&MemoryInFlight::default()).await;
 }
 
@@ -241,6 +319,7 @@ async fn redis_inflight_keeps_the_contract() {
         .expect("Redis (scripts/test starts one)");
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -259,6 +338,7 @@ async fn redis_inflight_keeps_the_contract_on_a_cluster() {
         .expect("the test's Redis Cluster");
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -268,6 +348,7 @@ async fn sqlite_inflight_keeps_the_contract() {
     let open = |name: &str| SqliteInFlight::open(&dir.path().join(name)).unwrap();
     contract(&open("contract.db")).await;
     held_contract(&open("held.db")).await;
+    many_acks_contract(&open("acks.db")).await;
     claim_limit_contract(&open("claim.db")).await;
 }
 
@@ -292,7 +373,7 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
         all.extend(held.iter().cloned());
         assert!(store.begin(&all).await.unwrap().iter().all(|fresh| *fresh));
         store
-            .ack(&acked.user, &acked.device, &[acked.message.mid])
+            .ack(&[ack(&acked.user, &acked.device, &[acked.message.mid])])
             .await
             .unwrap();
     }
@@ -335,18 +416,18 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
         vec![later.message.mid, held[1].message.mid]
     );
     let acks = store
-        .ack(
+        .ack(&[ack(
             &sent.user,
             &sent.device,
             &[sent.message.mid, acked.message.mid],
-        )
+        )])
         .await
         .unwrap();
     assert_eq!(
-        acks[0].as_ref().map(|p| p.message.mid),
-        Some(sent.message.mid)
+        found_mids(&acks[0]),
+        vec![Some(sent.message.mid), None],
+        "acked before the restart"
     );
-    assert!(acks[1].is_none(), "acked before the restart");
 }
 
 /// A file written by a version whose table was `inflight` (keyed user first):
