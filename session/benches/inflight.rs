@@ -1,13 +1,13 @@
 //! The SQLite in-flight file (`dak up`'s in-flight deliveries, fsynced at
-//! every commit): a batch of deliveries begun, then each acked on its own, as
-//! session does for a batch of `dak.deliver` (its acks are concurrent calls).
+//! every commit): a batch of deliveries begun, then each acked by an ack of
+//! its own, every ack in one call, as session does for a batch of
+//! `dak.deliver`.
 //! Run with `cargo bench -p session --bench inflight`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dak_wire::event::Message;
+use dak_wire::event::{Ack, Message};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
-use futures_util::future::join_all;
 use serde_json::value::RawValue;
 use session::inflight::{InFlight, Pending, SqliteInFlight};
 
@@ -78,12 +78,16 @@ fn begin_then_ack_each(bencher: divan::Bencher, batch: u64) {
         .bench_local_values(|deliveries| {
             f.rt.block_on(async {
                 f.store.begin(&deliveries).await.unwrap();
-                let acks = deliveries.iter().map(|d| {
-                    f.store
-                        .ack(&d.user, &d.device, std::slice::from_ref(&d.message.mid))
-                });
-                for acked in join_all(acks).await {
-                    assert!(acked.unwrap()[0].is_some());
+                let acks: Vec<Ack> = deliveries
+                    .iter()
+                    .map(|d| Ack {
+                        user: d.user.clone(),
+                        device: d.device.clone(),
+                        mids: vec![d.message.mid],
+                    })
+                    .collect();
+                for acked in f.store.ack(&acks).await.unwrap() {
+                    assert!(acked[0].is_some());
                 }
             })
         });
