@@ -172,17 +172,14 @@ impl Cluster {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
-        let mut script = Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/engines/redis-cluster"
-        ))
-        .arg(dir.path())
-        .args(tls.then_some("tls"))
-        // A group of its own, which Drop stops with the nodes in it.
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("scripts/engines/redis-cluster");
+        let mut script = Command::new(repo_path("scripts/engines/redis-cluster"))
+            .arg(dir.path())
+            .args(tls.then_some("tls"))
+            // A group of its own, which Drop stops with the nodes in it.
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("scripts/engines/redis-cluster");
         let mut line = String::new();
         std::io::BufReader::new(script.stdout.take().unwrap())
             .read_line(&mut line)
@@ -211,4 +208,15 @@ impl Drop for Cluster {
         let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let _ = self.script.wait();
     }
+}
+
+/// A file of the repository. The package's directory comes from the variable
+/// cargo sets when it runs the test, not from `env!`: a test binary that cargo
+/// reuses from a build in another checkout (the same `CARGO_TARGET_DIR`,
+/// unchanged sources) would otherwise look for the file in that checkout.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    package.join("..").join(relative)
 }

@@ -9,13 +9,10 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::support::{metrics_text, spawn_dak_up};
+use crate::support::{metrics_text, repo_path, spawn_dak_up};
 
-const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/dak.json");
-const ALERTS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/prometheus/alerts.yaml"
-);
+const DASHBOARD: &str = "deploy/grafana/dak.json";
+const ALERTS: &str = "deploy/prometheus/alerts.yaml";
 
 /// The metric names in a PromQL expression: identifiers that start with
 /// `dak_` or `process_`, with a histogram's `_bucket`, `_sum` and `_count`
@@ -47,7 +44,7 @@ fn base_name(name: &str) -> &str {
 /// Every query of the dashboard: the panels' targets and the template
 /// variables' queries. Checks the shape Grafana needs on the way.
 fn dashboard_metrics() -> BTreeSet<String> {
-    let text = std::fs::read_to_string(DASHBOARD).expect("reading the dashboard");
+    let text = std::fs::read_to_string(repo_path(DASHBOARD)).expect("reading the dashboard");
     let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     assert_eq!(dashboard["uid"], "dak");
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -91,7 +88,7 @@ fn dashboard_metrics() -> BTreeSet<String> {
 /// Every rule's expression. Checks each rule has what Alertmanager and the
 /// on-call need.
 fn alert_metrics() -> BTreeSet<String> {
-    let text = std::fs::read_to_string(ALERTS).expect("reading the alert rules");
+    let text = std::fs::read_to_string(repo_path(ALERTS)).expect("reading the alert rules");
     let rules: serde_yaml::Value = serde_yaml::from_str(&text).expect("the rules are YAML");
     let mut names = BTreeSet::new();
     let mut alerts = 0;

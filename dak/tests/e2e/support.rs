@@ -1082,10 +1082,7 @@ impl Server {
     /// its topics, records and committed offsets again.
     pub async fn kafka() -> Self {
         Self::start("kafka", free_port_pair(), |dir, port| {
-            let mut command = Command::new(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../scripts/engines/kafka"
-            ));
+            let mut command = Command::new(repo_path("scripts/engines/kafka"));
             command.arg(dir.join("node")).arg(port.to_string());
             command
         })
@@ -1156,4 +1153,15 @@ fn free_port_pair() -> u16 {
             return port;
         }
     }
+}
+
+/// A file of the repository. The package's directory comes from the variable
+/// cargo sets when it runs the test, not from `env!`: a test binary that cargo
+/// reuses from a build in another checkout (the same `CARGO_TARGET_DIR`,
+/// unchanged sources) would otherwise look for the file in that checkout.
+pub fn repo_path(relative: &str) -> PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    package.join("..").join(relative)
 }
