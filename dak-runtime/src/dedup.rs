@@ -17,7 +17,7 @@
 //! client ids by reservation time (ms) that bounds them, with the same TTL.
 //! SQLite: see [`SqliteDedup`].
 
-mod sqlite;
+pub(crate) mod sqlite;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

@@ -5,6 +5,13 @@
 //! Submitting is two steps so a connection can pipeline: [`Ingress::submit`]
 //! queues the record in order, and [`Pending::accepted`] waits until the bus
 //! acknowledged it. Only then may the client hear `accepted`.
+//!
+//! Outbox dedup comes in two shapes. Beside Kafka, a dedup store (Redis, or a
+//! SQLite file) reserves the client id's mid before the produce and confirms
+//! it after. On the embedded log, the log keeps the entries itself and writes
+//! each in the transaction of its record ([`crate::bus::Log::append_once`]):
+//! one write and one wait instead of three, and no moment at which the
+//! record is on disk but its entry is not.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +21,8 @@ use dak_wire::group::GroupCommand;
 use dak_wire::{ChatKind, ClientId, Mid};
 
 use crate::auth::Identity;
-use crate::bus::{BusError, ProduceFuture, Producer};
+use crate::bus::log::{LogError, Once, OnceRecord};
+use crate::bus::{BusError, Log, ProduceFuture, Producer};
 use crate::dedup::{Dedup, Reservation};
 use crate::metrics;
 
@@ -38,17 +46,32 @@ pub struct Accepted {
 pub struct Ingress {
     producer: Producer,
     topic: String,
-    dedup: Arc<dyn Dedup>,
+    outbox: Outbox,
     mids: Arc<Mutex<ulid::Generator>>,
+}
+
+/// Where outbox dedup entries are kept.
+#[derive(Clone)]
+enum Outbox {
+    /// A store beside the bus: reserve, produce, confirm.
+    Store(Arc<dyn Dedup>),
+    /// The embedded log, in the transaction of each record.
+    Log(Log),
 }
 
 /// A message queued on the bus, not yet acknowledged.
 pub struct Pending {
     accepted: Accepted,
     from: Identity,
-    delivery: Option<ProduceFuture>,
+    delivery: Option<Delivery>,
     /// Set when the mid was reserved in the dedup store and is to be confirmed.
     dedup: Option<Arc<dyn Dedup>>,
+}
+
+enum Delivery {
+    Bus(ProduceFuture),
+    /// The log decides the mid: the fresh one, or the one appended before.
+    Once(tokio::sync::oneshot::Receiver<Result<Once, LogError>>),
 }
 
 impl Ingress {
@@ -56,7 +79,18 @@ impl Ingress {
         Self {
             producer,
             topic: inbound_topic,
-            dedup,
+            outbox: Outbox::Store(dedup),
+            mids: Arc::new(Mutex::new(ulid::Generator::new())),
+        }
+    }
+
+    /// Ingress onto an embedded log that keeps the outbox dedup entries
+    /// itself (opened with [`Log::open_with_dedup`]).
+    pub fn with_dedup_in(log: Log, inbound_topic: String) -> Self {
+        Self {
+            producer: Producer::Log(log.clone()),
+            topic: inbound_topic,
+            outbox: Outbox::Log(log),
             mids: Arc::new(Mutex::new(ulid::Generator::new())),
         }
     }
@@ -181,7 +215,34 @@ impl Ingress {
     ) -> Result<Pending, IngressError> {
         let fresh = self.next_mid();
         let fresh_ts = fresh.timestamp_ms();
-        match self.dedup.reserve(&from.user, &id, fresh, fresh_ts).await? {
+        let dedup = match &self.outbox {
+            Outbox::Store(dedup) => dedup,
+            Outbox::Log(log) => {
+                let event = build(id.clone(), fresh, fresh_ts);
+                let record = OnceRecord {
+                    user: from.user.to_string(),
+                    client_id: id.to_string(),
+                    mid: fresh,
+                    ts: fresh_ts,
+                    payload: event::encode(&event),
+                    rebuild: Box::new(move |mid, ts| event::encode(&with_mid(event, mid, ts))),
+                };
+                let answer = log
+                    .append_once(&self.topic, from.user.as_str().as_bytes(), record)
+                    .map_err(BusError::from)?;
+                return Ok(Pending {
+                    accepted: Accepted {
+                        id,
+                        mid: fresh,
+                        ts: fresh_ts,
+                    },
+                    from: from.clone(),
+                    delivery: Some(Delivery::Once(answer)),
+                    dedup: None,
+                });
+            }
+        };
+        match dedup.reserve(&from.user, &id, fresh, fresh_ts).await? {
             Reservation::New => self.enqueue(from, &id, (fresh, fresh_ts), true, build),
             Reservation::Existing { mid, ts, confirmed } => {
                 ::metrics::counter!(metrics::DUPLICATES).increment(1);
@@ -222,8 +283,11 @@ impl Ingress {
                 ts,
             },
             from: from.clone(),
-            delivery: Some(delivery),
-            dedup: reserved.then(|| self.dedup.clone()),
+            delivery: Some(Delivery::Bus(delivery)),
+            dedup: match &self.outbox {
+                Outbox::Store(dedup) if reserved => Some(dedup.clone()),
+                _ => None,
+            },
         })
     }
 
@@ -267,6 +331,16 @@ impl Ingress {
     }
 }
 
+/// `event` under another mid and time.
+fn with_mid(mut event: InboundEvent, mid: Mid, ts: u64) -> InboundEvent {
+    match &mut event {
+        InboundEvent::Message(message) => (message.mid, message.ts) = (mid, ts),
+        InboundEvent::Group(command) => (command.mid, command.ts) = (mid, ts),
+        _ => {}
+    }
+    event
+}
+
 /// Builds the `dak.inbound` event of a group command once its mid is known.
 fn group_command(
     from: &Identity,
@@ -297,8 +371,28 @@ impl Pending {
     /// says: a confirm that fails only means a resend of the same id is
     /// produced again, under the same mid (which the recipient drops), while
     /// answering `unavailable` would make the client resend for certain.
-    pub async fn accepted(self) -> Result<Accepted, IngressError> {
-        if let Some(delivery) = self.delivery {
+    pub async fn accepted(mut self) -> Result<Accepted, IngressError> {
+        if let Some(Delivery::Once(answer)) = self.delivery {
+            let once = answer
+                .await
+                .map_err(|_| LogError::Closed)
+                .map_err(BusError::from)?;
+            let a = &mut self.accepted;
+            match once.map_err(BusError::from)? {
+                Once::Appended { mid, ts } => {
+                    (a.mid, a.ts) = (mid, ts);
+                    ::metrics::counter!(metrics::ACCEPTED).increment(1);
+                    tracing::debug!(mid = %a.mid, id = %a.id, "accepted");
+                }
+                Once::Existing { mid, ts } => {
+                    (a.mid, a.ts) = (mid, ts);
+                    ::metrics::counter!(metrics::DUPLICATES).increment(1);
+                    tracing::debug!(mid = %a.mid, id = %a.id, "outbox retry");
+                }
+            }
+            return Ok(self.accepted);
+        }
+        if let Some(Delivery::Bus(delivery)) = self.delivery {
             delivery.await?;
             let a = &self.accepted;
             if let Some(dedup) = &self.dedup {
@@ -381,5 +475,56 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.mid, first.mid);
+    }
+
+    #[tokio::test]
+    async fn on_a_log_that_keeps_dedup_a_resent_id_is_appended_once_under_its_first_mid() {
+        let dir = tempfile::tempdir().unwrap();
+        let dedup = crate::bus::log::LogDedup {
+            ttl: std::time::Duration::from_secs(60),
+            max_entries: u64::MAX,
+            import: None,
+        };
+        let log = Log::open_with_dedup(
+            &dir.path().join("bus.db"),
+            LogOptions::default(),
+            Some(dedup),
+        )
+        .unwrap();
+        let bus = Bus::log(log.clone(), Topics::with_prefix(""));
+        bus.create_topics().await.unwrap();
+        let inbound = bus.topics().inbound.clone();
+        let ingress = Ingress::with_dedup_in(log.clone(), inbound.clone());
+        let alice = Identity {
+            user: UserId::parse("alice").unwrap(),
+            device: DeviceId::parse("phone").unwrap(),
+        };
+        let message = Outgoing {
+            id: ClientId::parse("c-1").unwrap(),
+            to: "bob".into(),
+            chat: ChatKind::Direct,
+            body: serde_json::value::RawValue::from_string("\"hi\"".into()).unwrap(),
+            ephemeral: false,
+        };
+        // Pipelined, as a socket does: the resend is queued before the first
+        // is written.
+        let first = ingress.submit(&alice, message.clone()).await.unwrap();
+        let again = ingress.submit(&alice, message).await.unwrap();
+        let (first, again) = (
+            first.accepted().await.unwrap(),
+            again.accepted().await.unwrap(),
+        );
+        assert_eq!(again.mid, first.mid);
+        assert_eq!(again.ts, first.ts);
+        assert_eq!(log.len(&inbound).unwrap(), 1, "one record for the id");
+
+        let consumer = bus.consumer("g", &[inbound.as_str()]).unwrap();
+        let shutdown = crate::shutdown::Shutdown::new();
+        let records = consumer.next_batch(10, &shutdown).await.unwrap();
+        let Ok(InboundEvent::Message(stored)) = event::decode::<InboundEvent>(&records[0].payload)
+        else {
+            panic!("a message on dak.inbound");
+        };
+        assert_eq!(stored.mid, first.mid, "the record carries the accepted mid");
     }
 }

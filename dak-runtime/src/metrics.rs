@@ -160,6 +160,6 @@ pub(crate) fn describe() {
     );
     describe_gauge!(
         DEDUP_ENTRIES,
-        "(sender, client id) entries in the SQLite dedup file, expired ones not yet deleted included"
+        "(sender, client id) entries in the SQLite dedup table (bus.db or dedup.db), expired ones not yet deleted included"
     );
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::console::{self, TryIt};
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
+use dak_runtime::bus::log::LogDedup;
 use dak_runtime::bus::{Bus, Log, LogOptions};
 use dak_runtime::config::{
     self, AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, StoreArgs,
@@ -97,29 +98,31 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let mut readiness = Readiness::default();
     process::bus_check(&mut readiness, &producer);
 
-    let (presence, dedup, inflight): (Arc<dyn Presence>, Arc<dyn Dedup>, Arc<dyn InFlight>) =
-        match &args.store.redis_url {
-            // Presence is about the sockets of this process, so it starts
-            // empty; dedup and in-flight deliveries outlive a restart.
-            None => {
-                let (dedup, inflight) = open_files(&args.data.data_dir, &args.store).await?;
-                let store = inflight.clone();
-                readiness.add("inflight", move || {
-                    let store = store.clone();
-                    async move { store.count().await.map(|_| ()).map_err(|e| e.to_string()) }
-                });
-                (Arc::new(MemoryPresence::default()), dedup, inflight)
-            }
-            Some(_) => {
-                let redis = process::connect_redis(&args.store).await?;
-                process::redis_check(&mut readiness, &redis);
-                (
-                    process::redis_presence(&redis, &args.store),
-                    process::redis_dedup(&redis, &args.store),
-                    Arc::new(RedisInFlight::new(redis, &args.store.redis_prefix)),
-                )
-            }
-        };
+    // On the embedded log without Redis, the log keeps the dedup entries.
+    let dedup_in_log = bus.embedded_log().filter(|log| log.keeps_dedup()).cloned();
+    let (presence, dedup, inflight): SessionStores = match &args.store.redis_url {
+        // Presence is about the sockets of this process, so it starts
+        // empty; dedup and in-flight deliveries outlive a restart.
+        None => {
+            let (dedup, inflight) =
+                open_files(&args.data.data_dir, &args.store, dedup_in_log.is_none()).await?;
+            let store = inflight.clone();
+            readiness.add("inflight", move || {
+                let store = store.clone();
+                async move { store.count().await.map(|_| ()).map_err(|e| e.to_string()) }
+            });
+            (Arc::new(MemoryPresence::default()), dedup, inflight)
+        }
+        Some(_) => {
+            let redis = process::connect_redis(&args.store).await?;
+            process::redis_check(&mut readiness, &redis);
+            (
+                process::redis_presence(&redis, &args.store),
+                Some(process::redis_dedup(&redis, &args.store)),
+                Arc::new(RedisInFlight::new(redis, &args.store.redis_prefix)),
+            )
+        }
+    };
 
     let public = process::bind("the public API", args.public.public_addr).await?;
     let internal = process::bind("the internal API", args.internal.internal_addr).await?;
@@ -147,7 +150,12 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     let groups = group_router::standalone::open_store(&args.data.data_dir, &args.scylla).await?;
     group_router::standalone::store_check(&mut readiness, &groups);
 
-    let ingress = Ingress::new(producer.clone(), bus.topics().inbound.clone(), dedup);
+    let inbound = bus.topics().inbound.clone();
+    let ingress = match (dedup_in_log, dedup) {
+        (_, Some(dedup)) => Ingress::new(producer.clone(), inbound, dedup),
+        (Some(log), None) => Ingress::with_dedup_in(log, inbound),
+        (None, None) => unreachable!("dedup is opened whenever the log does not keep it"),
+    };
     let limits = args.gateway.limits.limits();
     let group_config = group_router::Config {
         max_members: limits.max_group_members,
@@ -287,28 +295,38 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     })
 }
 
-/// The dedup and in-flight files under the data directory, opened off the
-/// async threads: opening counts the dedup entries, a scan of the file.
+/// Presence, the outbox dedup store (none when the log keeps dedup) and the
+/// in-flight store.
+type SessionStores = (Arc<dyn Presence>, Option<Arc<dyn Dedup>>, Arc<dyn InFlight>);
+
+/// The in-flight file under the data directory, and the dedup file unless
+/// the log keeps dedup, opened off the async threads: opening counts the
+/// dedup entries, a scan of the file.
 async fn open_files(
     dir: &Path,
     store: &StoreArgs,
-) -> anyhow::Result<(Arc<dyn Dedup>, Arc<dyn InFlight>)> {
+    with_dedup: bool,
+) -> anyhow::Result<(Option<Arc<dyn Dedup>>, Arc<dyn InFlight>)> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ConfigError(format!("cannot create {}: {e}", dir.display())))?;
     let (dir, ttl, max_entries) = (dir.to_owned(), store.dedup_ttl, store.dedup_max_entries);
     let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let dedup = SqliteDedup::open(&dir.join("dedup.db"), ttl, max_entries)?;
+        let dedup = match with_dedup {
+            true => Some(
+                Arc::new(SqliteDedup::open(&dir.join("dedup.db"), ttl, max_entries)?)
+                    as Arc<dyn Dedup>,
+            ),
+            false => None,
+        };
         let inflight = SqliteInFlight::open(&dir.join("inflight.db"))?;
-        Ok((
-            Arc::new(dedup) as Arc<dyn Dedup>,
-            Arc::new(inflight) as Arc<dyn InFlight>,
-        ))
+        Ok((dedup, Arc::new(inflight) as Arc<dyn InFlight>))
     });
     opened.await?
 }
 
 /// The bus: Kafka when `DAK_KAFKA_BROKERS` is set, else the embedded durable
-/// log in `bus.db` under the data directory.
+/// log in `bus.db` under the data directory. Without Redis the log also keeps
+/// the outbox dedup entries (moving in those of an earlier `dedup.db`).
 async fn open_bus(args: &UpArgs) -> anyhow::Result<Bus> {
     if args.kafka.brokers.is_some() {
         let (bus, _) = process::connect_kafka(&args.kafka).await?;
@@ -322,8 +340,14 @@ async fn open_bus(args: &UpArgs) -> anyhow::Result<Bus> {
         retention: args.bus_retention,
         ..LogOptions::default()
     };
+    let dedup = args.store.redis_url.is_none().then(|| LogDedup {
+        ttl: args.store.dedup_ttl,
+        max_entries: args.store.dedup_max_entries,
+        import: Some(dir.join("dedup.db")),
+    });
     let path = dir.join("bus.db");
-    let log = tokio::task::spawn_blocking(move || Log::open(&path, options)).await??;
+    let log =
+        tokio::task::spawn_blocking(move || Log::open_with_dedup(&path, options, dedup)).await??;
     let bus = Bus::log(
         log,
         dak_runtime::bus::Topics::with_prefix(&args.kafka.topic_prefix),

@@ -40,10 +40,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dak_wire::Mid;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
 use super::Record;
+use crate::dedup::sqlite::{self as dedup_table, Index as DedupIndex};
+use crate::sqlite::WriterState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -83,6 +86,44 @@ impl Default for LogOptions {
     }
 }
 
+/// Outbox dedup kept in the log itself (see [`Log::append_once`]).
+#[derive(Debug, Clone)]
+pub struct LogDedup {
+    /// How long an entry is kept.
+    pub ttl: Duration,
+    /// Most entries kept; beyond it the oldest go first.
+    pub max_entries: u64,
+    /// A dedup file of an earlier `dak up` (its own SQLite file) whose
+    /// entries move into the log once, when the log has none; the file is
+    /// removed afterwards.
+    pub import: Option<PathBuf>,
+}
+
+/// What [`Log::append_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Once {
+    /// The record is appended under this mid: the one it came with, or the
+    /// one an unconfirmed entry of an earlier dedup file holds.
+    Appended { mid: Mid, ts: u64 },
+    /// The same (user, client id) was appended before, under this mid, and
+    /// nothing was appended now.
+    Existing { mid: Mid, ts: u64 },
+}
+
+/// A record for [`Log::append_once`]: appended unless `(user, client_id)` was.
+pub struct OnceRecord {
+    pub user: String,
+    pub client_id: String,
+    /// The fresh mid and time that `payload` carries.
+    pub mid: Mid,
+    pub ts: u64,
+    pub payload: Vec<u8>,
+    /// Encodes the record under another mid and time: for an entry whose
+    /// earlier append may have happened (an unconfirmed entry imported from
+    /// a dedup file), so that it goes out again under its first mid.
+    pub rebuild: Box<dyn FnOnce(Mid, u64) -> Vec<u8> + Send>,
+}
+
 /// Most appends written in one transaction.
 const MAX_BATCH: usize = 4096;
 /// How often the writer looks for what every group has read, or what is
@@ -105,6 +146,8 @@ pub struct Log {
 struct Inner {
     path: PathBuf,
     options: LogOptions,
+    /// Whether the writer keeps dedup entries ([`Log::open_with_dedup`]).
+    keeps_dedup: bool,
     writer: std::sync::mpsc::Sender<Command>,
     topics: Mutex<HashMap<String, Arc<Topic>>>,
     /// Groups with a live consumer.
@@ -194,6 +237,13 @@ enum Command {
         payload: Vec<u8>,
         done: oneshot::Sender<Result<i64, LogError>>,
     },
+    AppendOnce {
+        topic: Arc<Topic>,
+        partition: usize,
+        key: Vec<u8>,
+        record: OnceRecord,
+        done: oneshot::Sender<Result<Once, LogError>>,
+    },
     Commit {
         group: String,
         topic: String,
@@ -215,6 +265,18 @@ enum Command {
 impl Log {
     /// Opens (or creates) the log in `path`, recovering every topic in it.
     pub fn open(path: &Path, options: LogOptions) -> Result<Self, LogError> {
+        Self::open_with_dedup(path, options, None)
+    }
+
+    /// Opens the log, keeping outbox dedup entries in it too (table `dedup`,
+    /// as [`crate::dedup::SqliteDedup`] keeps them), for
+    /// [`Log::append_once`]: an entry and its record are then written in
+    /// one transaction.
+    pub fn open_with_dedup(
+        path: &Path,
+        options: LogOptions,
+        dedup: Option<LogDedup>,
+    ) -> Result<Self, LogError> {
         let conn = open_connection(path)?;
         conn.execute_batch(
             "PRAGMA synchronous = FULL;
@@ -226,10 +288,28 @@ impl Log {
                  next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition));",
         )?;
         let topics = load_topics(&conn)?;
+        let dedup = match dedup {
+            Some(LogDedup {
+                ttl,
+                max_entries,
+                import,
+            }) => {
+                conn.execute_batch(dedup_table::SCHEMA)?;
+                if let Some(file) = import {
+                    import_dedup(&conn, &file)?;
+                }
+                Some(DedupState {
+                    index: DedupIndex::open(&conn, max_entries)?,
+                    ttl_ms: ttl.as_millis() as u64,
+                })
+            }
+            None => None,
+        };
         let (writer, commands) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
             path: path.to_owned(),
             options,
+            keeps_dedup: dedup.is_some(),
             writer,
             topics: Mutex::new(topics),
             busy: Mutex::default(),
@@ -238,7 +318,7 @@ impl Log {
         let weak = Arc::downgrade(&inner);
         let thread = std::thread::Builder::new()
             .name("dak-log-writer".into())
-            .spawn(move || Writer::new(conn, weak).run(commands))
+            .spawn(move || Writer::new(conn, weak, dedup).run(commands))
             .map_err(|_| LogError::Closed)?;
         *inner.thread.lock().expect("log lock") = Some(thread);
         Ok(Self { inner })
@@ -304,6 +384,43 @@ impl Log {
             })
             .map_err(|_| LogError::Closed)?;
         Ok(answer)
+    }
+
+    /// Queues `record` under `key` unless its (user, client id) was appended
+    /// before (and its entry has not expired): the receiver answers once the
+    /// record and its dedup entry are on disk, written in one transaction, or
+    /// at once with the earlier mid. Needs a log opened with
+    /// [`Log::open_with_dedup`].
+    pub fn append_once(
+        &self,
+        topic: &str,
+        key: &[u8],
+        record: OnceRecord,
+    ) -> Result<oneshot::Receiver<Result<Once, LogError>>, LogError> {
+        if !self.inner.keeps_dedup {
+            return Err(LogError::Write(
+                "this log was opened without dedup entries".into(),
+            ));
+        }
+        let topic = self.topic(topic)?;
+        let partition = partition_of(key, topic.partitions.len());
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Command::AppendOnce {
+                topic,
+                partition,
+                key: key.to_vec(),
+                record,
+                done,
+            })
+            .map_err(|_| LogError::Closed)?;
+        Ok(answer)
+    }
+
+    /// Whether the log keeps outbox dedup entries ([`Log::open_with_dedup`]).
+    pub fn keeps_dedup(&self) -> bool {
+        self.inner.keeps_dedup
     }
 
     /// Waits until everything queued before this call was written.
@@ -456,6 +573,54 @@ fn open_connection(path: &Path) -> Result<Connection, LogError> {
     Ok(conn)
 }
 
+/// Moves the entries of an earlier dedup file into the log's `dedup` table,
+/// once: only while that table is empty (a start that stopped between the
+/// import and the removal does not import twice). Then removes the file.
+fn import_dedup(conn: &Connection, file: &Path) -> Result<(), LogError> {
+    if !file.exists() {
+        return Ok(());
+    }
+    let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM dedup)", [], |row| {
+        row.get(0)
+    })?;
+    if empty {
+        conn.execute("ATTACH DATABASE ?1 AS old", [file.to_string_lossy()])?;
+        let imported = (|| {
+            let has_table: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM old.sqlite_master WHERE type = 'table' AND name = 'dedup')",
+                [],
+                |row| row.get(0),
+            )?;
+            if !has_table {
+                return Ok(0);
+            }
+            conn.execute(
+                "INSERT INTO main.dedup (user, client_id, mid, ts, confirmed, expires_at)
+                 SELECT user, client_id, mid, ts, confirmed, expires_at FROM old.dedup ORDER BY seq",
+                [],
+            )
+        })();
+        conn.execute_batch("DETACH DATABASE old")?;
+        let imported = imported?;
+        tracing::info!(entries = imported, from = %file.display(), "dedup entries moved into the log");
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = file.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(LogError::Write(format!(
+                    "cannot remove {}: {e}",
+                    Path::new(&name).display()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn load_topics(conn: &Connection) -> Result<HashMap<String, Arc<Topic>>, LogError> {
     let mut rows: Vec<(String, i64, i64)> = conn
         .prepare("SELECT topic, partition, next_offset FROM partitions ORDER BY topic, partition")?
@@ -496,6 +661,13 @@ struct Writer {
     last_retention: std::time::Instant,
     /// Partitions whose oldest records retention is to delete.
     due: Vec<Due>,
+    dedup: Option<DedupState>,
+}
+
+/// The outbox dedup entries the writer keeps beside the records.
+struct DedupState {
+    index: DedupIndex,
+    ttl_ms: u64,
 }
 
 /// Retention's work left in one partition: delete the records below `below`.
@@ -513,20 +685,47 @@ struct Moved {
 }
 
 /// A record appended in the current transaction, and who waits for it.
-type Appended = (
-    Arc<Topic>,
-    usize,
-    Stored,
-    oneshot::Sender<Result<i64, LogError>>,
-);
+type Appended = (Arc<Topic>, usize, Stored, Answer);
+
+/// Who waits for an append, told once its transaction ended.
+enum Answer {
+    Offset(oneshot::Sender<Result<i64, LogError>>),
+    Once(oneshot::Sender<Result<Once, LogError>>, Once),
+}
+
+impl Answer {
+    fn committed(self, offset: i64) {
+        match self {
+            Answer::Offset(done) => {
+                let _ = done.send(Ok(offset));
+            }
+            Answer::Once(done, once) => {
+                let _ = done.send(Ok(once));
+            }
+        }
+    }
+
+    fn failed(self, reason: &str) {
+        let error = || LogError::Write(reason.to_owned());
+        match self {
+            Answer::Offset(done) => {
+                let _ = done.send(Err(error()));
+            }
+            Answer::Once(done, _) => {
+                let _ = done.send(Err(error()));
+            }
+        }
+    }
+}
 
 impl Writer {
-    fn new(conn: Connection, log: std::sync::Weak<Inner>) -> Self {
+    fn new(conn: Connection, log: std::sync::Weak<Inner>, dedup: Option<DedupState>) -> Self {
         Self {
             conn,
             log,
             last_retention: std::time::Instant::now(),
             due: Vec::new(),
+            dedup,
         }
     }
 
@@ -553,8 +752,14 @@ impl Writer {
                     self.write(batch);
                     written = true;
                 }
-                // Idle: a transaction that only deletes.
-                Err(RecvTimeoutError::Timeout) if !self.due.is_empty() => self.write(Vec::new()),
+                // Idle: a transaction that only deletes, records or expired
+                // dedup entries.
+                Err(RecvTimeoutError::Timeout)
+                    if !self.due.is_empty()
+                        || self.dedup.as_ref().is_some_and(|d| !d.index.is_empty()) =>
+                {
+                    self.write(Vec::new())
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -572,7 +777,14 @@ impl Writer {
         let mut appended = Vec::new();
         let mut flushed = Vec::new();
         let mut moved = Vec::new();
-        let result = self.write_all(batch, &mut appended, &mut flushed, &mut moved);
+        let mut existing = Vec::new();
+        let result = self.write_all(
+            batch,
+            &mut appended,
+            &mut existing,
+            &mut flushed,
+            &mut moved,
+        );
         match result {
             Ok(()) => {
                 for Moved {
@@ -619,7 +831,10 @@ impl Writer {
                     done.push((answer, offset));
                 }
                 for (answer, offset) in done {
-                    let _ = answer.send(Ok(offset));
+                    answer.committed(offset);
+                }
+                for (answer, once) in existing {
+                    let _ = answer.send(Ok(once));
                 }
                 for topic in touched {
                     topic.wake_readers();
@@ -629,7 +844,16 @@ impl Writer {
                 tracing::error!(error = %e, "embedded log write failed");
                 let reason = e.to_string();
                 for (_, _, _, answer) in appended {
+                    answer.failed(&reason);
+                }
+                for (answer, _) in existing {
                     let _ = answer.send(Err(LogError::Write(reason.clone())));
+                }
+                // The entries the failed transaction made are not in the file.
+                if let Some(dedup) = self.dedup.as_mut() {
+                    if let Err(e) = dedup.index.reload(&self.conn) {
+                        tracing::error!(error = %e, "reloading the log's dedup entries failed");
+                    }
                 }
             }
         }
@@ -642,6 +866,7 @@ impl Writer {
         &mut self,
         batch: Vec<Command>,
         appended: &mut Vec<Appended>,
+        existing: &mut Vec<(oneshot::Sender<Result<Once, LogError>>, Once)>,
         flushed: &mut Vec<oneshot::Sender<()>>,
         moved: &mut Vec<Moved>,
     ) -> Result<(), LogError> {
@@ -650,6 +875,27 @@ impl Writer {
         let now = crate::now_ms() as i64;
         // Next offsets of the partitions this batch appends to.
         let mut next: HashMap<(*const Topic, usize), i64> = HashMap::new();
+        let mut append = |topic: Arc<Topic>,
+                          partition: usize,
+                          key: Vec<u8>,
+                          payload: Vec<u8>,
+                          answer: Answer|
+         -> Result<(), LogError> {
+            let p = &topic.partitions[partition];
+            let offset = next
+                .entry((Arc::as_ptr(&topic), partition))
+                .or_insert_with(|| p.tail.lock().expect("log lock").end);
+            tx.prepare_cached(&p.insert)?
+                .execute(params![*offset, &key, &payload, now])?;
+            let stored = Stored {
+                offset: *offset,
+                key,
+                payload,
+            };
+            *offset += 1;
+            appended.push((topic, partition, stored, answer));
+            Ok(())
+        };
         for command in batch {
             match command {
                 Command::Append {
@@ -658,20 +904,71 @@ impl Writer {
                     key,
                     payload,
                     done,
+                } => append(topic, partition, key, payload, Answer::Offset(done))?,
+                Command::AppendOnce {
+                    topic,
+                    partition,
+                    key,
+                    record,
+                    done,
                 } => {
-                    let p = &topic.partitions[partition];
-                    let offset = next
-                        .entry((Arc::as_ptr(&topic), partition))
-                        .or_insert_with(|| p.tail.lock().expect("log lock").end);
-                    tx.prepare_cached(&p.insert)?
-                        .execute(params![*offset, &key, &payload, now])?;
-                    let stored = Stored {
-                        offset: *offset,
-                        key,
-                        payload,
+                    let Some(dedup) = self.dedup.as_mut() else {
+                        let _ = done.send(Err(LogError::Write(
+                            "this log was opened without dedup entries".into(),
+                        )));
+                        continue;
                     };
-                    *offset += 1;
-                    appended.push((topic, partition, stored, done));
+                    let OnceRecord {
+                        user,
+                        client_id,
+                        mid,
+                        ts,
+                        payload,
+                        rebuild,
+                    } = record;
+                    let found = dedup_table::reserve(
+                        &tx,
+                        &mut dedup.index,
+                        (user, client_id),
+                        (mid, ts),
+                        dedup.ttl_ms,
+                        true,
+                    )?;
+                    let Some(row) = found else {
+                        let answer = Answer::Once(done, Once::Appended { mid, ts });
+                        append(topic, partition, key, payload, answer)?;
+                        continue;
+                    };
+                    let first = match Mid::parse(&row.mid) {
+                        Ok(first) => first,
+                        Err(e) => {
+                            let _ = done.send(Err(LogError::Write(format!(
+                                "a dedup entry holds a bad mid: {}",
+                                e.message
+                            ))));
+                            continue;
+                        }
+                    };
+                    if row.confirmed {
+                        existing.push((
+                            done,
+                            Once::Existing {
+                                mid: first,
+                                ts: row.ts,
+                            },
+                        ));
+                    } else {
+                        dedup_table::confirm(&tx, &row, (first, row.ts))?;
+                        let payload = rebuild(first, row.ts);
+                        let answer = Answer::Once(
+                            done,
+                            Once::Appended {
+                                mid: first,
+                                ts: row.ts,
+                            },
+                        );
+                        append(topic, partition, key, payload, answer)?;
+                    }
                 }
                 Command::Commit {
                     group,
@@ -701,6 +998,9 @@ impl Writer {
                     let _ = done.send(name.to_owned());
                 }
             }
+        }
+        if let Some(dedup) = self.dedup.as_mut() {
+            dedup.index.upkeep(&tx)?;
         }
         delete_due(&tx, &self.due, &next, moved)?;
         tx.commit()?;

@@ -38,7 +38,7 @@ use crate::store::{StoreError, StoreResult};
 /// most a transaction can add (one per job), so deleting keeps up with adding.
 const SWEEP: i64 = 2048;
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS dedup (
         seq INTEGER PRIMARY KEY,
         user TEXT NOT NULL,
@@ -61,16 +61,16 @@ pub struct SqliteDedup {
 }
 
 /// A row of the table, as a reserve finds it.
-struct Row {
+pub(crate) struct Row {
     seq: i64,
-    mid: String,
-    ts: u64,
-    confirmed: bool,
+    pub(crate) mid: String,
+    pub(crate) ts: u64,
+    pub(crate) confirmed: bool,
     expires_at: u64,
 }
 
 /// Where each entry's row is; on the writer thread.
-struct Index {
+pub(crate) struct Index {
     hasher: std::hash::RandomState,
     /// Hash of (user, client id) → `seq` of the entry's row.
     by_hash: HashMap<u64, i64>,
@@ -82,6 +82,25 @@ struct Index {
 }
 
 impl Index {
+    /// Creates the table in `conn` if it is missing and reads every row.
+    pub(crate) fn open(conn: &Connection, max_rows: u64) -> rusqlite::Result<Self> {
+        conn.execute_batch(SCHEMA)?;
+        let mut index = Index {
+            hasher: std::hash::RandomState::new(),
+            by_hash: HashMap::new(),
+            collided: HashMap::new(),
+            rows: 0,
+            max_rows,
+        };
+        index.load(conn)?;
+        Ok(index)
+    }
+
+    /// Entries in the table.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
     fn hash(&self, user: &str, client_id: &str) -> u64 {
         self.hasher.hash_one((user, client_id))
     }
@@ -214,17 +233,7 @@ impl SqliteDedup {
             "dak-dedup-db",
             Durability::ProcessCrash,
             SCHEMA,
-            |conn| {
-                let mut index = Index {
-                    hasher: std::hash::RandomState::new(),
-                    by_hash: HashMap::new(),
-                    collided: HashMap::new(),
-                    rows: 0,
-                    max_rows: max_entries,
-                };
-                index.load(conn)?;
-                Ok(index)
-            },
+            |conn| Index::open(conn, max_entries),
         )?;
         Ok(Self {
             writer,
@@ -234,14 +243,15 @@ impl SqliteDedup {
 }
 
 /// Reserve on the writer thread: the live entry if there is one, else `None`
-/// after writing the new one.
-fn reserve(
+/// after writing the new one, `confirmed` or not.
+pub(crate) fn reserve(
     conn: &Connection,
     index: &mut Index,
     (user, client_id): (String, String),
     (mid, ts): (Mid, u64),
     ttl_ms: u64,
-) -> StoreResult<Option<Row>> {
+    confirmed: bool,
+) -> rusqlite::Result<Option<Row>> {
     let now = crate::now_ms();
     let expired = match index.find(conn, &user, &client_id)? {
         Some(row) if row.expires_at > now => return Ok(Some(row)),
@@ -255,13 +265,14 @@ fn reserve(
     };
     conn.prepare_cached(
         "INSERT INTO dedup (user, client_id, mid, ts, confirmed, expires_at)
-         VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         user,
         client_id,
         mid.to_string(),
         ts,
+        confirmed,
         sql_ms(now.saturating_add(ttl_ms))
     ])?;
     let seq = conn.last_insert_rowid();
@@ -272,6 +283,13 @@ fn reserve(
     index.remember(user, client_id, seq);
     index.rows += 1;
     Ok(None)
+}
+
+/// Marks the entry of `row` durable under `mid`.
+pub(crate) fn confirm(conn: &Connection, row: &Row, (mid, ts): (Mid, u64)) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE dedup SET mid = ?2, ts = ?3, confirmed = 1 WHERE seq = ?1")?
+        .execute(params![row.seq, mid.to_string(), ts])?;
+    Ok(())
 }
 
 #[async_trait]
@@ -286,7 +304,7 @@ impl Dedup for SqliteDedup {
         let (key, ttl_ms) = ((from.to_string(), id.to_string()), self.ttl_ms);
         let found = self
             .writer
-            .call(move |conn, index| reserve(conn, index, key, (mid, ts), ttl_ms))
+            .call(move |conn, index| Ok(reserve(conn, index, key, (mid, ts), ttl_ms, false)?))
             .await?;
         let Some(row) = found else {
             return Ok(Reservation::New);
@@ -303,10 +321,7 @@ impl Dedup for SqliteDedup {
         self.writer
             .call(move |conn, index| {
                 if let Some(row) = index.find(conn, &user, &client_id)? {
-                    conn.prepare_cached(
-                        "UPDATE dedup SET mid = ?2, ts = ?3, confirmed = 1 WHERE seq = ?1",
-                    )?
-                    .execute(params![row.seq, mid.to_string(), ts])?;
+                    confirm(conn, &row, (mid, ts))?;
                 }
                 Ok(())
             })

@@ -900,3 +900,196 @@ mod embedded {
         assert_eq!(records.iter().map(text).collect::<Vec<_>>(), expected);
     }
 }
+
+mod embedded_dedup {
+    //! The outbox dedup entries the embedded log keeps beside its records:
+    //! an entry and its record are written in one transaction.
+
+    use super::*;
+    use dak_runtime::bus::log::{LogDedup, Once, OnceRecord};
+    use dak_runtime::dedup::{Dedup, SqliteDedup};
+    use dak_wire::{ClientId, Mid, UserId};
+
+    fn open(path: &std::path::Path, max_entries: u64, import: Option<std::path::PathBuf>) -> Log {
+        let dedup = LogDedup {
+            ttl: Duration::from_secs(3600),
+            max_entries,
+            import,
+        };
+        let log = Log::open_with_dedup(path, LogOptions::default(), Some(dedup)).unwrap();
+        log.create_topics(&["t"]).unwrap();
+        log
+    }
+
+    fn mid() -> Mid {
+        Mid::from_ulid(ulid::Ulid::new())
+    }
+
+    /// A record for `(user, client_id)` whose payload names its mid, as an
+    /// inbound event does.
+    fn record(user: &str, client_id: &str, mid: Mid) -> OnceRecord {
+        OnceRecord {
+            user: user.into(),
+            client_id: client_id.into(),
+            mid,
+            ts: mid.timestamp_ms(),
+            payload: format!("{client_id} {mid}").into_bytes(),
+            rebuild: Box::new({
+                let client_id = client_id.to_owned();
+                move |mid, _| format!("{client_id} {mid}").into_bytes()
+            }),
+        }
+    }
+
+    async fn once(log: &Log, user: &str, client_id: &str, mid: Mid) -> Once {
+        let record = record(user, client_id, mid);
+        let answer = log.append_once("t", user.as_bytes(), record).unwrap();
+        answer.await.unwrap().unwrap()
+    }
+
+    fn payloads(log: &Log) -> Vec<String> {
+        let reader = rusqlite::Connection::open(log.path()).unwrap();
+        let mut read = reader
+            .prepare("SELECT payload FROM \"log:t:0\" ORDER BY offset")
+            .unwrap();
+        read.query_map([], |row| row.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|payload| String::from_utf8(payload.unwrap()).unwrap())
+            .collect()
+    }
+
+    fn appended_mid(once: Once) -> Mid {
+        match once {
+            Once::Appended { mid, .. } => mid,
+            Once::Existing { .. } => panic!("expected an append, got {once:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_id_is_appended_once_and_keeps_its_first_mid() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(&dir.path().join("bus.db"), u64::MAX, None);
+        let (first, second, other) = (mid(), mid(), mid());
+
+        let appended = appended_mid(once(&log, "ann", "c-1", first).await);
+        assert_eq!(appended, first);
+        let again = once(&log, "ann", "c-1", second).await;
+        assert_eq!(
+            again,
+            Once::Existing {
+                mid: first,
+                ts: first.timestamp_ms()
+            }
+        );
+        // The same client id of another sender is another message.
+        assert_eq!(appended_mid(once(&log, "bea", "c-1", other).await), other);
+
+        // Both queued before either is written: one transaction, one record.
+        let (a, b) = (mid(), mid());
+        let queued_first = log
+            .append_once("t", b"cat", record("cat", "c-9", a))
+            .unwrap();
+        let queued_second = log
+            .append_once("t", b"cat", record("cat", "c-9", b))
+            .unwrap();
+        assert_eq!(appended_mid(queued_first.await.unwrap().unwrap()), a);
+        assert!(matches!(
+            queued_second.await.unwrap().unwrap(),
+            Once::Existing { mid, .. } if mid == a
+        ));
+
+        assert_eq!(
+            payloads(&log),
+            vec![
+                format!("c-1 {first}"),
+                format!("c-1 {other}"),
+                format!("c-9 {a}")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_without_dedup_entries_refuses_append_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&dir.path().join("bus.db"), LogOptions::default()).unwrap();
+        log.create_topics(&["t"]).unwrap();
+        assert!(!log.keeps_dedup());
+        assert!(log
+            .append_once("t", b"ann", record("ann", "c-1", mid()))
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn entries_survive_a_process_that_never_closed_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.db");
+        let log = open(&path, u64::MAX, None);
+        let first = mid();
+        once(&log, "ann", "c-1", first).await;
+        // No close: as after a SIGKILL, the file is all there is.
+        std::mem::forget(log);
+
+        let log = open(&path, u64::MAX, None);
+        assert!(matches!(
+            once(&log, "ann", "c-1", mid()).await,
+            Once::Existing { mid, .. } if mid == first
+        ));
+        assert_eq!(log.len("t").unwrap(), 1, "nothing appended again");
+    }
+
+    #[tokio::test]
+    async fn beyond_the_bound_the_oldest_entries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(&dir.path().join("bus.db"), 2, None);
+        for client_id in ["c-1", "c-2", "c-3", "c-4"] {
+            once(&log, "ann", client_id, mid()).await;
+        }
+        // c-1 went to keep two entries: the id counts as new again.
+        let fresh = mid();
+        assert_eq!(appended_mid(once(&log, "ann", "c-1", fresh).await), fresh);
+        // c-4 is still kept.
+        assert!(matches!(
+            once(&log, "ann", "c-4", mid()).await,
+            Once::Existing { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_entries_of_an_earlier_dedup_file_move_into_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dedup.db");
+        let (confirmed, unconfirmed) = (mid(), mid());
+        {
+            let old = SqliteDedup::open(&file, Duration::from_secs(3600), u64::MAX).unwrap();
+            let ann = UserId::parse("ann").unwrap();
+            let (c1, c2) = (
+                ClientId::parse("c-1").unwrap(),
+                ClientId::parse("c-2").unwrap(),
+            );
+            let ts = confirmed.timestamp_ms();
+            old.reserve(&ann, &c1, confirmed, ts).await.unwrap();
+            old.confirm(&ann, &c1, confirmed, ts).await.unwrap();
+            // Reserved, and perhaps produced, when that process stopped.
+            let ts = unconfirmed.timestamp_ms();
+            old.reserve(&ann, &c2, unconfirmed, ts).await.unwrap();
+        }
+
+        let log = open(&dir.path().join("bus.db"), u64::MAX, Some(file.clone()));
+        assert!(!file.exists(), "the old file is removed once imported");
+        assert!(matches!(
+            once(&log, "ann", "c-1", mid()).await,
+            Once::Existing { mid, .. } if mid == confirmed
+        ));
+        // Maybe produced before: produced again, under its first mid.
+        assert_eq!(
+            appended_mid(once(&log, "ann", "c-2", mid()).await),
+            unconfirmed
+        );
+        assert_eq!(payloads(&log), vec![format!("c-2 {unconfirmed}")]);
+        // Now confirmed: a further retry appends nothing.
+        assert!(matches!(
+            once(&log, "ann", "c-2", mid()).await,
+            Once::Existing { mid, .. } if mid == unconfirmed
+        ));
+    }
+}
