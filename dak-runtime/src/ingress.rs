@@ -437,6 +437,24 @@ mod tests {
         }
     }
 
+    fn alice() -> Identity {
+        Identity {
+            user: UserId::parse("alice").unwrap(),
+            device: DeviceId::parse("phone").unwrap(),
+        }
+    }
+
+    /// A message with client id `c-1`.
+    fn hi_to_bob() -> Outgoing {
+        Outgoing {
+            id: ClientId::parse("c-1").unwrap(),
+            to: "bob".into(),
+            chat: ChatKind::Direct,
+            body: serde_json::value::RawValue::from_string("\"hi\"".into()).unwrap(),
+            ephemeral: false,
+        }
+    }
+
     #[tokio::test]
     async fn a_message_on_the_bus_is_accepted_even_if_its_dedup_confirm_fails() {
         let dir = tempfile::tempdir().unwrap();
@@ -447,17 +465,7 @@ mod tests {
             std::time::Duration::from_secs(60),
         )));
         let ingress = Ingress::new(bus.producer().unwrap(), bus.topics().inbound.clone(), dedup);
-        let alice = Identity {
-            user: UserId::parse("alice").unwrap(),
-            device: DeviceId::parse("phone").unwrap(),
-        };
-        let message = Outgoing {
-            id: ClientId::parse("c-1").unwrap(),
-            to: "bob".into(),
-            chat: ChatKind::Direct,
-            body: serde_json::value::RawValue::from_string("\"hi\"".into()).unwrap(),
-            ephemeral: false,
-        };
+        let (alice, message) = (alice(), hi_to_bob());
         let first = ingress
             .submit(&alice, message.clone())
             .await
@@ -495,17 +503,7 @@ mod tests {
         bus.create_topics().await.unwrap();
         let inbound = bus.topics().inbound.clone();
         let ingress = Ingress::with_dedup_in(log.clone(), inbound.clone());
-        let alice = Identity {
-            user: UserId::parse("alice").unwrap(),
-            device: DeviceId::parse("phone").unwrap(),
-        };
-        let message = Outgoing {
-            id: ClientId::parse("c-1").unwrap(),
-            to: "bob".into(),
-            chat: ChatKind::Direct,
-            body: serde_json::value::RawValue::from_string("\"hi\"".into()).unwrap(),
-            ephemeral: false,
-        };
+        let (alice, message) = (alice(), hi_to_bob());
         // Pipelined, as a socket does: the resend is queued before the first
         // is written.
         let first = ingress.submit(&alice, message.clone()).await.unwrap();
