@@ -370,18 +370,29 @@ impl Log {
         key: &[u8],
         payload: &[u8],
     ) -> Result<oneshot::Receiver<Result<i64, LogError>>, LogError> {
+        self.queue(topic, key, |topic, partition, done| Command::Append {
+            topic,
+            partition,
+            key: key.to_vec(),
+            payload: payload.to_vec(),
+            done,
+        })
+    }
+
+    /// Sends the writer the command `make` builds for the partition of `key`
+    /// in `topic`, and returns where its answer will come.
+    fn queue<T>(
+        &self,
+        topic: &str,
+        key: &[u8],
+        make: impl FnOnce(Arc<Topic>, usize, oneshot::Sender<T>) -> Command,
+    ) -> Result<oneshot::Receiver<T>, LogError> {
         let topic = self.topic(topic)?;
         let partition = partition_of(key, topic.partitions.len());
         let (done, answer) = oneshot::channel();
         self.inner
             .writer
-            .send(Command::Append {
-                topic,
-                partition,
-                key: key.to_vec(),
-                payload: payload.to_vec(),
-                done,
-            })
+            .send(make(topic, partition, done))
             .map_err(|_| LogError::Closed)?;
         Ok(answer)
     }
@@ -389,8 +400,8 @@ impl Log {
     /// Queues `record` under `key` unless its (user, client id) was appended
     /// before (and its entry has not expired): the receiver answers once the
     /// record and its dedup entry are on disk, written in one transaction, or
-    /// at once with the earlier mid. Needs a log opened with
-    /// [`Log::open_with_dedup`].
+    /// with the earlier mid once the transaction it was looked up in
+    /// committed. Needs a log opened with [`Log::open_with_dedup`].
     pub fn append_once(
         &self,
         topic: &str,
@@ -402,20 +413,13 @@ impl Log {
                 "this log was opened without dedup entries".into(),
             ));
         }
-        let topic = self.topic(topic)?;
-        let partition = partition_of(key, topic.partitions.len());
-        let (done, answer) = oneshot::channel();
-        self.inner
-            .writer
-            .send(Command::AppendOnce {
-                topic,
-                partition,
-                key: key.to_vec(),
-                record,
-                done,
-            })
-            .map_err(|_| LogError::Closed)?;
-        Ok(answer)
+        self.queue(topic, key, |topic, partition, done| Command::AppendOnce {
+            topic,
+            partition,
+            key: key.to_vec(),
+            record,
+            done,
+        })
     }
 
     /// Whether the log keeps outbox dedup entries ([`Log::open_with_dedup`]).
