@@ -311,6 +311,26 @@ mod tests {
         assert_eq!(rows(&writer).await, 500);
     }
 
+    /// The SQLite linked in is built as `.cargo/config.toml` says: without
+    /// the page cache every connection shares, and without counting
+    /// allocations under a global mutex.
+    #[test]
+    fn sqlite_is_built_without_its_global_mutexes_per_page_and_allocation() {
+        let conn = Connection::open_in_memory().unwrap();
+        let used = |option: &str| -> bool {
+            conn.query_row("SELECT sqlite_compileoption_used(?1)", [option], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert!(!used("ENABLE_MEMORY_MANAGEMENT"));
+        assert!(used("DEFAULT_MEMSTATUS=0"));
+        assert!(
+            used("THREADSAFE=1"),
+            "the connections are still safe to share"
+        );
+    }
+
     #[tokio::test]
     async fn what_a_call_wrote_is_in_the_file_when_it_returns() {
         let dir = tempfile::tempdir().unwrap();
