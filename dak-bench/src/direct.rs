@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{ack_frame, message_frame, Frame, Target, Ws};
-use crate::measure::{max_ms, quantile_ms, Counters, Errors, Latency, Progress};
+use crate::measure::{max_ms, quantile_ms, Counters, Drain, Errors, Latency, Progress};
 use crate::{BenchArgs, Report};
 
 /// In open loop (`--rate`), the most messages one device keeps unanswered; a
@@ -251,14 +251,22 @@ pub(crate) async fn drive(
     tokio::time::sleep(args.duration).await;
     phase.send_replace(Phase::Draining);
     let sending = start.elapsed();
-    let deadline = Instant::now() + args.drain_timeout;
+    let mut drain = Drain::new(args.drain_timeout);
     let counters = &shared.counters;
     // A device may be sending its last message as the phase changes: the
     // counts are final only once every device saw the change.
     let done = |c: &Counters| {
         Counters::get(&c.stopped) >= devices as u64 && c.unanswered() == 0 && settled(c)
     };
-    while Instant::now() < deadline && !done(counters) {
+    let arrived = |c: &Counters| {
+        (
+            Counters::get(&c.delivered),
+            Counters::get(&c.awaiting_receipts),
+            c.unanswered(),
+            Counters::get(&c.stopped),
+        )
+    };
+    while !done(counters) && !drain.gives_up(arrived(counters), Instant::now()) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     phase.send_replace(Phase::Done);

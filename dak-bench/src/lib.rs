@@ -103,9 +103,10 @@ pub struct BenchArgs {
     /// The gateway's process id, to report its resident memory.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
-    /// After sending stops, how long to wait for outstanding messages to arrive
-    /// (and, in `direct`, for the senders' `delivered` receipts) before
-    /// counting them lost.
+    /// After sending stops, how long to wait with nothing more arriving
+    /// (messages, and in `direct` the senders' `delivered` receipts) before
+    /// counting what is still outstanding lost. A target still working
+    /// through its backlog is waited for.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     /// Connections opened at once while connecting.

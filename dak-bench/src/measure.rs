@@ -352,9 +352,63 @@ impl Errors {
     }
 }
 
+/// When a drain stops waiting: once what it watches (counts of what arrived)
+/// has not changed for `timeout`. A target still working through its backlog
+/// is waited for however long that takes; one where nothing arrives any more
+/// is given up on `timeout` after the last arrival.
+pub(crate) struct Drain<T> {
+    timeout: Duration,
+    seen: Option<(T, Instant)>,
+}
+
+impl<T: PartialEq> Drain<T> {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            seen: None,
+        }
+    }
+
+    /// Whether to stop waiting, given what is counted `now`.
+    pub fn gives_up(&mut self, counted: T, now: Instant) -> bool {
+        match &self.seen {
+            Some((last, since)) if *last == counted => {
+                now.saturating_duration_since(*since) >= self.timeout
+            }
+            _ => {
+                self.seen = Some((counted, now));
+                self.timeout.is_zero()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_waits_while_things_arrive_and_gives_up_after_a_quiet_timeout() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut drain = Drain::new(Duration::from_secs(30));
+        assert!(!drain.gives_up(0, at(0)));
+        assert!(!drain.gives_up(0, at(29)));
+        // Still arriving: long past the first 30 s, it keeps waiting.
+        assert!(!drain.gives_up(10, at(29)));
+        assert!(!drain.gives_up(20, at(50)));
+        assert!(!drain.gives_up(20, at(79)));
+        // Nothing new for 30 s.
+        assert!(drain.gives_up(20, at(80)));
+    }
+
+    #[test]
+    fn a_drain_where_nothing_arrives_gives_up_after_the_timeout() {
+        let start = Instant::now();
+        let mut drain = Drain::new(Duration::from_secs(30));
+        assert!(!drain.gives_up((5, 3), start));
+        assert!(drain.gives_up((5, 3), start + Duration::from_secs(30)));
+    }
 
     #[test]
     fn thousands_are_separated() {

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::client::{Frame, Target, DEVICE};
 use crate::direct::{account, connect_all, device, drive, join_outcomes, Phase, Shared, Tally};
-use crate::measure::{max_ms, quantile_ms, Counters, Latency, Progress};
+use crate::measure::{max_ms, quantile_ms, Counters, Drain, Latency, Progress};
 use crate::{BenchArgs, Report};
 
 /// The largest page `GET /v1/messages` serves.
@@ -85,23 +85,24 @@ pub(crate) async fn run(args: &BenchArgs, target: &Target) -> anyhow::Result<Rep
     let outcomes = join_outcomes(devices).await?;
     let mut report = account(&shared, &outcomes, sending);
 
-    // Read every inbox back until it holds what its sender got accepted.
+    // Read every inbox back until it holds what its sender got accepted, or
+    // nothing more came into it for the drain timeout.
     let pages = Latency::new();
     let page_count = std::sync::atomic::AtomicU64::new(0);
-    let deadline = Instant::now() + args.drain_timeout;
     let inboxes = futures_util::stream::iter(outcomes.iter())
         .map(|sender| {
             let (pages, page_count, counters) = (&pages, &page_count, &shared.counters);
             async move {
                 let receiver = sender.index ^ 1;
+                let mut drain = Drain::new(args.drain_timeout);
                 loop {
                     let inbox = read_inbox(target, receiver, pages, page_count).await?;
                     let complete = sender
                         .accepted
                         .iter()
                         .all(|&seq| inbox.found.get(seq as usize).copied().unwrap_or(0) > 0);
-                    if complete || Instant::now() >= deadline {
-                        let unique = inbox.found.iter().filter(|&&n| n > 0).count();
+                    let unique = inbox.found.iter().filter(|&&n| n > 0).count();
+                    if complete || drain.gives_up(unique, Instant::now()) {
                         Counters::add(&counters.delivered, unique as u64);
                         return anyhow::Ok((sender, inbox));
                     }
