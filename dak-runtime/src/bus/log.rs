@@ -127,8 +127,13 @@ pub struct OnceRecord {
 /// Most appends written in one transaction.
 const MAX_BATCH: usize = 4096;
 /// How often the writer looks for what every group has read, or what is
-/// older than the retention.
+/// older than the retention, while nothing is written.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
+/// How often it looks while records are appended: soon enough that the
+/// pages of the records it deletes are still in its page cache (16 MiB,
+/// about 1.5 s of appends at 15,000 messages a second), not read back from
+/// the file.
+const RETENTION_WHILE_WRITING_EVERY: Duration = Duration::from_millis(100);
 /// Most records of one partition that one transaction deletes. Deleting
 /// rides along with the transactions that append, a little in each, so that
 /// no append waits behind one large delete.
@@ -280,6 +285,7 @@ impl Log {
         let conn = open_connection(path)?;
         conn.execute_batch(
             "PRAGMA synchronous = FULL;
+             PRAGMA cache_size = -16384;
              CREATE TABLE IF NOT EXISTS partitions (
                  topic TEXT NOT NULL, partition INTEGER NOT NULL,
                  next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
@@ -767,7 +773,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if written && self.last_retention.elapsed() >= RETENTION_EVERY {
+            if written && self.last_retention.elapsed() >= RETENTION_WHILE_WRITING_EVERY {
                 written = false;
                 self.last_retention = std::time::Instant::now();
                 if let Err(e) = self.plan_retention() {
