@@ -23,9 +23,10 @@
 //!   up never read the file; a consumer behind that reads from SQLite.
 //! - **Retention.** A record is deleted once every group that reads its topic
 //!   has committed past it, or once it is older than
-//!   [`LogOptions::retention`], whichever comes first. Once a second the
-//!   writer works out what is due; the deletes then go in small chunks into
-//!   the transactions that append (or, idle, into transactions of their own).
+//!   [`LogOptions::retention`], whichever comes first. Every 100 ms while
+//!   appending (and once more after the last append) the writer works out
+//!   what is due; the deletes then go in small chunks into the transactions
+//!   that append (or, idle, into transactions of their own).
 //!
 //! Tables: `partitions (topic, partition, next_offset)`, `offsets (grp, topic,
 //! partition, next_offset)` and one table per topic partition, `"log:<topic>:<n>"
@@ -126,14 +127,16 @@ pub struct OnceRecord {
 
 /// Most appends written in one transaction.
 const MAX_BATCH: usize = 4096;
+/// How long the writer, idle, waits for a command before it wakes: to look
+/// for what retention may delete after the last appends, and to expire
+/// dedup entries.
+const IDLE_WAKE_EVERY: Duration = Duration::from_secs(1);
 /// How often the writer looks for what every group has read, or what is
-/// older than the retention, while nothing is written.
-const RETENTION_EVERY: Duration = Duration::from_secs(1);
-/// How often it looks while records are appended: soon enough that the
-/// pages of the records it deletes are still in its page cache (16 MiB,
-/// about 1.5 s of appends at 15,000 messages a second), not read back from
-/// the file.
-const RETENTION_WHILE_WRITING_EVERY: Duration = Duration::from_millis(100);
+/// older than the retention, once something was appended since it last
+/// looked: soon enough that the pages of the records it deletes are still in
+/// its page cache (16 MiB, about 1.5 s of appends at 15,000 messages a
+/// second), not read back from the file.
+const RETENTION_EVERY: Duration = Duration::from_millis(100);
 /// Most records of one partition that one transaction deletes. Deleting
 /// rides along with the transactions that append, a little in each, so that
 /// no append waits behind one large delete.
@@ -742,11 +745,11 @@ impl Writer {
     fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
         use std::sync::mpsc::RecvTimeoutError;
         // Whether anything was written since retention last looked: an idle
-        // log with nothing due wakes once per RETENTION_EVERY and does nothing.
+        // log with nothing due wakes once per IDLE_WAKE_EVERY and does nothing.
         let mut written = false;
         loop {
             let wait = if self.due.is_empty() {
-                RETENTION_EVERY
+                IDLE_WAKE_EVERY
             } else {
                 DELETE_WHILE_IDLE_EVERY
             };
@@ -773,7 +776,7 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if written && self.last_retention.elapsed() >= RETENTION_WHILE_WRITING_EVERY {
+            if written && self.last_retention.elapsed() >= RETENTION_EVERY {
                 written = false;
                 self.last_retention = std::time::Instant::now();
                 if let Err(e) = self.plan_retention() {
