@@ -242,7 +242,11 @@ impl Ingress {
                 });
             }
         };
-        match dedup.reserve(&from.user, &id, fresh, fresh_ts).await? {
+        let reserved = metrics::timed(
+            "dedup_reserve",
+            dedup.reserve(&from.user, &id, fresh, fresh_ts),
+        );
+        match reserved.await? {
             Reservation::New => self.enqueue(from, &id, (fresh, fresh_ts), true, build),
             Reservation::Existing { mid, ts, confirmed } => {
                 ::metrics::counter!(metrics::DUPLICATES).increment(1);
@@ -373,7 +377,7 @@ impl Pending {
     /// answering `unavailable` would make the client resend for certain.
     pub async fn accepted(mut self) -> Result<Accepted, IngressError> {
         if let Some(Delivery::Once(answer)) = self.delivery {
-            let once = answer
+            let once = metrics::timed("bus_ack", answer)
                 .await
                 .map_err(|_| LogError::Closed)
                 .map_err(BusError::from)?;
@@ -393,10 +397,11 @@ impl Pending {
             return Ok(self.accepted);
         }
         if let Some(Delivery::Bus(delivery)) = self.delivery {
-            delivery.await?;
+            metrics::timed("bus_ack", delivery).await?;
             let a = &self.accepted;
             if let Some(dedup) = &self.dedup {
-                if let Err(e) = dedup.confirm(&self.from.user, &a.id, a.mid, a.ts).await {
+                let confirm = dedup.confirm(&self.from.user, &a.id, a.mid, a.ts);
+                if let Err(e) = metrics::timed("dedup_confirm", confirm).await {
                     ::metrics::counter!(metrics::DEDUP_CONFIRM_FAILURES).increment(1);
                     tracing::warn!(mid = %a.mid, id = %a.id, error = %e, "accepted, but the dedup entry stays unconfirmed");
                 }

@@ -30,6 +30,13 @@ pub const JWKS_FETCH_FAILURES: &str = "dak_jwks_fetch_failures_total";
 pub const BUILD_INFO: &str = "dak_build_info";
 pub const BATCH_SECONDS: &str = "dak_batch_seconds";
 pub const BATCH_RECORDS: &str = "dak_batch_records";
+pub const STEP_SECONDS: &str = "dak_step_seconds";
+
+/// The steps of the gateways' ingress that [`STEP_SECONDS`] times: the dedup
+/// store's reserve, the bus's acknowledgement of the produced message, and the
+/// dedup store's confirm. `dak up` has no separate dedup store (its log keeps
+/// the outbox ids), so there only `bus_ack` is timed.
+pub const INGRESS_STEPS: [&str; 3] = ["dedup_reserve", "bus_ack", "dedup_confirm"];
 
 /// Makes the counter `name` with `labels` appear in `/metrics` at zero.
 pub fn register_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
@@ -49,6 +56,9 @@ pub fn register_ingress() {
     register_counter(DUPLICATES, &[]);
     register_counter(DEDUP_CONFIRM_FAILURES, &[]);
     register_client_errors();
+    for step in INGRESS_STEPS {
+        register_histogram(STEP_SECONDS, &[("step", step)]);
+    }
 }
 
 /// [`REJECTED`], one series per error code.
@@ -67,6 +77,17 @@ pub fn register_client_errors() {
 pub fn message_age(stage: &'static str, accepted_ms: u64) {
     let age = crate::now_ms().saturating_sub(accepted_ms) as f64 / 1000.0;
     ::metrics::histogram!(MESSAGE_AGE, "stage" => stage).record(age);
+}
+
+/// Awaits `step`, and records how long it took in [`STEP_SECONDS`] under
+/// `name`. For the waits on a store, the bus or another service that a batch
+/// or a client's message goes through one after another: they show which of
+/// them a slow stage is waiting on.
+pub async fn timed<T>(name: &'static str, step: impl std::future::Future<Output = T>) -> T {
+    let started = tokio::time::Instant::now();
+    let out = step.await;
+    ::metrics::histogram!(STEP_SECONDS, "step" => name).record(started.elapsed().as_secs_f64());
+    out
 }
 
 /// Describes every metric named here, and sets [`BUILD_INFO`].
@@ -142,6 +163,11 @@ pub(crate) fn describe() {
         "time a consumer group's handler took over one batch of records, failed attempts included"
     );
     describe_histogram!(
+        STEP_SECONDS,
+        Unit::Seconds,
+        "time one step of handling a batch or a client's message waited on a store, the bus or another service"
+    );
+    describe_histogram!(
         BATCH_RECORDS,
         Unit::Count,
         "records in each batch a consumer group handled"
@@ -162,4 +188,41 @@ pub(crate) fn describe() {
         DEDUP_ENTRIES,
         "(sender, client id) entries in the SQLite dedup table (bus.db or dedup.db), expired ones not yet deleted included"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_timed_step_records_how_long_it_waited_under_its_name() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let out = ::metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                timed("bus_ack", tokio::time::sleep(Duration::from_millis(250))).await;
+                timed("bus_ack", tokio::time::sleep(Duration::from_millis(50))).await;
+                timed("dedup_reserve", async { 7 }).await
+            })
+        });
+        assert_eq!(out, 7, "the step's own result comes back");
+
+        let text = handle.render();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        };
+        assert_eq!(value("dak_step_seconds_count{step=\"bus_ack\"}"), 2.0);
+        assert!((value("dak_step_seconds_sum{step=\"bus_ack\"}") - 0.3).abs() < 1e-9);
+        assert_eq!(value("dak_step_seconds_count{step=\"dedup_reserve\"}"), 1.0);
+        assert_eq!(value("dak_step_seconds_sum{step=\"dedup_reserve\"}"), 0.0);
+    }
 }

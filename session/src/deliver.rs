@@ -285,8 +285,11 @@ impl Core {
             .map(|(p, _)| p)
             .collect();
         let (fresh, ()) = tokio::try_join!(
-            async { Ok::<_, anyhow::Error>(self.inflight.begin(&pending).await?) },
-            self.report_sends(live),
+            async {
+                let begun = metrics::timed("inflight_begin", self.inflight.begin(&pending));
+                Ok::<_, anyhow::Error>(begun.await?)
+            },
+            metrics::timed("status_report", self.report_sends(live)),
         )?;
         let to_send: Vec<Send> = candidates
             .into_iter()
@@ -308,7 +311,7 @@ impl Core {
         }
 
         let mut gone = Vec::new();
-        for (p, outcome) in self.send(to_send).await {
+        for (p, outcome) in metrics::timed("gateway_send", self.send(to_send)).await {
             match outcome {
                 SendOutcome::Sent => {
                     ::metrics::counter!(metrics::DELIVERED).increment(1);
@@ -410,7 +413,7 @@ impl Core {
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<Settle> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
         let mut acked = Vec::new();
-        let found = self.inflight.ack(&acks).await?;
+        let found = metrics::timed("inflight_ack", self.inflight.ack(&acks)).await?;
         for (ack, found) in acks.iter().zip(found) {
             let now = now_ms();
             let mut forward = Vec::new();
@@ -638,7 +641,7 @@ impl Core {
         let mut distinct: Vec<UserId> = users.cloned().collect();
         distinct.sort_unstable();
         distinct.dedup();
-        let routes = self.presence.routes(&distinct).await?;
+        let routes = metrics::timed("presence", self.presence.routes(&distinct)).await?;
         Ok(distinct.into_iter().zip(routes).collect())
     }
 

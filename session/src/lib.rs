@@ -69,6 +69,18 @@ pub struct Session {
     consumer: Consumer,
 }
 
+/// The waits of a `dak.deliver` batch that session times in
+/// `dak_step_seconds`: presence's routes, the in-flight store's `begin` (beside
+/// the `delivered` steps' `status_report` to the bus), the gateways' `/send`,
+/// and the in-flight store's `ack`.
+const STEPS: [&str; 5] = [
+    "presence",
+    "inflight_begin",
+    "status_report",
+    "gateway_send",
+    "inflight_ack",
+];
+
 /// What session counts, at zero until it happens.
 fn register_metrics() {
     use dak_runtime::metrics::{self, register_counter, register_histogram};
@@ -88,6 +100,9 @@ fn register_metrics() {
     register_histogram(metrics::ACK_LATENCY, &[]);
     for stage in ["session", "sent"] {
         register_histogram(metrics::MESSAGE_AGE, &[("stage", stage)]);
+    }
+    for step in STEPS {
+        register_histogram(metrics::STEP_SECONDS, &[("step", step)]);
     }
     // Registered, at zero, until the retry loop's first scan counts them.
     let _ = ::metrics::gauge!(metrics::INFLIGHT);
