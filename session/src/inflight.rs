@@ -19,7 +19,7 @@
 
 mod sqlite;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -227,13 +227,24 @@ impl InFlight for MemoryInFlight {
 /// Shards of the Redis store; fixed, since it is part of the key layout.
 pub const SHARDS: u32 = 16;
 
+/// Begins the deliveries of one shard, in order: ARGV holds four values per
+/// delivery (member, record, deadline, and the index in KEYS of its device's
+/// held list, or 0 when it is sent rather than held). One reply per delivery:
+/// 1 if it is new, 0 if the member was already in flight.
 const BEGIN: &str = r"
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-  if ARGV[4] == '1' then redis.call('RPUSH', KEYS[3], ARGV[1]) end
-  return 1
+local out = {}
+for i = 1, #ARGV, 4 do
+  local member = ARGV[i]
+  if redis.call('HSETNX', KEYS[1], member, ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], member)
+    local held = tonumber(ARGV[i + 3])
+    if held > 0 then redis.call('RPUSH', KEYS[held], member) end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-return 0";
+return out";
 
 const TAKE_HELD: &str = r"
 local members = redis.call('LRANGE', KEYS[3], 0, -1)
@@ -245,13 +256,24 @@ for _, m in ipairs(members) do
 end
 return out";
 
+/// Removes the members in ARGV from one shard, in order, and returns each one's
+/// record, or nil where it was not in flight (Lua's false is Redis's nil).
 const ACK: &str = r"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
+local out = {}
+for i, member in ipairs(ARGV) do
+  local v = redis.call('HGET', KEYS[1], member)
+  if v then
+    redis.call('HDEL', KEYS[1], member)
+    redis.call('ZREM', KEYS[2], member)
+  end
+  out[i] = v
 end
-return v";
+return out";
+
+/// Most deliveries (or acked mids) one script call takes: Redis runs nothing
+/// else while a script runs, so a large batch goes as several calls (in the
+/// same round trip).
+const PER_CALL: usize = 256;
 
 const CLAIM: &str = r"
 local members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
@@ -332,6 +354,36 @@ fn eval3(script: &str, keys: &(String, String), third: &str) -> redis::Cmd {
     cmd
 }
 
+/// The positions of `users` grouped into script calls: by shard (a script may
+/// only touch the keys of one hash slot), in order within each shard, at most
+/// [`PER_CALL`] a call.
+fn by_shard<'a>(users: impl Iterator<Item = &'a UserId>) -> Vec<(u32, Vec<usize>)> {
+    let mut shards: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, user) in users.enumerate() {
+        shards.entry(shard_of(user)).or_default().push(i);
+    }
+    shards
+        .into_iter()
+        .flat_map(|(shard, positions)| {
+            positions
+                .chunks(PER_CALL)
+                .map(|chunk| (shard, chunk.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A script call answers once for each delivery or mid it was given.
+fn check_replies(asked: usize, answered: usize) -> StoreResult<()> {
+    if asked == answered {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "in-flight script answered {answered} times for {asked}"
+        )))
+    }
+}
+
 fn decode(json: &str) -> StoreResult<Pending> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("in-flight record: {e}")))
 }
@@ -343,24 +395,56 @@ fn encode(p: &Pending) -> String {
 #[async_trait]
 impl InFlight for RedisInFlight {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
-        if deliveries.is_empty() {
-            return Ok(Vec::new());
-        }
+        let calls = by_shard(deliveries.iter().map(|d| &d.user));
         let mut pipe = redis::pipe();
-        for d in deliveries {
-            let mut cmd = eval3(
-                BEGIN,
-                &self.keys_for(&d.user),
-                &self.held_key(&d.user, &d.device),
-            );
-            cmd.arg(d.member())
-                .arg(encode(d))
-                .arg(d.deadline_ms)
-                .arg(if d.is_held() { "1" } else { "0" });
+        for (shard, positions) in &calls {
+            let (records, due) = self.shard_keys(*shard);
+            let mut held_keys: Vec<String> = Vec::new();
+            let mut args = Vec::with_capacity(positions.len() * 4);
+            for &i in positions {
+                let d = &deliveries[i];
+                let held = if d.is_held() {
+                    let key = self.held_key(&d.user, &d.device);
+                    let index = match held_keys.iter().position(|k| *k == key) {
+                        Some(index) => index,
+                        None => {
+                            held_keys.push(key);
+                            held_keys.len() - 1
+                        }
+                    };
+                    // Lua counts from 1, after the records and due keys.
+                    index + 3
+                } else {
+                    0
+                };
+                args.extend([
+                    d.member(),
+                    encode(d),
+                    d.deadline_ms.to_string(),
+                    held.to_string(),
+                ]);
+            }
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(BEGIN)
+                .arg(2 + held_keys.len())
+                .arg(records)
+                .arg(due)
+                .arg(held_keys)
+                .arg(args);
             pipe.add_command(cmd);
         }
-        let new: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(new.into_iter().map(|n| n == 1).collect())
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies: Vec<Vec<i64>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let mut fresh = vec![false; deliveries.len()];
+        for ((_, positions), reply) in calls.iter().zip(replies) {
+            check_replies(positions.len(), reply.len())?;
+            for (&i, new) in positions.iter().zip(reply) {
+                fresh[i] = new == 1;
+            }
+        }
+        Ok(fresh)
     }
 
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
@@ -375,29 +459,40 @@ impl InFlight for RedisInFlight {
     }
 
     async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+        // Each acked mid, as (ack, position in the ack), in the order named.
+        let named: Vec<(usize, usize)> = acks
+            .iter()
+            .enumerate()
+            .flat_map(|(a, ack)| (0..ack.mids.len()).map(move |m| (a, m)))
+            .collect();
+        let calls = by_shard(named.iter().map(|&(a, _)| &acks[a].user));
         let mut pipe = redis::pipe();
-        for ack in acks {
-            let keys = self.keys_for(&ack.user);
-            for mid in &ack.mids {
-                let mut cmd = eval(ACK, &keys);
-                cmd.arg(member(&ack.user, &ack.device, *mid));
-                pipe.add_command(cmd);
+        for (shard, positions) in &calls {
+            let members: Vec<String> = positions
+                .iter()
+                .map(|&i| {
+                    let (a, m) = named[i];
+                    member(&acks[a].user, &acks[a].device, acks[a].mids[m])
+                })
+                .collect();
+            let mut cmd = eval(ACK, &self.shard_keys(*shard));
+            cmd.arg(members);
+            pipe.add_command(cmd);
+        }
+        let mut found: Vec<Vec<Option<Pending>>> =
+            acks.iter().map(|ack| vec![None; ack.mids.len()]).collect();
+        if pipe.is_empty() {
+            return Ok(found);
+        }
+        let replies: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.conn.clone()).await?;
+        for ((_, positions), reply) in calls.iter().zip(replies) {
+            check_replies(positions.len(), reply.len())?;
+            for (&i, record) in positions.iter().zip(reply) {
+                let (a, m) = named[i];
+                found[a][m] = record.as_deref().map(decode).transpose()?;
             }
         }
-        if pipe.is_empty() {
-            return Ok(vec![Vec::new(); acks.len()]);
-        }
-        let found: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
-        let mut found = found.into_iter();
-        acks.iter()
-            .map(|ack| {
-                found
-                    .by_ref()
-                    .take(ack.mids.len())
-                    .map(|v| v.as_deref().map(decode).transpose())
-                    .collect()
-            })
-            .collect()
+        Ok(found)
     }
 
     async fn claim_due(

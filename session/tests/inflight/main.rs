@@ -296,6 +296,76 @@ async fn claim_limit_contract(store: &dyn InFlight) {
     assert_eq!(claimed, 50);
 }
 
+/// A batch as large as session's: many users and devices, held and sent
+/// deliveries mixed, one user with hundreds, and the same delivery twice in
+/// one call. Each answer comes
+/// back at its delivery's position, and held deliveries keep their order.
+async fn large_batch_contract(store: &dyn InFlight) {
+    let mut batch: Vec<Pending> = (0..900)
+        .map(|i| {
+            let device = ["phone", "tablet", "web"][(i / 60) % 3];
+            // user0 alone has more deliveries than one script call takes.
+            let user = if i < 300 { 0 } else { i % 60 };
+            let mut d = delivery(&format!("user{user}"), device, 5_000);
+            if i % 5 == 0 {
+                d.sends = 0;
+            }
+            d
+        })
+        .collect();
+    batch.insert(500, batch[17].clone());
+    let fresh = store.begin(&batch).await.unwrap();
+    let expected: Vec<bool> = (0..batch.len()).map(|i| i != 500).collect();
+    assert_eq!(fresh, expected, "only the repeat at 500 is not new");
+    assert_eq!(store.count().await.unwrap(), 900);
+
+    let user = UserId::parse("user0").unwrap();
+    let phone = DeviceId::parse("phone").unwrap();
+    let held_in_order: Vec<Mid> = batch
+        .iter()
+        .enumerate()
+        .filter(|&(i, d)| i != 500 && d.is_held() && d.user == user && d.device == phone)
+        .map(|(_, d)| d.message.mid)
+        .collect();
+    assert!(held_in_order.len() > 1);
+    let taken = store.take_held(&user, &phone).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|p| p.message.mid).collect::<Vec<_>>(),
+        held_in_order
+    );
+
+    // One ack per delivery, every other one naming a mid never delivered to it.
+    let strangers: Vec<Mid> = (0..450)
+        .map(|_| Mid::from_ulid(ulid::Ulid::new()))
+        .collect();
+    let acks: Vec<Ack> = batch
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 500)
+        .map(|(i, d)| {
+            let mut mids = vec![d.message.mid];
+            if i % 2 == 0 {
+                mids.insert(0, strangers[(i / 2) % strangers.len()]);
+            }
+            ack(&d.user, &d.device, &mids)
+        })
+        .collect();
+    let found = store.ack(&acks).await.unwrap();
+    for (ack, found) in acks.iter().zip(&found) {
+        let mut expected: Vec<Option<Mid>> = vec![Some(*ack.mids.last().unwrap())];
+        if ack.mids.len() == 2 {
+            expected.insert(0, None);
+        }
+        assert_eq!(found_mids(found), expected);
+        let delivered = found.last().unwrap().as_ref().unwrap();
+        assert_eq!(
+            (&delivered.user, &delivered.device),
+            (&ack.user, &ack.device)
+        );
+    }
+    assert_eq!(store.count().await.unwrap(), 0);
+}
+
 fn redis_url() -> String {
     std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -310,6 +380,7 @@ async fn memory_inflight_keeps_the_contract() {
     held_contract(&MemoryInFlight::default()).await;
     many_acks_contract(&MemoryInFlight::default()).await;
     claim_limit_contract(&MemoryInFlight::default()).await;
+    large_batch_contract(&MemoryInFlight::default()).await;
 }
 
 #[tokio::test]
@@ -320,6 +391,7 @@ async fn redis_inflight_keeps_the_contract() {
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -339,6 +411,7 @@ async fn redis_inflight_keeps_the_contract_on_a_cluster() {
     contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -350,6 +423,7 @@ async fn sqlite_inflight_keeps_the_contract() {
     held_contract(&open("held.db")).await;
     many_acks_contract(&open("acks.db")).await;
     claim_limit_contract(&open("claim.db")).await;
+    large_batch_contract(&open("large.db")).await;
 }
 
 /// What `dak up` finds after a restart: every delivery that was in flight or
