@@ -59,7 +59,16 @@ impl Readiness {
     }
 }
 
+/// How often histogram samples are folded into their buckets between scrapes.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// The process's Prometheus recorder, installed on first use.
+///
+/// The recorder keeps every histogram sample (16 bytes each) until it folds
+/// them into their buckets, which it does only when asked: a scrape asks, and
+/// so does a thread of its own every [`UPKEEP_EVERY`]. Without that thread a
+/// process nobody scrapes grows by every message's samples (several per
+/// message) for as long as it runs.
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -79,6 +88,14 @@ pub fn metrics() -> PrometheusHandle {
             // handle renders nothing, which only the metrics endpoint notices.
             let _ = ::metrics::set_global_recorder(recorder);
             crate::metrics::describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("dak-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                })
+                .expect("starting the metrics upkeep thread");
             handle
         })
         .clone()
