@@ -373,15 +373,27 @@ fn by_shard<'a>(users: impl Iterator<Item = &'a UserId>) -> Vec<(u32, Vec<usize>
         .collect()
 }
 
-/// A script call answers once for each delivery or mid it was given.
-fn check_replies(asked: usize, answered: usize) -> StoreResult<()> {
-    if asked == answered {
-        Ok(())
-    } else {
-        Err(StoreError::Corrupt(format!(
-            "in-flight script answered {answered} times for {asked}"
-        )))
+/// The script calls' replies (one per delivery or mid given) put back in the
+/// order of the `len` positions that [`by_shard`] grouped.
+fn in_order<T: Clone + Default>(
+    calls: &[(u32, Vec<usize>)],
+    replies: Vec<Vec<T>>,
+    len: usize,
+) -> StoreResult<Vec<T>> {
+    let mut ordered = vec![T::default(); len];
+    for ((_, positions), reply) in calls.iter().zip(replies) {
+        if reply.len() != positions.len() {
+            return Err(StoreError::Corrupt(format!(
+                "in-flight script answered {} times for {}",
+                reply.len(),
+                positions.len()
+            )));
+        }
+        for (&i, value) in positions.iter().zip(reply) {
+            ordered[i] = value;
+        }
     }
+    Ok(ordered)
 }
 
 fn decode(json: &str) -> StoreResult<Pending> {
@@ -437,14 +449,8 @@ impl InFlight for RedisInFlight {
             return Ok(Vec::new());
         }
         let replies: Vec<Vec<i64>> = pipe.query_async(&mut self.conn.clone()).await?;
-        let mut fresh = vec![false; deliveries.len()];
-        for ((_, positions), reply) in calls.iter().zip(replies) {
-            check_replies(positions.len(), reply.len())?;
-            for (&i, new) in positions.iter().zip(reply) {
-                fresh[i] = new == 1;
-            }
-        }
-        Ok(fresh)
+        let new = in_order(&calls, replies, deliveries.len())?;
+        Ok(new.into_iter().map(|n| n == 1).collect())
     }
 
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
@@ -479,20 +485,21 @@ impl InFlight for RedisInFlight {
             cmd.arg(members);
             pipe.add_command(cmd);
         }
-        let mut found: Vec<Vec<Option<Pending>>> =
-            acks.iter().map(|ack| vec![None; ack.mids.len()]).collect();
-        if pipe.is_empty() {
-            return Ok(found);
-        }
-        let replies: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.conn.clone()).await?;
-        for ((_, positions), reply) in calls.iter().zip(replies) {
-            check_replies(positions.len(), reply.len())?;
-            for (&i, record) in positions.iter().zip(reply) {
-                let (a, m) = named[i];
-                found[a][m] = record.as_deref().map(decode).transpose()?;
-            }
-        }
-        Ok(found)
+        let replies: Vec<Vec<Option<String>>> = if pipe.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn.clone()).await?
+        };
+        let mut found = in_order(&calls, replies, named.len())?.into_iter();
+        acks.iter()
+            .map(|ack| {
+                found
+                    .by_ref()
+                    .take(ack.mids.len())
+                    .map(|v| v.as_deref().map(decode).transpose())
+                    .collect()
+            })
+            .collect()
     }
 
     async fn claim_due(
