@@ -32,6 +32,7 @@
 //! histogram.
 
 mod client;
+mod cpu;
 mod direct;
 mod group;
 mod idle;
@@ -103,6 +104,12 @@ pub struct BenchArgs {
     /// The gateway's process id, to report its resident memory.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+    /// A process under test (`dak up`, or each of the separate services and
+    /// engines), whose CPU time (user + system, from `/proc/<pid>/stat`) is
+    /// counted over the run and reported with its share per 1,000 messages
+    /// delivered. Repeat it for several processes; they are summed.
+    #[arg(long = "cpu-pid")]
+    pub cpu_pids: Vec<u32>,
     /// After sending stops, how long to wait with nothing more arriving
     /// (messages, and in `direct` the senders' `delivered` receipts) before
     /// counting what is still outstanding lost. A target still working
@@ -207,6 +214,14 @@ pub struct Report {
     pub connect_per_s: Option<f64>,
     /// The gateway's VmRSS at the end, when `--gateway-pid` was given.
     pub gateway_rss_bytes: Option<u64>,
+    /// CPU seconds of the `--cpu-pid` processes over the whole run
+    /// (connecting, sending and draining); `None` without them, or when one
+    /// ended during the run.
+    pub cpu_s: Option<f64>,
+    /// `cpu_s` per 1,000 messages delivered.
+    pub cpu_s_per_1k: Option<f64>,
+    /// CPU seconds of the generator itself over the run.
+    pub generator_cpu_s: Option<f64>,
     /// The first few errors seen (refused connections, closed sockets, error
     /// frames, plots that could not be written).
     pub errors: Vec<String>,
@@ -275,6 +290,16 @@ impl Report {
         if let Some(rss) = self.gateway_rss_bytes {
             s += &format!("  gateway RSS: {:.1} MiB\n", rss as f64 / (1024.0 * 1024.0));
         }
+        if let Some(cpu) = self.cpu_s {
+            s += &format!("  CPU of the processes measured: {cpu:.2} s");
+            if let Some(per) = self.cpu_s_per_1k {
+                s += &format!(", {per:.3} s per 1,000 delivered");
+            }
+            s += "\n";
+        }
+        if let Some(cpu) = self.generator_cpu_s {
+            s += &format!("  CPU of the generator: {cpu:.2} s\n");
+        }
         for plot in &self.plots {
             s += &format!("  plot: {plot}\n");
         }
@@ -296,12 +321,24 @@ impl Report {
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     args.validate().map_err(anyhow::Error::msg)?;
     let target = client::Target::new(&args).await?;
+    let cpu = cpu::Cpu::start(&args.cpu_pids)?;
     let mut report = match args.scenario {
         Scenario::Direct => direct::run(&args, &target).await?,
         Scenario::Offline => offline::run(&args, &target).await?,
         Scenario::Idle => idle::run(&args, &target).await?,
         Scenario::Group => group::run(&args, &target).await?,
     };
+    let measured = cpu.measured();
+    for pid in measured.ended {
+        report.errors.push(format!(
+            "--cpu-pid {pid} ended during the run: its CPU time is not counted"
+        ));
+    }
+    report.cpu_s = measured.processes_s;
+    report.cpu_s_per_1k = measured
+        .processes_s
+        .and_then(|cpu| cpu::per_thousand(cpu, report.delivered));
+    report.generator_cpu_s = measured.generator_s;
     report.run = target.run_id.clone();
     report.devices = args.devices;
     Ok(report)
@@ -381,6 +418,9 @@ mod tests {
             "p999_ms",
             "connections",
             "gateway_rss_bytes",
+            "cpu_s",
+            "cpu_s_per_1k",
+            "generator_cpu_s",
             "plots",
         ] {
             assert!(json.get(field).is_some(), "{field} missing from {json}");

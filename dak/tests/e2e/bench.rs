@@ -34,7 +34,10 @@ async fn bench_accounts_for_every_message_it_sends() {
     })
     .await;
 
-    let direct = dak_bench::run(args(&stack, Scenario::Direct, 10, Duration::from_secs(3)))
+    // The stack runs in this process: its CPU time is this process's.
+    let mut direct_args = args(&stack, Scenario::Direct, 10, Duration::from_secs(3));
+    direct_args.cpu_pids = vec![std::process::id()];
+    let direct = dak_bench::run(direct_args)
         .await
         .expect("direct bench runs");
     eprintln!("{}", direct.summary());
@@ -49,6 +52,11 @@ async fn bench_accounts_for_every_message_it_sends() {
     assert_eq!(direct.connections, Some(10));
     assert!(!direct.failed());
     assert_eq!(direct.plots.len(), 2, "{}", direct.json());
+    let cpu = direct.cpu_s.expect("the CPU time of --cpu-pid");
+    assert!(cpu > 0.0, "{}", direct.json());
+    let per_1k = direct.cpu_s_per_1k.expect("CPU per 1,000 messages");
+    assert!((per_1k - cpu / direct.delivered as f64 * 1000.0).abs() < 1e-9);
+    assert!(direct.generator_cpu_s.expect("the generator's CPU time") > 0.0);
     let svg = |path: &str| std::fs::read_to_string(path).expect("the plot was written");
     let (over_time, histogram) = (svg(&direct.plots[0]), svg(&direct.plots[1]));
     assert_eq!(over_time.matches("<polyline").count(), 3, "{over_time}");
@@ -64,6 +72,7 @@ async fn bench_accounts_for_every_message_it_sends() {
     assert_eq!(offline.lost, 0, "{}", offline.json());
     assert_eq!(offline.duplicates, 0, "{}", offline.json());
     assert!(offline.sync_pages.unwrap() > 0);
+    assert_eq!(offline.cpu_s, None, "no --cpu-pid given");
     assert!(offline.sync_page_p50_ms.unwrap() <= offline.sync_page_p99_ms.unwrap());
 
     // Three groups of four: each message reaches the three other members.
