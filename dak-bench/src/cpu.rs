@@ -30,7 +30,7 @@ pub(crate) struct Cpu {
 }
 
 /// What [`Cpu::measured`] found.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug)]
 pub(crate) struct Measured {
     /// CPU seconds of the processes given; `None` when none were, or when one
     /// of them ended before the run did (its time is gone with it).

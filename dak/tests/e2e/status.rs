@@ -42,11 +42,17 @@ fn states(status: &Value) -> Vec<String> {
     states
 }
 
-/// The steps in `device`'s history, in the order the status lists them.
-fn history<'a>(status: &'a Value, device: &str) -> Vec<&'a str> {
+/// `device`'s entry in a status answer.
+fn device<'a>(status: &'a Value, device: &str) -> Option<&'a Value> {
     status["devices"]
-        .as_array()
-        .and_then(|devices| devices.iter().find(|d| d["device"] == device))
+        .as_array()?
+        .iter()
+        .find(|d| d["device"] == device)
+}
+
+/// The steps in `device`'s history, in the order the status lists them.
+fn history<'a>(status: &'a Value, name: &str) -> Vec<&'a str> {
+    device(status, name)
         .and_then(|d| d["history"].as_array())
         .map(|steps| steps.iter().filter_map(|s| s["state"].as_str()).collect())
         .unwrap_or_default()
@@ -122,12 +128,7 @@ async fn the_sender_sees_where_its_message_is_per_device_and_ops_see_any_mid() {
         },
     )
     .await;
-    let tablet = ops["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device"] == "tablet")
-        .unwrap();
+    let tablet = device(&ops, "tablet").unwrap();
     assert_eq!(tablet["state"], history(&ops, "tablet")[1], "{tablet}");
     assert_eq!(ops["from"], "alice");
     assert_eq!(ops["to"], "bob");
