@@ -199,6 +199,12 @@ mod tests {
         super::Cli::command().debug_assert();
     }
 
+    /// push waits on persistence's consumer group by name.
+    #[test]
+    fn push_waits_on_the_group_persistence_consumes_in() {
+        assert_eq!(push::STORE_GROUP, persistence::GROUP);
+    }
+
     /// Option 15 is `purge_delay` in the mimalloc linked here: version 3,
     /// and the option holds its default in this version, 1,000 ms, until
     /// dak sets it. (Nothing else in this test process sets it; another

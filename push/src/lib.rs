@@ -11,6 +11,15 @@
 //!   data message ([`fcm`]) carrying `mid`, `from`, `chat`, `conversation` and
 //!   `ts` — never the body — collapsed per conversation. A token FCM reports as
 //!   invalid is removed.
+//!
+//! A woken app syncs at once, often over REST (`GET /v1/messages`), so a
+//! notification goes out only once the message is in the inbox: push reads
+//! the same `store` events as persistence, and before it sends a batch's
+//! notifications it waits until persistence's consumer group has committed
+//! past the batch (persistence commits only what it stored). If persistence
+//! has not got there within `DAK_PUSH_STORE_WAIT`, the devices are woken
+//! anyway, counted in `dak_push_before_stored_total`: a late inbox is found
+//! by the next sync, a missing wake-up by nobody.
 //! - `drop` and `replay` are persistence's business and are skipped.
 //!
 //! Offsets are stored only after a batch's notifications were all sent or given
@@ -32,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, Producer, Record};
+use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, GroupProgress, Producer, Record};
 use dak_runtime::now_ms;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
@@ -46,6 +55,10 @@ pub use tokens::{DeviceToken, PushTokens, SqliteTokens, TokenStoreError};
 
 /// Consumer group of every push instance.
 pub const GROUP: &str = "dak.push";
+
+/// Consumer group of persistence, which stores what push wakes devices for
+/// (persistence's `GROUP`; a test in `dak` keeps the two the same).
+pub const STORE_GROUP: &str = "dak.persistence";
 
 /// The token store's file inside the data directory.
 pub const TOKENS_FILE: &str = "push-tokens.db";
@@ -87,6 +100,11 @@ pub struct Config {
     /// A `Retry-After` from FCM waits longer when it says so.
     #[arg(long, env = "DAK_PUSH_RETRY_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub push_retry_base: Duration,
+    /// Longest a notification waits for persistence to store its message,
+    /// so that the app it wakes finds the message when it syncs. Past it,
+    /// the device is woken anyway.
+    #[arg(long, env = "DAK_PUSH_STORE_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub push_store_wait: Duration,
 }
 
 /// The sender the configuration asks for: FCM with credentials, else a sender
@@ -116,6 +134,9 @@ pub struct Deps {
 
 pub struct Push {
     consumer: Consumer,
+    /// What persistence stored of `dak.offline`.
+    stored: GroupProgress,
+    store_wait: Duration,
     dead_letters: DeadLetters,
     deps: Deps,
     status: Reporter,
@@ -136,8 +157,12 @@ struct Wake {
 impl Push {
     pub fn build(config: &Config, bus: &Bus, deps: Deps) -> Result<Self, BusError> {
         metrics::describe();
-        let consumer = bus.consumer(&bus.topics().group(GROUP), &[&bus.topics().offline])?;
+        let topics = bus.topics();
+        let consumer = bus.consumer(&topics.group(GROUP), &[&topics.offline])?;
+        let stored = bus.progress(&topics.group(STORE_GROUP), &topics.offline)?;
         Ok(Self {
+            stored,
+            store_wait: config.push_store_wait,
             dead_letters: consumer.dead_letters(),
             consumer,
             status: Reporter::new(deps.producer.clone(), &bus.topics().status),
@@ -203,6 +228,14 @@ impl Push {
                 w.notification.data["mid"].clone(),
             ))
         });
+        if !wakes.is_empty() && !self.stored.wait_past(batch, self.store_wait).await {
+            ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
+            tracing::warn!(
+                wait = ?self.store_wait,
+                notifications = wakes.len(),
+                "persistence has not stored these messages yet; waking the devices anyway"
+            );
+        }
         let pushed: Vec<StatusEvent> = futures_util::stream::iter(wakes)
             .map(|wake| self.wake(wake))
             .buffer_unordered(CONCURRENCY)

@@ -7,6 +7,7 @@ pub const SENT: &str = "dak_push_sent_total";
 pub const FAILURES: &str = "dak_push_failures_total";
 pub const SKIPPED: &str = "dak_push_skipped_total";
 pub const TOKENS_REMOVED: &str = "dak_push_tokens_removed_total";
+pub const BEFORE_STORED: &str = "dak_push_before_stored_total";
 
 pub(crate) fn describe() {
     use ::metrics::describe_counter;
@@ -23,8 +24,13 @@ pub(crate) fn describe() {
         TOKENS_REMOVED,
         "push tokens removed because FCM reported them invalid"
     );
+    describe_counter!(
+        BEFORE_STORED,
+        "notifications sent before persistence had stored their message, after DAK_PUSH_STORE_WAIT"
+    );
     use dak_runtime::metrics::register_counter;
     register_counter(SENT, &[]);
+    register_counter(BEFORE_STORED, &[]);
     register_counter(TOKENS_REMOVED, &[]);
     for reason in [
         "invalid_token",

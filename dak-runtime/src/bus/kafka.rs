@@ -14,7 +14,7 @@ use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 pub use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Message as _};
@@ -23,6 +23,7 @@ use rdkafka::producer::{
     ThreadedProducer,
 };
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 mod client_properties;
@@ -392,6 +393,58 @@ impl KafkaConsumer {
             Ok(Err(e)) => tracing::warn!(%group, error = %e, "final commit"),
             Err(e) => tracing::warn!(%group, error = %e, "final commit task failed"),
         }
+    }
+}
+
+/// Reads what another service's consumer group committed, without joining
+/// the group: librdkafka's `committed` asks the group's coordinator.
+pub struct KafkaProgress {
+    inner: Arc<BaseConsumer>,
+}
+
+/// How long one read of a group's offsets waits for the coordinator.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KafkaProgress {
+    pub fn new(config: &KafkaConfig, group: &str) -> Result<Self, KafkaError> {
+        let mut client = config.client_config();
+        client
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let inner: BaseConsumer = config.finish(&mut client).create()?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The group's committed offset (the next it will read) of each of
+    /// `partitions` of `topic`; `None` where it committed nothing. The
+    /// request blocks, so it runs off the async workers.
+    pub async fn committed(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, KafkaError> {
+        let mut asked = TopicPartitionList::new();
+        for &partition in partitions {
+            asked.add_partition(topic, partition);
+        }
+        let inner = self.inner.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            inner.committed_offsets(asked, Timeout::After(PROGRESS_TIMEOUT))
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)??;
+        Ok(partitions
+            .iter()
+            .map(|&partition| match answer.find_partition(topic, partition) {
+                Some(entry) => match entry.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                },
+                None => None,
+            })
+            .collect())
     }
 }
 

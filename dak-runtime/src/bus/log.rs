@@ -1186,6 +1186,55 @@ struct Position {
     committed: i64,
 }
 
+/// Reads what a consumer group committed on the embedded log, from the file:
+/// a commit counts once the writer's transaction holding it is written.
+pub struct LogProgress {
+    log: Log,
+    group: String,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl LogProgress {
+    pub fn new(log: &Log, group: &str) -> Result<Self, LogError> {
+        Ok(Self {
+            log: log.clone(),
+            group: group.to_owned(),
+            reader: Arc::new(Mutex::new(open_connection(&log.inner.path)?)),
+        })
+    }
+
+    /// The group's committed offset (the next it will read) of each of
+    /// `partitions` of `topic`; `None` where it committed nothing.
+    pub async fn committed(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, LogError> {
+        let topic = self.log.topic(topic)?.name.clone();
+        let reader = self.reader.clone();
+        let group = self.group.clone();
+        let partitions = partitions.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let reader = reader.lock().expect("log lock");
+            let mut read = reader.prepare_cached(
+                "SELECT next_offset FROM offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+            )?;
+            partitions
+                .iter()
+                .map(|&partition| {
+                    Ok(read
+                        .query_row(params![group, topic, i64::from(partition)], |row| {
+                            row.get(0)
+                        })
+                        .optional()?)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|_| LogError::Closed)?
+    }
+}
+
 /// A consumer group's member on the embedded log.
 pub struct LogConsumer {
     log: Log,

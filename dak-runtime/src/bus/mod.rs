@@ -182,6 +182,101 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// Watches what consumer group `group` (already namespaced) finished of
+    /// `topic`, for a service that must act on a record only after another
+    /// service handled it.
+    pub fn progress(&self, group: &str, topic: &str) -> Result<GroupProgress, BusError> {
+        let inner = match &self.engine {
+            Engine::Kafka(config) => {
+                ProgressEngine::Kafka(kafka::KafkaProgress::new(config, group)?)
+            }
+            Engine::Log(log) => ProgressEngine::Log(log::LogProgress::new(log, group)?),
+        };
+        Ok(GroupProgress {
+            inner,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+/// What one consumer group finished of one topic (see [`Bus::progress`]).
+pub struct GroupProgress {
+    inner: ProgressEngine,
+    topic: String,
+}
+
+enum ProgressEngine {
+    Kafka(kafka::KafkaProgress),
+    Log(log::LogProgress),
+}
+
+/// The first pause of [`GroupProgress::wait_past`] between two reads of the
+/// group's offsets; it doubles up to [`PROGRESS_POLL_MAX`].
+const PROGRESS_POLL_FIRST: Duration = Duration::from_millis(5);
+const PROGRESS_POLL_MAX: Duration = Duration::from_millis(200);
+
+impl GroupProgress {
+    /// The group's committed offset (the next it will read) of each of
+    /// `partitions`; `None` where it committed nothing.
+    pub async fn committed(&self, partitions: &[i32]) -> Result<Vec<Option<i64>>, BusError> {
+        Ok(match &self.inner {
+            ProgressEngine::Kafka(progress) => progress.committed(&self.topic, partitions).await?,
+            ProgressEngine::Log(progress) => progress.committed(&self.topic, partitions).await?,
+        })
+    }
+
+    /// Waits until the group has finished every record of `records` (all of
+    /// this topic), reading its offsets now and then, for at most `limit`.
+    /// Whether it had; a failed read counts as not yet.
+    pub async fn wait_past(&self, records: &[Record], limit: Duration) -> bool {
+        let marks = last_offsets(records.iter().filter(|r| r.topic == self.topic));
+        if marks.is_empty() {
+            return true;
+        }
+        let partitions: Vec<i32> = marks.iter().map(|&(partition, _)| partition).collect();
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pause = PROGRESS_POLL_FIRST;
+        loop {
+            match self.committed(&partitions).await {
+                Ok(committed) if past(&marks, &committed) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "reading a group's offsets")
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(PROGRESS_POLL_MAX);
+        }
+    }
+}
+
+/// The highest offset of each partition among `records`, by partition.
+fn last_offsets<'r>(records: impl Iterator<Item = &'r Record>) -> Vec<(i32, i64)> {
+    let mut marks: Vec<(i32, i64)> = Vec::new();
+    for record in records {
+        match marks.iter_mut().find(|(p, _)| *p == record.partition) {
+            Some((_, offset)) => *offset = (*offset).max(record.offset),
+            None => marks.push((record.partition, record.offset)),
+        }
+    }
+    marks.sort_unstable();
+    marks
+}
+
+/// Whether committed offsets (the next to read, per mark's partition) are
+/// past each mark's offset.
+fn past(marks: &[(i32, i64)], committed: &[Option<i64>]) -> bool {
+    marks
+        .iter()
+        .zip(committed)
+        .all(|(&(_, offset), committed)| committed.is_some_and(|next| next > offset))
+}
+
 /// Writes records to the bus. Cheap to clone.
 #[derive(Clone)]
 pub enum Producer {
@@ -793,5 +888,37 @@ mod tests {
             "staging.dak.session"
         );
         assert_eq!(Topics::with_prefix("").group("dak.session"), "dak.session");
+    }
+
+    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+        Record {
+            topic: topic.into(),
+            partition,
+            offset,
+            key: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_marked_by_its_last_offset_per_partition() {
+        let batch = [
+            record("t", 1, 7),
+            record("t", 0, 3),
+            record("t", 1, 9),
+            record("t", 0, 2),
+        ];
+        assert_eq!(last_offsets(batch.iter()), [(0, 3), (1, 9)]);
+        assert_eq!(last_offsets([].iter()), []);
+    }
+
+    #[test]
+    fn a_group_is_past_a_mark_once_it_committed_beyond_it() {
+        let marks = [(0, 3), (1, 9)];
+        assert!(past(&marks, &[Some(4), Some(10)]));
+        assert!(past(&marks, &[Some(40), Some(12)]));
+        // The committed offset is the next to read: 9 is not past offset 9.
+        assert!(!past(&marks, &[Some(4), Some(9)]));
+        assert!(!past(&marks, &[None, Some(10)]));
     }
 }

@@ -532,6 +532,49 @@ async fn a_bounded_fan_out_waits_for_room_and_keeps_order(engine: Engine) {
     assert_eq!(by_key(&records)["k"], (0..30).collect::<Vec<_>>());
 }
 
+/// One service waits on another's group: what it finished, and only that,
+/// shows once committed.
+async fn another_service_sees_what_a_group_finished(engine: Engine) {
+    let t = bus(engine).await;
+    produce(&t.bus, &["k"], 10).await;
+    let group = t.bus.topics().group("stores");
+    let topic = t.bus.topics().deliver.clone();
+    let progress = t.bus.progress(&group, &topic).unwrap();
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    let records = read(&consumer, 10).await;
+    let partition = records[0].partition;
+    assert!(
+        !progress
+            .wait_past(&records[..1], Duration::from_millis(300))
+            .await,
+        "nothing finished yet"
+    );
+
+    consumer.done(&records[..6]).await;
+    consumer.commit().await;
+    assert!(progress.wait_past(&records[..6], PATIENCE).await);
+    assert_eq!(
+        progress.committed(&[partition]).await.unwrap(),
+        [Some(records[5].offset + 1)]
+    );
+    assert!(
+        !progress
+            .wait_past(&records[..7], Duration::from_millis(300))
+            .await,
+        "the seventh was read, not finished"
+    );
+
+    consumer.done(&records[6..]).await;
+    consumer.commit().await;
+    assert!(progress.wait_past(&records, PATIENCE).await);
+    // Records of another topic are not this group's business.
+    let elsewhere = Record {
+        topic: t.bus.topics().offline.clone(),
+        ..records[9].clone()
+    };
+    assert!(progress.wait_past(&[elsewhere], Duration::ZERO).await);
+}
+
 macro_rules! both_engines {
     ($($case:ident),* $(,)?) => {
         mod log {
@@ -564,6 +607,7 @@ both_engines!(
     a_bounded_fan_out_waits_for_room_and_keeps_order,
     the_next_batch_is_handled_while_one_settles,
     a_batch_that_does_not_settle_is_handled_again,
+    another_service_sees_what_a_group_finished,
 );
 
 mod kafka_sasl {

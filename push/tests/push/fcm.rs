@@ -244,6 +244,7 @@ fn credentials_without_a_project_need_the_project_setting() {
         push_ttl: Duration::from_secs(60),
         push_max_attempts: 1,
         push_retry_base: Duration::from_millis(1),
+        push_store_wait: Duration::from_secs(1),
     };
     assert!(matches!(
         FcmSender::new(&config),

@@ -23,5 +23,6 @@ pub fn config(fake: &FakeFcm, dir: &Path) -> push::Config {
         push_ttl: Duration::from_secs(3600),
         push_max_attempts: 3,
         push_retry_base: Duration::from_millis(20),
+        push_store_wait: Duration::from_secs(10),
     }
 }

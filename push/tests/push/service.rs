@@ -1,10 +1,14 @@
 //! The whole push service: `dak.offline` on the embedded log, presence in
 //! Redis, tokens in SQLite, and FcmSender against the fake Google.
+//!
+//! persistence does not run here. push sends only what persistence's group
+//! has finished, so the harness finishes `dak.offline` as that group itself:
+//! at once (as if every store took no time), or when a test says so.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dak_runtime::bus::{Bus, Log, LogOptions, Producer, Topics};
+use dak_runtime::bus::{Bus, Consumer, Log, LogOptions, Producer, Topics};
 use dak_runtime::presence::{Connection, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{self, Message, OfflineEvent, OfflineReason, Platform, PushToken};
@@ -48,10 +52,26 @@ struct Harness {
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
     config: push::Config,
     dir: tempfile::TempDir,
+    /// Stops the harness's stand-in for persistence's group, if it runs one.
+    storing: Shutdown,
+}
+
+/// Who finishes `dak.offline` as persistence's group.
+#[derive(Clone, Copy, PartialEq)]
+enum Storing {
+    /// The harness, each record as soon as it is there.
+    AtOnce,
+    /// The test, with [`Harness::persistence`].
+    ByTheTest,
 }
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_storing(Storing::AtOnce, Duration::from_secs(10)).await
+    }
+
+    /// A harness whose push waits up to `store_wait` for persistence's group.
+    async fn start_storing(storing: Storing, store_wait: Duration) -> Self {
         dak_runtime::telemetry::init_for_tests();
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(
@@ -67,7 +87,10 @@ impl Harness {
         let producer = bus.producer().unwrap();
 
         let fake = FakeFcm::start().await;
-        let config = crate::config(&fake, dir.path());
+        let config = push::Config {
+            push_store_wait: store_wait,
+            ..crate::config(&fake, dir.path())
+        };
         let tokens = Arc::new(SqliteTokens::open(push::tokens_path(dir.path())).unwrap());
         let redis_url =
             std::env::var("DAK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -80,7 +103,18 @@ impl Harness {
         ));
         let shutdown = Shutdown::new();
         let running = spawn(&config, &bus, &tokens, &presence, &shutdown);
+        let storing_shutdown = Shutdown::new();
+        if storing == Storing::AtOnce {
+            let persistence = persistence(&bus);
+            let stop = storing_shutdown.clone();
+            tokio::spawn(async move {
+                persistence
+                    .run(100, &stop, |batch| async move { Ok(batch) })
+                    .await;
+            });
+        }
         Self {
+            storing: storing_shutdown,
             fake,
             tokens,
             presence,
@@ -143,6 +177,7 @@ impl Harness {
     }
 
     async fn stop(self) {
+        self.storing.cancel();
         self.shutdown.cancel();
         self.running.await.unwrap().unwrap();
     }
@@ -163,6 +198,13 @@ fn spawn(
     };
     let service = Push::build(config, bus, deps).unwrap();
     tokio::spawn(service.run(shutdown.clone()))
+}
+
+/// A member of persistence's consumer group on `dak.offline`.
+fn persistence(bus: &Bus) -> Consumer {
+    let topics = bus.topics();
+    bus.consumer(&topics.group(push::STORE_GROUP), &[&topics.offline])
+        .unwrap()
 }
 
 fn pushes_of<'a>(sends: &'a [SendRequest], mid: &Mid) -> Vec<&'a SendRequest> {
@@ -394,5 +436,64 @@ async fn a_crash_mid_stream_loses_no_push() {
             .iter()
             .all(|s| s.token() == "tok-erin"));
     }
+    h.stop().await;
+}
+
+/// An app woken by a push syncs at once: the push goes out only after
+/// persistence's group finished the message, however long persistence takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_woken_only_once_its_message_is_stored() {
+    let h = Harness::start_storing(Storing::ByTheTest, Duration::from_secs(60)).await;
+    h.register("frank", "phone", "tok-frank", Platform::Android)
+        .await;
+    let m = message("alice", "frank", ChatKind::Direct);
+    h.store("frank", Some("phone"), &m).await;
+
+    // persistence reads both records, and takes its time storing.
+    let persistence = persistence(&h.bus);
+    let shutdown = Shutdown::new();
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        records.extend(persistence.next_batch(2, &shutdown).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored_at = Instant::now();
+    persistence.done(&records).await;
+    persistence.commit().await;
+
+    let sends = h
+        .fake
+        .wait_for_sends("frank's push", |sends| !pushes_of(sends, &m.mid).is_empty())
+        .await;
+    let push = pushes_of(&sends, &m.mid)[0];
+    assert!(
+        push.at >= stored_at,
+        "pushed {:?} before the message was stored",
+        stored_at - push.at
+    );
+    drop(persistence);
+    h.stop().await;
+}
+
+/// When persistence is stuck, devices are still woken, after the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_woken_anyway_once_the_store_wait_is_over() {
+    let wait = Duration::from_millis(400);
+    let h = Harness::start_storing(Storing::ByTheTest, wait).await;
+    h.register("grace", "phone", "tok-grace", Platform::Android)
+        .await;
+    let m = message("alice", "grace", ChatKind::Direct);
+    let published = Instant::now();
+    h.store("grace", Some("phone"), &m).await;
+    let sends = h
+        .fake
+        .wait_for_sends("grace's push", |sends| !pushes_of(sends, &m.mid).is_empty())
+        .await;
+    let push = pushes_of(&sends, &m.mid)[0];
+    assert!(
+        push.at >= published + wait,
+        "pushed after {:?}, before the wait of {wait:?} was over",
+        push.at - published
+    );
     h.stop().await;
 }
