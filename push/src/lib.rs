@@ -11,6 +11,7 @@
 //!   data message ([`fcm`]) carrying `mid`, `from`, `chat`, `conversation` and
 //!   `ts` — never the body — collapsed per conversation. A token FCM reports as
 //!   invalid is removed.
+//! - `drop` and `replay` are persistence's business and are skipped.
 //!
 //! A woken app syncs at once, often over REST (`GET /v1/messages`), so a
 //! notification goes out only once the message is in the inbox: push reads
@@ -20,7 +21,9 @@
 //! has not got there within `DAK_PUSH_STORE_WAIT`, the devices are woken
 //! anyway, counted in `dak_push_before_stored_total`: a late inbox is found
 //! by the next sync, a missing wake-up by nobody.
-//! - `drop` and `replay` are persistence's business and are skipped.
+//! After such a batch, push waits again only once persistence has finished
+//! everything before the batch at hand, so that a stuck or far behind
+//! persistence costs one wait, not one per batch.
 //!
 //! Offsets are stored only after a batch's notifications were all sent or given
 //! up (at-least-once): after a crash a device may be woken twice for one
@@ -38,6 +41,7 @@ pub mod tokens;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,6 +141,9 @@ pub struct Push {
     /// What persistence stored of `dak.offline`.
     stored: GroupProgress,
     store_wait: Duration,
+    /// Set when persistence was not there in time for the last batch: the
+    /// next waits only if persistence has caught up with it.
+    store_lagging: AtomicBool,
     dead_letters: DeadLetters,
     deps: Deps,
     status: Reporter,
@@ -163,6 +170,7 @@ impl Push {
         Ok(Self {
             stored,
             store_wait: config.push_store_wait,
+            store_lagging: AtomicBool::new(false),
             dead_letters: consumer.dead_letters(),
             consumer,
             status: Reporter::new(deps.producer.clone(), &bus.topics().status),
@@ -228,13 +236,27 @@ impl Push {
                 w.notification.data["mid"].clone(),
             ))
         });
-        if !wakes.is_empty() && !self.stored.wait_past(batch, self.store_wait).await {
-            ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
-            tracing::warn!(
-                wait = ?self.store_wait,
-                notifications = wakes.len(),
-                "persistence has not stored these messages yet; waking the devices anyway"
-            );
+        if !wakes.is_empty() {
+            // After a batch persistence was late for, wait again only once
+            // it has caught up with this one.
+            let lagging = self.store_lagging.load(Ordering::Relaxed)
+                && !self.stored.finished_before(batch).await;
+            let wait = if lagging {
+                Duration::ZERO
+            } else {
+                self.store_wait
+            };
+            let stored = self.stored.wait_past(batch, wait).await;
+            self.store_lagging.store(!stored, Ordering::Relaxed);
+            if !stored {
+                ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
+                if !lagging {
+                    tracing::warn!(
+                        wait = ?self.store_wait,
+                        "persistence has not stored these messages yet; waking the devices anyway, without waiting until it catches up"
+                    );
+                }
+            }
         }
         let pushed: Vec<StatusEvent> = futures_util::stream::iter(wakes)
             .map(|wake| self.wake(wake))

@@ -226,11 +226,26 @@ impl GroupProgress {
         })
     }
 
-    /// Waits until the group has finished every record of `records` (all of
+    /// Waits until the group has finished every record of `records` (of
     /// this topic), reading its offsets now and then, for at most `limit`.
     /// Whether it had; a failed read counts as not yet.
     pub async fn wait_past(&self, records: &[Record], limit: Duration) -> bool {
         let marks = last_offsets(records.iter().filter(|r| r.topic == self.topic));
+        self.wait_past_marks(marks, limit).await
+    }
+
+    /// Whether the group has finished every record before `records` (of
+    /// this topic) in their partitions: whether it has caught up with them.
+    /// One read; a failed read counts as not.
+    pub async fn finished_before(&self, records: &[Record]) -> bool {
+        let marks = first_offsets(records.iter().filter(|r| r.topic == self.topic))
+            .into_iter()
+            .map(|(partition, first)| (partition, first - 1))
+            .collect();
+        self.wait_past_marks(marks, Duration::ZERO).await
+    }
+
+    async fn wait_past_marks(&self, marks: Vec<(i32, i64)>, limit: Duration) -> bool {
         if marks.is_empty() {
             return true;
         }
@@ -257,10 +272,22 @@ impl GroupProgress {
 
 /// The highest offset of each partition among `records`, by partition.
 fn last_offsets<'r>(records: impl Iterator<Item = &'r Record>) -> Vec<(i32, i64)> {
+    offsets_by_partition(records, i64::max)
+}
+
+/// The lowest offset of each partition among `records`, by partition.
+fn first_offsets<'r>(records: impl Iterator<Item = &'r Record>) -> Vec<(i32, i64)> {
+    offsets_by_partition(records, i64::min)
+}
+
+fn offsets_by_partition<'r>(
+    records: impl Iterator<Item = &'r Record>,
+    keep: fn(i64, i64) -> i64,
+) -> Vec<(i32, i64)> {
     let mut marks: Vec<(i32, i64)> = Vec::new();
     for record in records {
         match marks.iter_mut().find(|(p, _)| *p == record.partition) {
-            Some((_, offset)) => *offset = (*offset).max(record.offset),
+            Some((_, offset)) => *offset = keep(*offset, record.offset),
             None => marks.push((record.partition, record.offset)),
         }
     }
@@ -901,7 +928,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_marked_by_its_last_offset_per_partition() {
+    fn a_batch_is_marked_by_its_first_and_last_offsets_per_partition() {
         let batch = [
             record("t", 1, 7),
             record("t", 0, 3),
@@ -909,6 +936,7 @@ mod tests {
             record("t", 0, 2),
         ];
         assert_eq!(last_offsets(batch.iter()), [(0, 3), (1, 9)]);
+        assert_eq!(first_offsets(batch.iter()), [(0, 2), (1, 7)]);
         assert_eq!(last_offsets([].iter()), []);
     }
 

@@ -563,6 +563,8 @@ async fn another_service_sees_what_a_group_finished(engine: Engine) {
             .await,
         "the seventh was read, not finished"
     );
+    assert!(progress.finished_before(&records[6..]).await);
+    assert!(!progress.finished_before(&records[7..]).await);
 
     consumer.done(&records[6..]).await;
     consumer.commit().await;

@@ -475,25 +475,71 @@ async fn a_device_is_woken_only_once_its_message_is_stored() {
     h.stop().await;
 }
 
-/// When persistence is stuck, devices are still woken, after the wait.
+/// When persistence is stuck, devices are still woken: after the wait, then,
+/// while it stays stuck, without one; once it has caught up, push waits again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_is_woken_anyway_once_the_store_wait_is_over() {
-    let wait = Duration::from_millis(400);
+async fn a_stuck_persistence_costs_one_wait_not_one_per_batch() {
+    let wait = Duration::from_secs(3);
     let h = Harness::start_storing(Storing::ByTheTest, wait).await;
+    // persistence's group is there from the start (so the log keeps what it
+    // has not read), and reads nothing until later.
+    let persistence = persistence(&h.bus);
     h.register("grace", "phone", "tok-grace", Platform::Android)
         .await;
+    let push_of = |m: Message| {
+        let h = &h;
+        async move {
+            let published = Instant::now();
+            h.store("grace", Some("phone"), &m).await;
+            let sends = h
+                .fake
+                .wait_for_sends("grace's push", |sends| !pushes_of(sends, &m.mid).is_empty())
+                .await;
+            pushes_of(&sends, &m.mid)[0].at - published
+        }
+    };
+
+    let first = push_of(message("alice", "grace", ChatKind::Direct)).await;
+    assert!(
+        first >= wait,
+        "pushed after {first:?}, before the wait was over"
+    );
+    let second = push_of(message("alice", "grace", ChatKind::Direct)).await;
+    assert!(
+        second < wait,
+        "waited again ({second:?}) for a stuck persistence"
+    );
+
+    // persistence catches up: the next push waits for it again.
+    let shutdown = Shutdown::new();
+    let mut records = Vec::new();
+    while records.len() < 3 {
+        records.extend(persistence.next_batch(3, &shutdown).await.unwrap());
+    }
+    persistence.done(&records).await;
+    persistence.commit().await;
     let m = message("alice", "grace", ChatKind::Direct);
-    let published = Instant::now();
     h.store("grace", Some("phone"), &m).await;
+    let mut stored = Vec::new();
+    while stored.is_empty() {
+        stored.extend(persistence.next_batch(1, &shutdown).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored_at = Instant::now();
+    persistence.done(&stored).await;
+    persistence.commit().await;
     let sends = h
         .fake
-        .wait_for_sends("grace's push", |sends| !pushes_of(sends, &m.mid).is_empty())
+        .wait_for_sends("grace's third push", |sends| {
+            !pushes_of(sends, &m.mid).is_empty()
+        })
         .await;
     let push = pushes_of(&sends, &m.mid)[0];
     assert!(
-        push.at >= published + wait,
-        "pushed after {:?}, before the wait of {wait:?} was over",
-        push.at - published
+        push.at >= stored_at,
+        "pushed {:?} before the message was stored",
+        stored_at - push.at
     );
+    drop(persistence);
     h.stop().await;
 }
