@@ -417,6 +417,7 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         assert_eq!(response.status().as_u16(), 200);
         let status: Value = response.json().await.unwrap();
         let mut states: HashMap<&str, usize> = HashMap::new();
+        let mut push_delays: Vec<u64> = Vec::new();
         for device in status["devices"].as_array().unwrap() {
             let user = device["user"].as_str().unwrap();
             let state = device["state"].as_str().unwrap();
@@ -432,10 +433,17 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
             }
             if !online && steps.starts_with(&["stored", "pushed"]) {
                 *states.entry("stored and pushed").or_default() += 1;
+                let at = |i: usize| device["history"][i]["at"].as_u64().unwrap();
+                push_delays.push(at(1) - at(0));
             }
         }
         if states.get("acked") == Some(&99) && states.get("stored and pushed") == Some(&100) {
             assert_eq!(status["to"], GROUP, "{status}");
+            push_delays.sort_unstable();
+            eprintln!(
+                "stored to pushed, 100 devices: median {} ms, max {} ms",
+                push_delays[50], push_delays[99]
+            );
             break;
         }
         assert!(
