@@ -439,6 +439,36 @@ async fn a_crash_mid_stream_loses_no_push() {
     h.stop().await;
 }
 
+/// Reads the next `n` records as persistence, takes `taking` to store
+/// them, and commits them; when it committed.
+async fn store(persistence: &Consumer, n: usize, taking: Duration) -> Instant {
+    let shutdown = Shutdown::new();
+    let mut records = Vec::new();
+    while records.len() < n {
+        let batch = persistence.next_batch(n - records.len(), &shutdown).await;
+        records.extend(batch.unwrap());
+    }
+    tokio::time::sleep(taking).await;
+    let stored_at = Instant::now();
+    persistence.done(&records).await;
+    persistence.commit().await;
+    stored_at
+}
+
+/// Waits for `m`'s push, which must not have gone out before `stored_at`.
+async fn assert_pushed_after(h: &Harness, m: &Message, stored_at: Instant) {
+    let sends = h
+        .fake
+        .wait_for_sends("the push", |sends| !pushes_of(sends, &m.mid).is_empty())
+        .await;
+    let push = pushes_of(&sends, &m.mid)[0];
+    assert!(
+        push.at >= stored_at,
+        "pushed {:?} before the message was stored",
+        stored_at - push.at
+    );
+}
+
 /// An app woken by a push syncs at once: the push goes out only after
 /// persistence's group finished the message, however long persistence takes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,26 +481,8 @@ async fn a_device_is_woken_only_once_its_message_is_stored() {
 
     // persistence reads both records, and takes its time storing.
     let persistence = persistence(&h.bus);
-    let shutdown = Shutdown::new();
-    let mut records = Vec::new();
-    while records.len() < 2 {
-        records.extend(persistence.next_batch(2, &shutdown).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let stored_at = Instant::now();
-    persistence.done(&records).await;
-    persistence.commit().await;
-
-    let sends = h
-        .fake
-        .wait_for_sends("frank's push", |sends| !pushes_of(sends, &m.mid).is_empty())
-        .await;
-    let push = pushes_of(&sends, &m.mid)[0];
-    assert!(
-        push.at >= stored_at,
-        "pushed {:?} before the message was stored",
-        stored_at - push.at
-    );
+    let stored_at = store(&persistence, 2, Duration::from_millis(500)).await;
+    assert_pushed_after(&h, &m, stored_at).await;
     drop(persistence);
     h.stop().await;
 }
@@ -511,35 +523,11 @@ async fn a_stuck_persistence_costs_one_wait_not_one_per_batch() {
     );
 
     // persistence catches up: the next push waits for it again.
-    let shutdown = Shutdown::new();
-    let mut records = Vec::new();
-    while records.len() < 3 {
-        records.extend(persistence.next_batch(3, &shutdown).await.unwrap());
-    }
-    persistence.done(&records).await;
-    persistence.commit().await;
+    store(&persistence, 3, Duration::ZERO).await;
     let m = message("alice", "grace", ChatKind::Direct);
     h.store("grace", Some("phone"), &m).await;
-    let mut stored = Vec::new();
-    while stored.is_empty() {
-        stored.extend(persistence.next_batch(1, &shutdown).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let stored_at = Instant::now();
-    persistence.done(&stored).await;
-    persistence.commit().await;
-    let sends = h
-        .fake
-        .wait_for_sends("grace's third push", |sends| {
-            !pushes_of(sends, &m.mid).is_empty()
-        })
-        .await;
-    let push = pushes_of(&sends, &m.mid)[0];
-    assert!(
-        push.at >= stored_at,
-        "pushed {:?} before the message was stored",
-        stored_at - push.at
-    );
+    let stored_at = store(&persistence, 1, Duration::from_millis(500)).await;
+    assert_pushed_after(&h, &m, stored_at).await;
     drop(persistence);
     h.stop().await;
 }
