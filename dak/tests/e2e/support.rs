@@ -1081,7 +1081,7 @@ impl Server {
     /// A single-node Apache Kafka (`scripts/engines/kafka`): a restart finds
     /// its topics, records and committed offsets again.
     pub async fn kafka() -> Self {
-        Self::start("kafka", free_port_pair(), |dir, port| {
+        Self::start("kafka", server_ports(2), |dir, port| {
             let mut command = Command::new(repo_path("scripts/engines/kafka"));
             command.arg(dir.join("node")).arg(port.to_string());
             command
@@ -1092,7 +1092,7 @@ impl Server {
     /// A redis-server that writes every command to its append-only file
     /// before it answers, so a restart loses nothing it acknowledged.
     pub async fn redis() -> Self {
-        Self::start("redis-server", free_port(), |dir, port| {
+        Self::start("redis-server", server_ports(1), |dir, port| {
             let mut command = Command::new("redis-server");
             command
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -1144,15 +1144,46 @@ impl Server {
     }
 }
 
-/// A free port on 127.0.0.1 whose successor is free too (Kafka's controller
-/// listens on the port after the broker's).
-fn free_port_pair() -> u16 {
+/// `span` consecutive free ports on 127.0.0.1, the first returned, for a
+/// server a test starts itself and starts again on the same ports after
+/// killing it (Kafka's controller listens on the port after the broker's).
+///
+/// They are taken below the kernel's ephemeral range. [`free_port`] binds
+/// port 0, which only ever gives a port from that range, so no service of a
+/// test running alongside can take these while the server starts (a JVM
+/// takes seconds to bind) or lies killed. Once there, a service answering
+/// HTTP on the broker's port made a Kafka client read "HTTP" as a response
+/// size. Ports handed out here are not handed out again in this process.
+fn server_ports(span: u16) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const LOWEST: u16 = 10_000;
+    let below = ephemeral_ports_start().max(LOWEST + 1_000);
+    let mut given = GIVEN.lock().unwrap();
     loop {
-        let port = free_port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+        random.write_u16(span);
+        let port = LOWEST + (random.finish() % u64::from(below - LOWEST - span)) as u16;
+        let ports = port..port + span;
+        if ports.clone().any(|p| given.contains(&p)) {
+            continue;
+        }
+        if ports
+            .clone()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            given.extend(ports);
             return port;
         }
     }
+}
+
+/// The first port of the kernel's ephemeral range (32768 unless configured).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A file of the repository. The package's directory comes from the variable
