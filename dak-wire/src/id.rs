@@ -22,9 +22,17 @@ fn valid_id(s: &str) -> bool {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        // Written as the plain string it holds, without the copy that
+        // `#[serde(into = "String")]` would make on every encode.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             pub fn parse(s: impl Into<String>) -> Result<Self, WireError> {
@@ -160,7 +168,8 @@ impl FromStr for Mid {
 
 impl Serialize for Mid {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        let mut text = [0; ulid::ULID_LEN];
+        s.serialize_str(self.0.array_to_str(&mut text))
     }
 }
 
