@@ -311,6 +311,14 @@ impl ClientContext for LagReporter {
 
 impl ConsumerContext for LagReporter {}
 
+/// How often a consumer commits the offsets its handlers stored. Another
+/// service may wait for a group's commits: push sends a notification once
+/// persistence's group committed past the message (`GroupProgress`), so this
+/// is most of how long a push waits on Kafka. It also bounds what a crashed
+/// consumer hands its successor again. librdkafka's default is 5 s; a commit
+/// goes out only when an offset moved, so an idle consumer sends none.
+const AUTO_COMMIT_MS: u64 = 250;
+
 /// A consumer-group member that stores offsets only when told to.
 pub struct KafkaConsumer {
     inner: Arc<StreamConsumer<LagReporter>>,
@@ -325,7 +333,7 @@ impl KafkaConsumer {
             .set("statistics.interval.ms", "5000")
             .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
             .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
+            .set("auto.commit.interval.ms", AUTO_COMMIT_MS.to_string())
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())

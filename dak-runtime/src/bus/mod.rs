@@ -212,9 +212,11 @@ enum ProgressEngine {
 }
 
 /// The first pause of [`GroupProgress::wait_past`] between two reads of the
-/// group's offsets; it doubles up to [`PROGRESS_POLL_MAX`].
+/// group's offsets; it doubles up to [`PROGRESS_POLL_MAX`]. A Kafka consumer
+/// commits every 250 ms, so a longer pause would add most of itself to the
+/// wait; a read is one small request, made only while something waits.
 const PROGRESS_POLL_FIRST: Duration = Duration::from_millis(5);
-const PROGRESS_POLL_MAX: Duration = Duration::from_millis(200);
+const PROGRESS_POLL_MAX: Duration = Duration::from_millis(50);
 
 impl GroupProgress {
     /// The group's committed offset (the next it will read) of each of
