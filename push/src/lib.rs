@@ -24,6 +24,8 @@
 //! After such a batch, push waits again only once persistence has finished
 //! everything before the batch at hand, so that a stuck or far behind
 //! persistence costs one wait, not one per batch.
+//! After the wait, presence is read again for the devices about to be woken:
+//! one that connected meanwhile gets the message in its replay instead.
 //!
 //! Offsets are stored only after a batch's notifications were all sent or given
 //! up (at-least-once): after a crash a device may be woken twice for one
@@ -206,7 +208,12 @@ impl Push {
                 Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
-        let connected = self.connected_devices(&events).await;
+        let connected = self
+            .connected_devices(events.iter().filter_map(|e| match e {
+                OfflineEvent::Store { user, .. } => Some(user),
+                _ => None,
+            }))
+            .await;
 
         let mut wakes = Vec::new();
         for event in &events {
@@ -248,6 +255,16 @@ impl Push {
             };
             let stored = self.stored.wait_past(batch, wait).await;
             self.store_lagging.store(!stored, Ordering::Relaxed);
+            // A device that connected meanwhile gets the message in its
+            // replay: it needs no wake-up.
+            let connected = self.connected_devices(wakes.iter().map(|w| &w.user)).await;
+            wakes.retain(|w| {
+                let awake = connected.contains(&(w.user.clone(), w.device.clone()));
+                if awake {
+                    skipped("connected", &w.notification.data["mid"]);
+                }
+                !awake
+            });
             if !stored {
                 ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
                 if !lagging {
@@ -268,16 +285,13 @@ impl Push {
         Ok(())
     }
 
-    /// The (user, device) pairs with a socket on a live gateway right now, for the
-    /// users the batch stores messages for.
-    async fn connected_devices(&self, events: &[OfflineEvent]) -> HashSet<(UserId, DeviceId)> {
-        let mut users: Vec<UserId> = events
-            .iter()
-            .filter_map(|e| match e {
-                OfflineEvent::Store { user, .. } => Some(user.clone()),
-                _ => None,
-            })
-            .collect();
+    /// The (user, device) pairs of `users` with a socket on a live gateway
+    /// right now.
+    async fn connected_devices<'u>(
+        &self,
+        users: impl Iterator<Item = &'u UserId>,
+    ) -> HashSet<(UserId, DeviceId)> {
+        let mut users: Vec<UserId> = users.cloned().collect();
         users.sort_unstable();
         users.dedup();
         if users.is_empty() {
@@ -313,13 +327,13 @@ impl Push {
     ) -> anyhow::Result<()> {
         // Receipts are synced with everything else but never worth waking a phone.
         if message.ephemeral || matches!(message.notice, Some(Notice::Receipt { .. })) {
-            skipped("receipt", message);
+            skipped("receipt", message.mid);
             return Ok(());
         }
         let is_connected = |device: &DeviceId| connected.contains(&(user.clone(), device.clone()));
         let targets = match device {
             Some(device) if is_connected(device) => {
-                skipped("connected", message);
+                skipped("connected", message.mid);
                 return Ok(());
             }
             Some(device) => self
@@ -334,11 +348,11 @@ impl Push {
             None => self.deps.tokens.for_user(user).await?,
         };
         if targets.is_empty() {
-            skipped("no_token", message);
+            skipped("no_token", message.mid);
         }
         for target in targets {
             if is_connected(&target.device) {
-                skipped("connected", message);
+                skipped("connected", message.mid);
                 continue;
             }
             wakes.push(Wake {
@@ -395,9 +409,9 @@ impl Push {
     }
 }
 
-fn skipped(reason: &'static str, message: &Message) {
+fn skipped(reason: &'static str, mid: impl std::fmt::Display) {
     ::metrics::counter!(metrics::SKIPPED, "reason" => reason).increment(1);
-    tracing::debug!(mid = %message.mid, reason, "not pushing");
+    tracing::debug!(%mid, reason, "not pushing");
 }
 
 fn notification(

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dak_runtime::bus::{Bus, Consumer, Log, LogOptions, Producer, Topics};
-use dak_runtime::presence::{Connection, Gateway, Presence, RedisPresence};
+use dak_runtime::presence::{Connection, DeviceRoute, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::store::StoreResult;
 use dak_wire::event::{self, Message, OfflineEvent, OfflineReason, Platform, PushToken};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use push::{Deps, FcmSender, Push, PushTokens, SqliteTokens};
@@ -41,11 +42,54 @@ fn message(from: &str, to: &str, chat: ChatKind) -> Message {
     }
 }
 
+/// The harness's Redis presence as push sees it: every read of it (a
+/// `routes` call) is counted, so that a test can tell when push has read
+/// presence for a batch.
+struct Counted {
+    inner: Arc<RedisPresence>,
+    reads: tokio::sync::watch::Sender<usize>,
+}
+
+#[async_trait::async_trait]
+impl Presence for Counted {
+    async fn connect(&self, conn: &Connection) -> StoreResult<()> {
+        self.inner.connect(conn).await
+    }
+    async fn disconnect(&self, conn: &Connection) -> StoreResult<()> {
+        self.inner.disconnect(conn).await
+    }
+    async fn set_live(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection: &str,
+    ) -> StoreResult<bool> {
+        self.inner.set_live(user, device, connection).await
+    }
+    async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        self.inner.register_device(user, device).await
+    }
+    async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()> {
+        self.inner.heartbeat(gateway, ttl).await
+    }
+    async fn gateway_stopped(&self, gateway: &Gateway) -> StoreResult<()> {
+        self.inner.gateway_stopped(gateway).await
+    }
+    async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
+        let routes = self.inner.routes(users).await;
+        self.reads.send_modify(|n| *n += 1);
+        routes
+    }
+}
+
 /// A running push service and everything around it.
 struct Harness {
     fake: FakeFcm,
     tokens: Arc<SqliteTokens>,
     presence: Arc<RedisPresence>,
+    /// How many times push has read presence.
+    presence_reads: tokio::sync::watch::Receiver<usize>,
+    reads: tokio::sync::watch::Sender<usize>,
     producer: Producer,
     bus: Bus,
     shutdown: Shutdown,
@@ -101,8 +145,9 @@ impl Harness {
             redis,
             &format!("push-test-{}", ulid::Ulid::new()),
         ));
+        let (reads, presence_reads) = tokio::sync::watch::channel(0);
         let shutdown = Shutdown::new();
-        let running = spawn(&config, &bus, &tokens, &presence, &shutdown);
+        let running = spawn(&config, &bus, &tokens, &presence, &reads, &shutdown);
         let storing_shutdown = Shutdown::new();
         if storing == Storing::AtOnce {
             let persistence = persistence(&bus);
@@ -118,6 +163,8 @@ impl Harness {
             fake,
             tokens,
             presence,
+            presence_reads,
+            reads,
             producer,
             bus,
             shutdown,
@@ -171,6 +218,7 @@ impl Harness {
             &self.bus,
             &tokens,
             &self.presence,
+            &self.reads,
             &self.shutdown,
         );
         self.tokens = tokens;
@@ -188,11 +236,15 @@ fn spawn(
     bus: &Bus,
     tokens: &Arc<SqliteTokens>,
     presence: &Arc<RedisPresence>,
+    reads: &tokio::sync::watch::Sender<usize>,
     shutdown: &Shutdown,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let deps = Deps {
         tokens: tokens.clone(),
-        presence: presence.clone(),
+        presence: Arc::new(Counted {
+            inner: presence.clone(),
+            reads: reads.clone(),
+        }),
         sender: Arc::new(FcmSender::new(config).unwrap()),
         producer: bus.producer().unwrap(),
     };
@@ -483,6 +535,59 @@ async fn a_device_is_woken_only_once_its_message_is_stored() {
     let persistence = persistence(&h.bus);
     let stored_at = store(&persistence, 2, Duration::from_millis(500)).await;
     assert_pushed_after(&h, &m, stored_at).await;
+    drop(persistence);
+    h.stop().await;
+}
+
+/// A device that connects while push waits for persistence gets the message
+/// in its replay, and is not woken for it as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_connects_while_its_message_is_stored_is_not_woken() {
+    let h = Harness::start_storing(Storing::ByTheTest, Duration::from_secs(60)).await;
+    h.register("heidi", "phone", "tok-heidi", Platform::Android)
+        .await;
+    h.register("ivan", "phone", "tok-ivan", Platform::Android)
+        .await;
+    let persistence = persistence(&h.bus);
+    store(&persistence, 2, Duration::ZERO).await;
+
+    let mut reads = h.presence_reads.clone();
+    let before = *reads.borrow_and_update();
+    let m = message("alice", "heidi", ChatKind::Direct);
+    h.store("heidi", Some("phone"), &m).await;
+    // push found heidi's phone offline, and waits for persistence.
+    reads.wait_for(|n| *n > before).await.unwrap();
+    let gateway = Gateway::new("http://127.0.0.1:1".into());
+    h.presence
+        .heartbeat(&gateway, Duration::from_secs(120))
+        .await
+        .unwrap();
+    h.presence
+        .connect(&Connection {
+            user: user("heidi"),
+            device: device("phone"),
+            gateway_id: gateway.id.clone(),
+            connection_id: "conn-1".into(),
+        })
+        .await
+        .unwrap();
+    store(&persistence, 1, Duration::ZERO).await;
+
+    // push handles its batches one after another: once ivan's later
+    // message is pushed, heidi's batch is done.
+    let later = message("alice", "ivan", ChatKind::Direct);
+    h.store("ivan", Some("phone"), &later).await;
+    store(&persistence, 1, Duration::ZERO).await;
+    let sends = h
+        .fake
+        .wait_for_sends("ivan's push", |sends| {
+            !pushes_of(sends, &later.mid).is_empty()
+        })
+        .await;
+    assert!(
+        pushes_of(&sends, &m.mid).is_empty(),
+        "heidi's phone was woken though it connected before her message was stored"
+    );
     drop(persistence);
     h.stop().await;
 }
