@@ -185,6 +185,24 @@ impl Harness {
             .unwrap();
     }
 
+    /// Gives `u`'s device `d` a socket on a live gateway.
+    async fn connect(&self, u: &str, d: &str) {
+        let gateway = Gateway::new("http://127.0.0.1:1".into());
+        self.presence
+            .heartbeat(&gateway, Duration::from_secs(120))
+            .await
+            .unwrap();
+        self.presence
+            .connect(&Connection {
+                user: user(u),
+                device: device(d),
+                gateway_id: gateway.id.clone(),
+                connection_id: "conn-1".into(),
+            })
+            .await
+            .unwrap();
+    }
+
     async fn register(&self, u: &str, d: &str, token: &str, platform: Platform) {
         let registration = PushToken {
             user: user(u),
@@ -269,20 +287,7 @@ async fn offline_devices_are_woken_once_per_message_and_connected_ones_not_at_al
     let h = Harness::start().await;
 
     // bob's laptop has a socket on a live gateway; his phone does not.
-    let gateway = Gateway::new("http://127.0.0.1:1".into());
-    h.presence
-        .heartbeat(&gateway, Duration::from_secs(120))
-        .await
-        .unwrap();
-    h.presence
-        .connect(&Connection {
-            user: user("bob"),
-            device: device("laptop"),
-            gateway_id: gateway.id.clone(),
-            connection_id: "conn-1".into(),
-        })
-        .await
-        .unwrap();
+    h.connect("bob", "laptop").await;
 
     h.publish(
         &user("bob"),
@@ -557,20 +562,7 @@ async fn a_device_that_connects_while_its_message_is_stored_is_not_woken() {
     h.store("heidi", Some("phone"), &m).await;
     // push found heidi's phone offline, and waits for persistence.
     reads.wait_for(|n| *n > before).await.unwrap();
-    let gateway = Gateway::new("http://127.0.0.1:1".into());
-    h.presence
-        .heartbeat(&gateway, Duration::from_secs(120))
-        .await
-        .unwrap();
-    h.presence
-        .connect(&Connection {
-            user: user("heidi"),
-            device: device("phone"),
-            gateway_id: gateway.id.clone(),
-            connection_id: "conn-1".into(),
-        })
-        .await
-        .unwrap();
+    h.connect("heidi", "phone").await;
     store(&persistence, 1, Duration::ZERO).await;
 
     // push handles its batches one after another: once ivan's later
