@@ -253,7 +253,8 @@ impl Push {
             } else {
                 self.store_wait
             };
-            let stored = self.stored.wait_past(batch, wait).await;
+            let stored =
+                dak_runtime::metrics::timed("store_wait", self.stored.wait_past(batch, wait)).await;
             self.store_lagging.store(!stored, Ordering::Relaxed);
             // A device that connected meanwhile gets the message in its
             // replay: it needs no wake-up.
