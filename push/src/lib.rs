@@ -244,37 +244,7 @@ impl Push {
             ))
         });
         if !wakes.is_empty() {
-            // After a batch persistence was late for, wait again only once
-            // it has caught up with this one.
-            let lagging = self.store_lagging.load(Ordering::Relaxed)
-                && !self.stored.finished_before(batch).await;
-            let wait = if lagging {
-                Duration::ZERO
-            } else {
-                self.store_wait
-            };
-            let stored =
-                dak_runtime::metrics::timed("store_wait", self.stored.wait_past(batch, wait)).await;
-            self.store_lagging.store(!stored, Ordering::Relaxed);
-            // A device that connected meanwhile gets the message in its
-            // replay: it needs no wake-up.
-            let connected = self.connected_devices(wakes.iter().map(|w| &w.user)).await;
-            wakes.retain(|w| {
-                let awake = connected.contains(&(w.user.clone(), w.device.clone()));
-                if awake {
-                    skipped("connected", &w.notification.data["mid"]);
-                }
-                !awake
-            });
-            if !stored {
-                ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
-                if !lagging {
-                    tracing::warn!(
-                        wait = ?self.store_wait,
-                        "persistence has not stored these messages yet; waking the devices anyway, without waiting until it catches up"
-                    );
-                }
-            }
+            self.hold_until_stored(batch, &mut wakes).await;
         }
         let pushed: Vec<StatusEvent> = futures_util::stream::iter(wakes)
             .map(|wake| self.wake(wake))
@@ -284,6 +254,42 @@ impl Push {
             .await;
         self.status.report(pushed).await?;
         Ok(())
+    }
+
+    /// Waits until persistence has stored `batch` (see the module's notes),
+    /// then drops from `wakes` the devices that connected meanwhile.
+    async fn hold_until_stored(&self, batch: &[Record], wakes: &mut Vec<Wake>) {
+        // After a batch persistence was late for, wait again only once
+        // it has caught up with this one.
+        let lagging =
+            self.store_lagging.load(Ordering::Relaxed) && !self.stored.finished_before(batch).await;
+        let wait = if lagging {
+            Duration::ZERO
+        } else {
+            self.store_wait
+        };
+        let stored =
+            dak_runtime::metrics::timed("store_wait", self.stored.wait_past(batch, wait)).await;
+        self.store_lagging.store(!stored, Ordering::Relaxed);
+        // A device that connected meanwhile gets the message in its
+        // replay: it needs no wake-up.
+        let connected = self.connected_devices(wakes.iter().map(|w| &w.user)).await;
+        wakes.retain(|w| {
+            let awake = connected.contains(&(w.user.clone(), w.device.clone()));
+            if awake {
+                skipped("connected", &w.notification.data["mid"]);
+            }
+            !awake
+        });
+        if !stored {
+            ::metrics::counter!(metrics::BEFORE_STORED).increment(wakes.len() as u64);
+            if !lagging {
+                tracing::warn!(
+                    wait = ?self.store_wait,
+                    "persistence has not stored these messages yet; waking the devices anyway, without waiting until it catches up"
+                );
+            }
+        }
     }
 
     /// The (user, device) pairs of `users` with a socket on a live gateway
