@@ -47,6 +47,15 @@ pub struct Stored {
 pub trait Inbox: Send + Sync + 'static {
     /// Stores messages; returns how many were new.
     async fn store(&self, items: &[Stored]) -> InboxResult<u64>;
+    /// The stored messages of `mids` that a drop for the device would remove
+    /// (its own copy, or the user-level one), in the order of `mids`, each
+    /// mid once; a mid that is not stored is left out. Removes nothing.
+    async fn find(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> InboxResult<Vec<Message>>;
     /// Removes acked messages, from the device's inbox and from the user-level
     /// one, and remembers the drop until `tombstone_until_ms`. Returns the
     /// messages removed, in the order of `mids`, each mid once even when both
@@ -76,6 +85,12 @@ pub trait Inbox: Send + Sync + 'static {
     /// Messages stored, all devices together.
     async fn depth(&self) -> InboxResult<u64>;
 }
+
+/// The stored copy of mid ?3 for device ?2 of user ?1: the device's own
+/// first, else the user-level one ('' sorts before any device id).
+const STORED_COPY: &str = "
+    SELECT message FROM inbox WHERE user = ?1 AND device IN (?2, '') AND mid = ?3
+    ORDER BY device DESC LIMIT 1";
 
 /// The inbox in a SQLite file (WAL), the embedded default.
 #[derive(Clone)]
@@ -180,6 +195,38 @@ impl Inbox for SqliteInbox {
         .await
     }
 
+    async fn find(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> InboxResult<Vec<Message>> {
+        let (user, device) = (user.to_string(), device.to_string());
+        let mut seen = std::collections::HashSet::new();
+        let mids: Vec<String> = mids
+            .iter()
+            .filter(|mid| seen.insert(**mid))
+            .map(Mid::to_string)
+            .collect();
+        self.with(move |db| {
+            let mut read = db.prepare_cached(STORED_COPY)?;
+            let mut found = Vec::new();
+            for mid in &mids {
+                let json: Option<String> = read
+                    .query_row(params![user, device, mid], |r| r.get(0))
+                    .optional()?;
+                if let Some(json) = json {
+                    found.push(
+                        serde_json::from_str(&json)
+                            .map_err(|e| InboxError::Corrupt(e.to_string()))?,
+                    );
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn drop_acked(
         &self,
         user: &UserId,
@@ -193,11 +240,7 @@ impl Inbox for SqliteInbox {
             let tx = db.transaction()?;
             let mut dropped = Vec::new();
             {
-                // The device's own copy first ('' sorts before any device id).
-                let mut read = tx.prepare_cached(
-                    "SELECT message FROM inbox WHERE user = ?1 AND device IN (?2, '') AND mid = ?3
-                     ORDER BY device DESC LIMIT 1",
-                )?;
+                let mut read = tx.prepare_cached(STORED_COPY)?;
                 let mut delete = tx.prepare_cached(
                     "DELETE FROM inbox WHERE user = ?1 AND device IN (?2, '') AND mid = ?3",
                 )?;

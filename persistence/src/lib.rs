@@ -210,6 +210,10 @@ impl Shared {
                 }),
                 OfflineEvent::Drop(ack) => {
                     self.store(std::mem::take(&mut stores)).await?;
+                    // The receipts go out before the messages go: handled
+                    // again after a failure, the drop finds them again.
+                    let acked = self.inbox.find(&ack.user, &ack.device, &ack.mids).await?;
+                    self.delivered_receipts(&ack, &acked).await?;
                     let tombstone = now + self.config.tombstone_ttl.as_millis() as u64;
                     let dropped = self
                         .inbox
@@ -225,7 +229,6 @@ impl Shared {
                     self.status.report(steps).await?;
                     ::metrics::counter!(DROPPED).increment(n);
                     ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
-                    self.delivered_receipts(&ack, &dropped).await?;
                 }
                 OfflineEvent::Replay {
                     connected,
@@ -243,12 +246,12 @@ impl Shared {
 
     /// The device acked messages it got from its inbox (a replay or a sync):
     /// their senders get a `delivered` receipt, as session sends for messages
-    /// acked while in flight. A receipt's mid follows from what it reports, so
-    /// one that both produced is one delivery.
-    async fn delivered_receipts(&self, ack: &Ack, dropped: &[Message]) -> anyhow::Result<()> {
+    /// acked while in flight, once the bus has it. A receipt's mid follows
+    /// from what it reports, so one that both produced is one delivery.
+    async fn delivered_receipts(&self, ack: &Ack, acked: &[Message]) -> anyhow::Result<()> {
         let now = now_ms();
         let mut acks = Vec::new();
-        for receipt in dropped.iter().filter_map(|m| {
+        for receipt in acked.iter().filter_map(|m| {
             Message::receipt_for(m, &ack.user, &ack.device, ReceiptState::Delivered, now)
         }) {
             ::metrics::counter!(metrics::RECEIPTS).increment(1);

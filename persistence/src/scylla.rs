@@ -266,6 +266,24 @@ impl ScyllaInbox {
         }))
     }
 
+    /// The stored copy of `mid` for the device: its own first, else the
+    /// user-level one, as a drop reads it.
+    async fn stored_copy(
+        &self,
+        user: &str,
+        device: &str,
+        mid: &str,
+    ) -> InboxResult<Option<Message>> {
+        for inbox in [device, USER_LEVEL] {
+            if let Some(at) = self.locate(user, inbox, mid).await? {
+                if let Some(message) = self.read_message(user, inbox, mid, at).await? {
+                    return Ok(Some(message));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The message stored at `at`, if its row is still there.
     async fn read_message(
         &self,
@@ -588,6 +606,33 @@ impl Inbox for ScyllaInbox {
             Some(e) => Err(e),
             None => Ok(stored),
         }
+    }
+
+    async fn find(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        mids: &[Mid],
+    ) -> InboxResult<Vec<Message>> {
+        let (user, device) = (user.as_str(), device.as_str());
+        let mut seen = HashSet::new();
+        let mids: Vec<String> = mids
+            .iter()
+            .filter(|mid| seen.insert(**mid))
+            .map(Mid::to_string)
+            .collect();
+        let results = bounded(
+            mids.iter()
+                .enumerate()
+                .map(|(i, mid)| async move { (i, self.stored_copy(user, device, mid).await) })
+                .collect(),
+        )
+        .await;
+        let mut found: Vec<Option<Message>> = vec![None; mids.len()];
+        for (i, result) in results {
+            found[i] = result?;
+        }
+        Ok(found.into_iter().flatten().collect())
     }
 
     async fn drop_acked(

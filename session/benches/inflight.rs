@@ -86,9 +86,10 @@ fn begin_then_ack_each(bencher: divan::Bencher, batch: u64) {
                         mids: vec![d.message.mid],
                     })
                     .collect();
-                for acked in f.store.ack(&acks).await.unwrap() {
+                for acked in f.store.acked(&acks).await.unwrap() {
                     assert!(acked[0].is_some());
                 }
+                f.store.remove(&deliveries).await.unwrap();
             })
         });
 }

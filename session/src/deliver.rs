@@ -1,7 +1,7 @@
 //! The delivery work itself, shared by the `dak.deliver` consumer and the retry
 //! loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -406,15 +406,19 @@ impl Core {
         Ok(())
     }
 
-    /// Removes acked deliveries, sends the senders a `delivered` receipt for
-    /// each, and forwards what was not in flight to storage as a `drop`. The
-    /// produced records are left to settle: nothing later in the batch
-    /// depends on them, and the next batch can start meanwhile.
+    /// Sends the senders of acked deliveries a `delivered` receipt for each,
+    /// forwards what was not in flight to storage as a `drop`, and removes the
+    /// acked deliveries once all of that is on the bus. It is left to settle:
+    /// nothing later in the batch depends on it, and the next batch can start
+    /// meanwhile. Until it settles the deliveries stay in flight, so an ack
+    /// handled again (the process died, or the bus refused a record) finds
+    /// them again and sends their receipts again, under the same `rid`.
     async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<Settle> {
         let mut forwards: Vec<ProduceFuture> = Vec::new();
         let mut acked = Vec::new();
-        let found = metrics::timed("inflight_ack", self.inflight.ack(&acks)).await?;
-        for (ack, found) in acks.iter().zip(found) {
+        let mut done = Vec::new();
+        let found = metrics::timed("inflight_ack", self.inflight.acked(&acks)).await?;
+        for (ack, found) in acks.iter().zip(once_per_delivery(&acks, found)) {
             let now = now_ms();
             let mut forward = Vec::new();
             for (mid, pending) in ack.mids.iter().zip(found) {
@@ -452,6 +456,7 @@ impl Core {
                         if now > p.deadline_ms {
                             forward.push(*mid);
                         }
+                        done.push(p);
                     }
                     None => forward.push(*mid),
                 }
@@ -472,7 +477,12 @@ impl Core {
             }
         }
         forwards.extend(self.status.enqueue(acked)?);
-        Ok(Settle::acknowledged(forwards))
+        let inflight = self.inflight.clone();
+        Ok(Settle::new(async move {
+            bus::acknowledged_all(forwards).await?;
+            inflight.remove(&done).await?;
+            Ok(())
+        }))
     }
 
     /// Every delivery past its deadline: sent again, or handed to offline after
@@ -708,6 +718,25 @@ impl Core {
     }
 }
 
+/// What the in-flight store found for `acks`, with a delivery acked more
+/// than once in the batch kept at its first ack only: it is acked (and its
+/// receipt sent) once, as if the first ack had removed it before the next.
+fn once_per_delivery(acks: &[Ack], found: Vec<Vec<Option<Pending>>>) -> Vec<Vec<Option<Pending>>> {
+    let mut seen = HashSet::new();
+    acks.iter()
+        .zip(found)
+        .map(|(ack, found)| {
+            ack.mids
+                .iter()
+                .zip(found)
+                .map(|(mid, pending)| {
+                    pending.filter(|_| seen.insert((&ack.user, &ack.device, *mid)))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use dak_wire::{ChatKind, ClientId, Mid};
@@ -802,5 +831,49 @@ mod tests {
             retry_plan(&pending(3), Some(&route(Some("c"), true)), 3),
             Retry::Send { .. }
         ));
+    }
+
+    #[test]
+    fn a_delivery_acked_twice_in_one_batch_is_acked_once() {
+        let (first, second) = (pending(1), pending(1));
+        let ack = |mids: Vec<Mid>| Ack {
+            user: first.user.clone(),
+            device: first.device.clone(),
+            mids,
+        };
+        let other_device = Ack {
+            device: DeviceId::parse("tablet").unwrap(),
+            ..ack(vec![first.message.mid])
+        };
+        let acks = [
+            ack(vec![first.message.mid, first.message.mid]),
+            ack(vec![second.message.mid, first.message.mid]),
+            other_device,
+        ];
+        let mut tablets = first.clone();
+        tablets.device = DeviceId::parse("tablet").unwrap();
+        let found = vec![
+            vec![Some(first.clone()), Some(first.clone())],
+            vec![Some(second.clone()), Some(first.clone())],
+            vec![Some(tablets)],
+        ];
+        let kept: Vec<Vec<Option<(Mid, String)>>> = once_per_delivery(&acks, found)
+            .into_iter()
+            .map(|found| {
+                found
+                    .into_iter()
+                    .map(|p| p.map(|p| (p.message.mid, p.device.to_string())))
+                    .collect()
+            })
+            .collect();
+        let phone = |p: &Pending| Some((p.message.mid, "phone".to_owned()));
+        assert_eq!(
+            kept,
+            vec![
+                vec![phone(&first), None],
+                vec![phone(&second), None],
+                vec![Some((first.message.mid, "tablet".to_owned()))],
+            ]
+        );
     }
 }

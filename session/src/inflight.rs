@@ -66,10 +66,13 @@ pub trait InFlight: Send + Sync + 'static {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
     /// Takes the device's held deliveries, in the order they were held.
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>>;
-    /// Removes the acked deliveries of each ack, in one round trip for all of
-    /// them, returning for each ack each of its mids' delivery that was in
-    /// flight.
-    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>>;
+    /// Looks up what acks are for, in one round trip for all of them: for each
+    /// ack, each of its mids' delivery that is in flight (sent or held), or
+    /// `None`. Nothing is removed: the caller removes what it found
+    /// ([`InFlight::remove`]) once what the ack sets off (the sender's
+    /// `delivered` receipt) is on the bus, so that a session that dies in
+    /// between leaves the ack to be handled again, receipt and all.
+    async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>>;
     /// Claims up to `limit` deliveries whose deadline is at or before `now_ms`,
     /// leasing them until `now_ms + lease_ms`.
     async fn claim_due(
@@ -82,7 +85,7 @@ pub trait InFlight: Send + Sync + 'static {
     /// it is still in flight. Returns whether it was. With `sends == 0` the
     /// delivery is held (again) for the device's next live socket.
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool>;
-    /// Forgets deliveries that were handed to the offline inbox.
+    /// Forgets deliveries: acked ones, and ones handed to the offline inbox.
     async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()>;
     /// How many deliveries are in flight.
     async fn count(&self) -> StoreResult<u64>;
@@ -140,8 +143,8 @@ impl InFlight for MemoryInFlight {
             .collect())
     }
 
-    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
-        let mut state = self.state.lock().expect("in-flight lock");
+    async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+        let state = self.state.lock().expect("in-flight lock");
         Ok(acks
             .iter()
             .map(|ack| {
@@ -149,9 +152,7 @@ impl InFlight for MemoryInFlight {
                     .iter()
                     .map(|mid| {
                         let key = member(&ack.user, &ack.device, *mid);
-                        let (score, pending) = state.records.remove(&key)?;
-                        state.due.remove(&(score, key));
-                        Some(pending)
+                        state.records.get(&key).map(|(_, pending)| pending.clone())
                     })
                     .collect()
             })
@@ -256,23 +257,9 @@ for _, m in ipairs(members) do
 end
 return out";
 
-/// Removes the members in ARGV from one shard, in order, and returns each one's
-/// record, or nil where it was not in flight (Lua's false is Redis's nil).
-const ACK: &str = r"
-local out = {}
-for i, member in ipairs(ARGV) do
-  local v = redis.call('HGET', KEYS[1], member)
-  if v then
-    redis.call('HDEL', KEYS[1], member)
-    redis.call('ZREM', KEYS[2], member)
-  end
-  out[i] = v
-end
-return out";
-
-/// Most deliveries (or acked mids) one script call takes: Redis runs nothing
-/// else while a script runs, so a large batch goes as several calls (in the
-/// same round trip).
+/// Most deliveries (or acked mids) one call takes: Redis runs nothing else
+/// while a script or command runs, so a large batch goes as several calls (in
+/// the same round trip).
 const PER_CALL: usize = 256;
 
 const CLAIM: &str = r"
@@ -354,8 +341,8 @@ fn eval3(script: &str, keys: &(String, String), third: &str) -> redis::Cmd {
     cmd
 }
 
-/// The positions of `users` grouped into script calls: by shard (a script may
-/// only touch the keys of one hash slot), in order within each shard, at most
+/// The positions of `users` grouped into calls: by shard (a call may only
+/// touch the keys of one hash slot), in order within each shard, at most
 /// [`PER_CALL`] a call.
 fn by_shard<'a>(users: impl Iterator<Item = &'a UserId>) -> Vec<(u32, Vec<usize>)> {
     let mut shards: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -373,7 +360,7 @@ fn by_shard<'a>(users: impl Iterator<Item = &'a UserId>) -> Vec<(u32, Vec<usize>
         .collect()
 }
 
-/// The script calls' replies (one per delivery or mid given) put back in the
+/// The calls' replies (one per delivery or mid given) put back in the
 /// order of the `len` positions that [`by_shard`] grouped.
 fn in_order<T: Clone + Default>(
     calls: &[(u32, Vec<usize>)],
@@ -464,7 +451,7 @@ impl InFlight for RedisInFlight {
         Ok(held?.into_iter().filter(Pending::is_held).collect())
     }
 
-    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+    async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
         // Each acked mid, as (ack, position in the ack), in the order named.
         let named: Vec<(usize, usize)> = acks
             .iter()
@@ -481,9 +468,9 @@ impl InFlight for RedisInFlight {
                     member(&acks[a].user, &acks[a].device, acks[a].mids[m])
                 })
                 .collect();
-            let mut cmd = eval(ACK, &self.shard_keys(*shard));
-            cmd.arg(members);
-            pipe.add_command(cmd);
+            pipe.cmd("HMGET")
+                .arg(self.shard_keys(*shard).0)
+                .arg(members);
         }
         let replies: Vec<Vec<Option<String>>> = if pipe.is_empty() {
             Vec::new()

@@ -21,9 +21,10 @@
 //! Ephemeral messages (typing among them) go to connected devices once, and are
 //! neither recorded in flight nor stored.
 //!
-//! An ack removes the in-flight delivery and is counted with its latency, and
-//! the sender's devices get a `delivered` receipt (itself an ordinary delivery
-//! on `dak.deliver`, keyed by the sender). An ack
+//! An ack is counted with its latency, the sender's devices get a `delivered`
+//! receipt (itself an ordinary delivery on `dak.deliver`, keyed by the
+//! sender), and once the bus has the receipt the in-flight delivery is
+//! removed; an ack handled again before that sends the receipt again. An ack
 //! for a mid that is not in flight (late, or for a stored message) is forwarded to
 //! `dak.offline` as a `drop`, so storage lets go of it.
 //!

@@ -7,6 +7,8 @@ use persistence::inbox::{Inbox, SqliteInbox, Stored};
 use persistence::scylla::ScyllaInbox;
 use serde_json::value::RawValue;
 
+mod receipts;
+
 const FAR: u64 = u64::MAX / 4;
 
 fn user(s: &str) -> UserId {
@@ -202,6 +204,26 @@ async fn dropping_returns_what_it_removed(inbox: &dyn Inbox, unique: &str) {
         only_waiting.message.mid,
         items[2].message.mid,
     ];
+    // Found first, as a drop would remove them, and left where they are.
+    let found = inbox.find(&user(&frank), &phone, &acked).await.unwrap();
+    let in_order = vec![
+        items[2].message.mid,
+        items[1].message.mid,
+        only_waiting.message.mid,
+    ];
+    assert_eq!(found.iter().map(|m| m.mid).collect::<Vec<_>>(), in_order);
+    assert_eq!(found[0].body.as_ref().unwrap().get(), r#"{"n":3}"#);
+    assert_eq!(found[2].body.as_ref().unwrap().get(), r#"{"n":4}"#);
+    assert_eq!(
+        inbox
+            .page(&user(&frank), &phone, None, 100, 0)
+            .await
+            .unwrap()
+            .len(),
+        3,
+        "finding removes nothing"
+    );
+
     let dropped = inbox
         .drop_acked(&user(&frank), &phone, &acked, FAR)
         .await
@@ -245,6 +267,11 @@ async fn dropping_returns_what_it_removed(inbox: &dyn Inbox, unique: &str) {
     );
 
     // Dropping again, or dropping what was never stored, returns nothing.
+    assert!(inbox
+        .find(&user(&frank), &phone, &acked)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(inbox
         .drop_acked(&user(&frank), &phone, &acked, FAR)
         .await

@@ -48,6 +48,9 @@ const HELD: &str = "
     SELECT record FROM deliveries
     WHERE user = ?1 AND device = ?2 AND held IS NOT NULL ORDER BY held";
 
+/// The delivery of mid ?3 to device ?2 of user ?1, by the table's key.
+const ACKED: &str = "SELECT record FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3";
+
 /// In-flight deliveries in a SQLite file (WAL, `synchronous=FULL`), for one
 /// session instance: the file is not shared between processes.
 ///
@@ -188,7 +191,7 @@ impl InFlight for SqliteInFlight {
         Ok(held?.into_iter().filter(Pending::is_held).collect())
     }
 
-    async fn ack(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+    async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
         let keys: Vec<(String, String, Vec<String>)> = acks
             .iter()
             .map(|a| {
@@ -204,17 +207,13 @@ impl InFlight for SqliteInFlight {
         let found: Vec<Vec<Option<String>>> = self
             .writer
             .call(move |conn, _| {
-                let mut delete = conn.prepare_cached(
-                    "DELETE FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3
-                     RETURNING record",
-                )?;
+                let mut read = conn.prepare_cached(ACKED)?;
                 let mut found = Vec::with_capacity(keys.len());
                 for (user, device, mids) in keys {
                     let mut records = Vec::with_capacity(mids.len());
                     for mid in mids {
                         records.push(
-                            delete
-                                .query_row(params![user, device, mid], |r| r.get(0))
+                            read.query_row(params![user, device, mid], |r| r.get(0))
                                 .optional()?,
                         );
                     }
@@ -351,12 +350,17 @@ mod tests {
     }
 
     #[test]
-    fn an_ack_finds_its_delivery_by_the_mid_first_key() {
-        let plan = plan("DELETE FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3");
-        assert!(
-            plan.contains("sqlite_autoindex_deliveries_1 (mid=? AND user=? AND device=?)"),
-            "{plan}"
-        );
+    fn an_ack_finds_and_removes_its_delivery_by_the_mid_first_key() {
+        for sql in [
+            ACKED,
+            "DELETE FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3",
+        ] {
+            let plan = plan(sql);
+            assert!(
+                plan.contains("sqlite_autoindex_deliveries_1 (mid=? AND user=? AND device=?)"),
+                "{sql}: {plan}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use session::inflight::{InFlight, MemoryInFlight, Pending, RedisInFlight, Sqlite
 #[path = "../../../dak-runtime/tests/stores/servers.rs"]
 mod servers;
 
+mod receipts;
+
 fn delivery(user: &str, device: &str, deadline_ms: u64) -> Pending {
     Pending {
         user: UserId::parse(user).unwrap(),
@@ -131,9 +133,10 @@ async fn contract(store: &dyn InFlight) {
         .expect("b is due at its new deadline");
     assert_eq!(b_again.sends, 2);
 
-    // Acks remove exactly what they name, once.
+    // Acks find exactly what they name, and leave it in flight until it is
+    // removed.
     let acked = store
-        .ack(&[ack(&a.user, &a.device, &[a.message.mid, c.message.mid])])
+        .acked(&[ack(&a.user, &a.device, &[a.message.mid, c.message.mid])])
         .await
         .unwrap();
     assert_eq!(
@@ -141,13 +144,21 @@ async fn contract(store: &dyn InFlight) {
         vec![Some(a.message.mid), None],
         "c is carol's, not bob's phone's"
     );
+    let found = acked[0][0].clone().unwrap();
+    assert_eq!(found.message.body.unwrap().get(), r#"{"secret":"AAEC"}"#);
     let again = store
-        .ack(&[ack(&a.user, &a.device, &[a.message.mid])])
+        .acked(&[ack(&a.user, &a.device, &[a.message.mid])])
         .await
         .unwrap();
-    assert_eq!(again.len(), 1);
-    assert_eq!(found_mids(&again[0]), vec![None]);
-    // A resend after the ack does not bring the delivery back.
+    assert_eq!(found_mids(&again[0]), vec![Some(a.message.mid)]);
+    store.remove(std::slice::from_ref(&a)).await.unwrap();
+    let removed = store
+        .acked(&[ack(&a.user, &a.device, &[a.message.mid])])
+        .await
+        .unwrap();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(found_mids(&removed[0]), vec![None]);
+    // A resend after the removal does not bring the delivery back.
     assert!(!store.resent(&a).await.unwrap());
 
     store.remove(&[b.clone(), c.clone()]).await.unwrap();
@@ -156,8 +167,9 @@ async fn contract(store: &dyn InFlight) {
     assert_eq!(mids(&last), vec![a_elsewhere.message.mid]);
 }
 
-/// One call acks for several devices at once: each ack gets its own answer, in
-/// the order of the acks and of their mids, and an ack without mids gets none.
+/// One call looks up the acks of several devices at once: each ack gets its
+/// own answer, in the order of the acks and of their mids, and an ack without
+/// mids gets none.
 async fn many_acks_contract(store: &dyn InFlight) {
     let phone = delivery("dave", "phone", 2_000);
     let phone_later = delivery("dave", "phone", 2_000);
@@ -173,7 +185,7 @@ async fn many_acks_contract(store: &dyn InFlight) {
     let before = store.count().await.unwrap();
 
     let found = store
-        .ack(&[
+        .acked(&[
             ack(
                 &phone.user,
                 &phone.device,
@@ -185,31 +197,34 @@ async fn many_acks_contract(store: &dyn InFlight) {
             ),
             ack(&erin.user, &erin.device, &[]),
             ack(&tablet.user, &tablet.device, &[tablet.message.mid]),
-            // The same delivery twice in one call is found once.
+            // A lookup: the same delivery twice in one call is found twice.
             ack(&phone.user, &phone.device, &[phone.message.mid]),
         ])
         .await
         .unwrap();
-    let found: Vec<Vec<Option<Mid>>> = found.iter().map(|f| found_mids(f)).collect();
+    let mids_found: Vec<Vec<Option<Mid>>> = found.iter().map(|f| found_mids(f)).collect();
     assert_eq!(
-        found,
+        mids_found,
         vec![
             vec![Some(phone_later.message.mid), None, Some(phone.message.mid)],
             vec![],
             vec![Some(tablet.message.mid)],
-            vec![None],
+            vec![Some(phone.message.mid)],
         ]
     );
+    assert_eq!(store.count().await.unwrap(), before, "nothing is removed");
+    let done: Vec<Pending> = found.into_iter().flatten().flatten().collect();
+    store.remove(&done).await.unwrap();
     assert_eq!(store.count().await.unwrap(), before - 3, "erin's is left");
-    assert!(store.ack(&[]).await.unwrap().is_empty());
+    assert!(store.acked(&[]).await.unwrap().is_empty());
     let only_empty = store
-        .ack(&[ack(&erin.user, &erin.device, &[])])
+        .acked(&[ack(&erin.user, &erin.device, &[])])
         .await
         .unwrap();
     assert_eq!(only_empty.len(), 1);
     assert!(only_empty[0].is_empty());
     let erin_found = store
-        .ack(&[ack(&erin.user, &erin.device, &[erin.message.mid])])
+        .acked(&[ack(&erin.user, &erin.device, &[erin.message.mid])])
         .await
         .unwrap();
     assert_eq!(found_mids(&erin_found[0]), vec![Some(erin.message.mid)]);
@@ -350,7 +365,7 @@ async fn large_batch_contract(store: &dyn InFlight) {
             ack(&d.user, &d.device, &mids)
         })
         .collect();
-    let found = store.ack(&acks).await.unwrap();
+    let found = store.acked(&acks).await.unwrap();
     for (ack, found) in acks.iter().zip(&found) {
         let mut expected: Vec<Option<Mid>> = vec![Some(*ack.mids.last().unwrap())];
         if ack.mids.len() == 2 {
@@ -363,6 +378,8 @@ async fn large_batch_contract(store: &dyn InFlight) {
             (&ack.user, &ack.device)
         );
     }
+    let done: Vec<Pending> = found.into_iter().flatten().flatten().collect();
+    store.remove(&done).await.unwrap();
     assert_eq!(store.count().await.unwrap(), 0);
 }
 
@@ -446,10 +463,7 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
         let mut all = vec![sent.clone(), acked.clone()];
         all.extend(held.iter().cloned());
         assert!(store.begin(&all).await.unwrap().iter().all(|fresh| *fresh));
-        store
-            .ack(&[ack(&acked.user, &acked.device, &[acked.message.mid])])
-            .await
-            .unwrap();
+        store.remove(std::slice::from_ref(&acked)).await.unwrap();
     }
 
     let store = SqliteInFlight::open(&path).unwrap();
@@ -490,7 +504,7 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
         vec![later.message.mid, held[1].message.mid]
     );
     let acks = store
-        .ack(&[ack(
+        .acked(&[ack(
             &sent.user,
             &sent.device,
             &[sent.message.mid, acked.message.mid],

@@ -1,0 +1,328 @@
+//! The in-flight store as session uses it for an ack: the acked delivery stays
+//! in the store until the sender's `delivered` receipt is on the bus, so a
+//! session that dies in between leaves the ack to be handled again, receipt
+//! and all.
+//!
+//! session runs whole here, on the embedded log, with in-process presence and
+//! the SQLite in-flight store. The sockets of this process record what is
+//! written to them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dak_runtime::bus::{Bus, Log, LogOptions, Topics};
+use dak_runtime::gateway::{LocalGateway, Sockets};
+use dak_runtime::presence::{Connection, Gateway, MemoryPresence, Presence};
+use dak_runtime::shutdown::Shutdown;
+use dak_runtime::store::StoreResult;
+use dak_wire::event::{self, Ack, DeliverEvent, Delivery, Message};
+use dak_wire::send::{SendItem, SendOutcome};
+use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use session::inflight::{InFlight, Pending, SqliteInFlight};
+use session::{Deps, Session};
+
+/// How long a test waits for what must happen.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+const GATEWAY_URL: &str = "http://gateway.local";
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn phone() -> DeviceId {
+    DeviceId::parse("phone").unwrap()
+}
+
+/// The frames written to the sockets of this process, by user.
+#[derive(Default)]
+struct Written {
+    frames: Mutex<Vec<(UserId, Value)>>,
+    more: tokio::sync::Notify,
+}
+
+impl Written {
+    /// The first frame written to `who` that `wanted` picks, waiting for it.
+    async fn first(&self, who: &UserId, wanted: impl Fn(&Value) -> bool) -> Value {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let more = self.more.notified();
+                if let Some(frame) = self
+                    .frames
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(to, frame)| to == who && wanted(frame))
+                {
+                    return frame.1.clone();
+                }
+                more.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no such frame for {who} in {PATIENCE:?}"))
+    }
+}
+
+impl Sockets for Written {
+    fn send(&self, items: &[SendItem]) -> Vec<SendOutcome> {
+        let mut frames = self.frames.lock().unwrap();
+        for item in items {
+            let frame = serde_json::from_str(item.frame.get()).unwrap();
+            frames.push((item.user.clone(), frame));
+        }
+        self.more.notify_waiters();
+        vec![SendOutcome::Sent; items.len()]
+    }
+}
+
+/// The SQLite in-flight store, through which the test stops session at one
+/// point: once armed, the next lookup of acks answers, then never returns, as
+/// if the process died right after the store answered.
+struct DiesAfterAck {
+    inner: Arc<SqliteInFlight>,
+    armed: AtomicBool,
+    died: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl InFlight for DiesAfterAck {
+    async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
+        self.inner.begin(deliveries).await
+    }
+    async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
+        self.inner.take_held(user, device).await
+    }
+    async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
+        let found = self.inner.acked(acks).await;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.died.notify_one();
+            std::future::pending::<()>().await;
+        }
+        found
+    }
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Pending>> {
+        self.inner.claim_due(now_ms, lease_ms, limit).await
+    }
+    async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
+        self.inner.resent(delivery).await
+    }
+    async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()> {
+        self.inner.remove(deliveries).await
+    }
+    async fn count(&self) -> StoreResult<u64> {
+        self.inner.count().await
+    }
+}
+
+/// What outlives one session: the bus, presence, the in-flight file and the
+/// sockets.
+struct World {
+    bus: Bus,
+    presence: Arc<MemoryPresence>,
+    written: Arc<Written>,
+    store: Arc<SqliteInFlight>,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new() -> Self {
+        dak_runtime::telemetry::init_for_tests();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(
+            &dir.path().join("bus.db"),
+            LogOptions {
+                partitions: 2,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        let bus = Bus::log(log, Topics::with_prefix(""));
+        bus.create_topics().await.unwrap();
+        let presence = Arc::new(MemoryPresence::default());
+        let gateway = Gateway::new(GATEWAY_URL.into());
+        presence
+            .heartbeat(&gateway, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        for who in ["alice", "bob"] {
+            let connection = Connection {
+                user: user(who),
+                device: phone(),
+                gateway_id: gateway.id.clone(),
+                connection_id: format!("{who}-1"),
+            };
+            presence.connect(&connection).await.unwrap();
+            let live = presence
+                .set_live(
+                    &connection.user,
+                    &connection.device,
+                    &connection.connection_id,
+                )
+                .await
+                .unwrap();
+            assert!(live);
+        }
+        let store = Arc::new(SqliteInFlight::open(&dir.path().join("inflight.db")).unwrap());
+        Self {
+            bus,
+            presence,
+            written: Arc::default(),
+            store,
+            _dir: dir,
+        }
+    }
+
+    /// A session on this world's parts, running until it is aborted.
+    fn start(&self, inflight: Arc<dyn InFlight>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let config = session::Config {
+            // No retry may come between the steps of a test.
+            ack_timeout: Duration::from_secs(600),
+            retries: 3,
+            scan_interval: Duration::from_millis(100),
+            retry_lease: Duration::from_secs(15),
+            gateway_timeout: Duration::from_secs(5),
+        };
+        let deps = Deps {
+            inflight,
+            presence: self.presence.clone(),
+            producer: self.bus.producer().unwrap(),
+            internal_token: "internal".into(),
+            local_gateway: Some(LocalGateway {
+                url: GATEWAY_URL.into(),
+                sockets: self.written.clone(),
+            }),
+        };
+        let session = Session::build(config, &self.bus, deps).unwrap();
+        tokio::spawn(session.run(Shutdown::new()))
+    }
+
+    /// Waits until session has committed `records` records of `dak.deliver`
+    /// (over all partitions).
+    async fn committed(&self, records: i64) {
+        let topics = self.bus.topics();
+        let progress = self
+            .bus
+            .progress(&topics.group(session::GROUP), &topics.deliver)
+            .unwrap();
+        let done = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let committed = progress.committed(&[0, 1]).await.unwrap();
+                if committed.iter().flatten().sum::<i64>() >= records {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "session never committed {records} records");
+    }
+
+    async fn publish(&self, key: &UserId, event: &DeliverEvent) {
+        self.bus
+            .producer()
+            .unwrap()
+            .send(
+                &self.bus.topics().deliver,
+                key.as_str(),
+                &event::encode(event),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn message(from: &str, to: &str) -> Message {
+    Message {
+        mid: Mid::from_ulid(ulid::Ulid::new()),
+        id: ClientId::parse("c-1").unwrap(),
+        from: user(from),
+        from_device: phone(),
+        to: to.into(),
+        chat: ChatKind::Direct,
+        body: Some(RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap()),
+        ephemeral: false,
+        notice: None,
+        ts: 1_732_380_000_123,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_receipt() {
+    let world = World::new().await;
+    let dying = Arc::new(DiesAfterAck {
+        inner: world.store.clone(),
+        armed: AtomicBool::new(false),
+        died: tokio::sync::Notify::new(),
+    });
+    let first = world.start(dying.clone());
+
+    let (alice, bob) = (user("alice"), user("bob"));
+    let hi = message("alice", "bob");
+    let mid = hi.mid.to_string();
+    world
+        .publish(
+            &bob,
+            &DeliverEvent::Message(Delivery {
+                recipient: bob.clone(),
+                device: None,
+                message: hi.clone(),
+            }),
+        )
+        .await;
+    world
+        .written
+        .first(&bob, |f| f["type"] == "message" && f["mid"] == mid.as_str())
+        .await;
+    // Done with: handled again, it would be a new delivery to bob.
+    world.committed(1).await;
+
+    dying.armed.store(true, Ordering::SeqCst);
+    let died = dying.died.notified();
+    world
+        .publish(
+            &bob,
+            &DeliverEvent::Ack(Ack {
+                user: bob.clone(),
+                device: phone(),
+                mids: vec![hi.mid],
+            }),
+        )
+        .await;
+    tokio::time::timeout(PATIENCE, died)
+        .await
+        .expect("session looked up bob's ack");
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+
+    // Another session takes over the same bus and store; the ack's offset was
+    // never committed, so it handles the ack again.
+    let second = world.start(world.store.clone());
+    let receipt = world
+        .written
+        .first(&alice, |f| {
+            f["type"] == "receipt" && f["mid"] == mid.as_str()
+        })
+        .await;
+    assert_eq!(receipt["by"], "bob");
+    assert_eq!(receipt["state"], "delivered");
+
+    // And bob's delivery is gone: only the receipt to alice is in flight.
+    let gone = tokio::time::timeout(PATIENCE, async {
+        while world.store.count().await.unwrap() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "bob's acked delivery is still in flight");
+    second.abort();
+}
