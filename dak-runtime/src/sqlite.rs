@@ -21,7 +21,7 @@ use crate::store::{StoreError, StoreResult};
 /// Most jobs in one transaction, so one transaction stays short.
 const MAX_BATCH: usize = 1024;
 
-/// How often [`WriterState::upkeep`] runs while no job comes.
+/// How often [`WriterState::upkeep`] runs while no job comes, by default.
 const IDLE_UPKEEP: Duration = Duration::from_secs(1);
 
 /// What a committed transaction survives.
@@ -43,12 +43,18 @@ pub enum Durability {
 /// whole transaction fails, [`WriterState::reload`] makes it match the file
 /// again.
 pub trait WriterState: Send + 'static {
-    /// Runs in every transaction after its jobs, and every [`IDLE_UPKEEP`]
-    /// while no job comes: bounded housekeeping such as deleting expired rows.
+    /// Runs in every transaction after its jobs, and every
+    /// [`WriterState::idle_upkeep`] while no job comes: bounded housekeeping such as deleting expired rows.
     /// Like a job, it changes the state only once its statements succeeded.
     fn upkeep(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let _ = conn;
         Ok(())
+    }
+
+    /// How often [`WriterState::upkeep`] runs while no job comes; `None` for a
+    /// store without upkeep, whose thread then sleeps until a job comes.
+    fn idle_upkeep(&self) -> Option<Duration> {
+        Some(IDLE_UPKEEP)
     }
 
     /// Rebuilds the state from the file, after a transaction did not commit.
@@ -148,10 +154,16 @@ impl<S: WriterState> Writer<S> {
 fn run<S: WriterState>(mut conn: Connection, mut state: S, queue: mpsc::Receiver<Job<S>>) {
     loop {
         let mut batch = Vec::new();
-        match queue.recv_timeout(IDLE_UPKEEP) {
-            Ok(job) => batch.push(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        match state.idle_upkeep() {
+            Some(every) => match queue.recv_timeout(every) {
+                Ok(job) => batch.push(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match queue.recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::RecvError) => return,
+            },
         }
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {

@@ -486,7 +486,8 @@ impl Core {
     }
 
     /// Every delivery past its deadline: sent again, or handed to offline after
-    /// the last retry.
+    /// the last retry. While the store is known to hold nothing, it sleeps
+    /// until a delivery is written.
     pub(crate) async fn retry_loop(&self, shutdown: &dak_runtime::shutdown::Shutdown) {
         let mut tick = tokio::time::interval(self.config.scan_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -495,6 +496,13 @@ impl Core {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if self.inflight.known_empty() {
+                ::metrics::gauge!(metrics::INFLIGHT).set(0.0);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.inflight.wait_while_empty() => {}
+                }
             }
             if let Err(e) = self.retry_due().await {
                 tracing::warn!(error = %format!("{e:#}"), "retry scan failed");

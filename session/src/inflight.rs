@@ -89,6 +89,16 @@ pub trait InFlight: Send + Sync + 'static {
     async fn remove(&self, deliveries: &[Pending]) -> StoreResult<()>;
     /// How many deliveries are in flight.
     async fn count(&self) -> StoreResult<u64>;
+    /// Whether the store holds no delivery, as far as this process can tell
+    /// without asking it: only a store no other process writes (the file of
+    /// `dak up`) can; the others say `false`.
+    fn known_empty(&self) -> bool {
+        false
+    }
+    /// Returns once the store may hold a delivery: at once, unless
+    /// [`InFlight::known_empty`], and then when a delivery is written. The
+    /// retry loop sleeps here while there is nothing to retry.
+    async fn wait_while_empty(&self) {}
 }
 
 /// In-flight deliveries in process memory, forgotten when the process stops.

@@ -44,12 +44,21 @@ pub struct SqliteStatus {
     keep_ms: u64,
 }
 
+/// How often expired rows are swept while nothing is written.
+const IDLE_SWEEP: Duration = Duration::from_secs(30);
+
 /// What upkeep needs: how long rows are kept.
 struct Retention {
     keep_ms: u64,
 }
 
 impl WriterState for Retention {
+    /// Rows expire by the day: while nothing is written, a sweep now and then
+    /// keeps up, without waking the thread every second.
+    fn idle_upkeep(&self) -> Option<Duration> {
+        Some(IDLE_SWEEP)
+    }
+
     fn upkeep(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let cutoff = now_ms().saturating_sub(self.keep_ms);
         let oldest_kept = ulid::Ulid::from_parts(cutoff, 0).to_string();

@@ -9,6 +9,10 @@
 //! column alone moves with a claim's lease.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use async_trait::async_trait;
 use dak_runtime::sqlite::{sql_ms, Durability, Writer, WriterState};
@@ -43,6 +47,10 @@ const SCHEMA: &str = "
 const DUE: &str = "
     SELECT rowid, record FROM deliveries WHERE deadline <= ?1 ORDER BY deadline, rowid LIMIT ?2";
 
+/// The earliest deadline of any delivery, NULL when there is none (by the
+/// deadline index).
+const EARLIEST: &str = "SELECT MIN(deadline) FROM deliveries";
+
 /// The held deliveries of device ?2 of user ?1, in the order they were held.
 const HELD: &str = "
     SELECT record FROM deliveries
@@ -60,24 +68,76 @@ const ACKED: &str = "SELECT record FROM deliveries WHERE user = ?1 AND device = 
 /// lost. With `NORMAL` a power loss could do that; with `FULL` a call that
 /// returned is on disk. Group commit (see [`dak_runtime::sqlite`]) spreads
 /// each fsync over every call that queued up meanwhile.
+///
+/// The store knows a time before which no delivery is due, so that the retry
+/// loop's claims (ten a second) cost nothing while nothing is due: only the
+/// claims after it go to the writer thread. When a claim finds the table
+/// empty, the retry loop sleeps until a delivery is written
+/// ([`InFlight::wait_while_empty`]).
 pub struct SqliteInFlight {
-    writer: Writer<HeldOrder>,
+    writer: Writer<State>,
+    /// No delivery is due before this (ms, as stored); shared with [`State`].
+    /// `i64::MAX`: the table is empty.
+    due_from: Arc<AtomicI64>,
+    /// Woken when a delivery is written to an empty table.
+    filled: Arc<Notify>,
 }
 
-/// The next position to give a held delivery. Positions only need to grow, so
-/// one counter serves every device.
-struct HeldOrder {
-    next: i64,
+/// What the writer thread keeps beside the file.
+struct State {
+    /// The next position to give a held delivery. Positions only need to
+    /// grow, so one counter serves every device.
+    next_held: i64,
+    /// A bound below every deadline in the table: lowered by each deadline
+    /// written, set to the earliest one by each claim. Written on the writer
+    /// thread only, so a claim's setting cannot undo a lowering it did not see.
+    due_from: Arc<AtomicI64>,
+    filled: Arc<Notify>,
+    /// Deliveries in the table: when the last one goes, nothing is due.
+    rows: u64,
 }
 
-impl HeldOrder {
-    fn take(&mut self) -> i64 {
-        self.next += 1;
-        self.next - 1
+impl State {
+    fn count_rows(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
+        conn.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))
+    }
+
+    /// Deliveries were removed: with none left, nothing is due.
+    fn removed(&mut self, n: u64) {
+        self.rows = self.rows.saturating_sub(n);
+        if self.rows == 0 {
+            self.due_from.store(i64::MAX, Ordering::SeqCst);
+        }
+    }
+
+    fn take_place(&mut self) -> i64 {
+        self.next_held += 1;
+        self.next_held - 1
+    }
+
+    /// A deadline was written: nothing may be due later than it.
+    fn due_by(&self, deadline: i64) {
+        if self.due_from.fetch_min(deadline, Ordering::SeqCst) == i64::MAX {
+            self.filled.notify_waiters();
+        }
     }
 }
 
-impl WriterState for HeldOrder {}
+impl WriterState for State {
+    /// Nothing to sweep: the thread sleeps until a call comes.
+    fn idle_upkeep(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// A claim's bound may have come from a transaction that did not commit:
+    /// the next claim looks at the table again.
+    fn reload(&mut self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+        self.due_from.store(i64::MIN, Ordering::SeqCst);
+        self.filled.notify_waiters();
+        self.rows = Self::count_rows(conn)?;
+        Ok(())
+    }
+}
 
 /// A delivery as the writer thread stores it, encoded on the caller's thread.
 struct Row {
@@ -104,6 +164,10 @@ impl Row {
 
 impl SqliteInFlight {
     pub fn open(path: &Path) -> StoreResult<Self> {
+        // Unknown until the first claim looks.
+        let due_from = Arc::new(AtomicI64::new(i64::MIN));
+        let filled = Arc::new(Notify::new());
+        let (shared, notify) = (due_from.clone(), filled.clone());
         let writer = Writer::open(
             path,
             "dak-inflight-db",
@@ -115,10 +179,19 @@ impl SqliteInFlight {
                     conn.query_row("SELECT COALESCE(MAX(held), 0) FROM deliveries", [], |r| {
                         r.get(0)
                     })?;
-                Ok(HeldOrder { next: last + 1 })
+                Ok(State {
+                    next_held: last + 1,
+                    due_from: shared,
+                    filled: notify,
+                    rows: State::count_rows(conn)?,
+                })
             },
         )?;
-        Ok(Self { writer })
+        Ok(Self {
+            writer,
+            due_from,
+            filled,
+        })
     }
 }
 
@@ -151,18 +224,23 @@ impl InFlight for SqliteInFlight {
         }
         let rows: Vec<Row> = deliveries.iter().map(Row::of).collect();
         self.writer
-            .call(move |conn, order| {
+            .call(move |conn, state| {
                 let mut insert = conn.prepare_cached(
                     "INSERT INTO deliveries (user, device, mid, deadline, held, record)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (mid, user, device) DO NOTHING",
                 )?;
+                let deadlines: Vec<i64> = rows.iter().map(|r| r.deadline).collect();
                 let mut fresh = Vec::with_capacity(rows.len());
                 for r in rows {
-                    let held = r.held.then(|| order.take());
+                    let held = r.held.then(|| state.take_place());
                     let inserted = insert
                         .execute(params![r.user, r.device, r.mid, r.deadline, held, r.record])?;
                     fresh.push(inserted == 1);
+                }
+                state.rows += fresh.iter().filter(|new| **new).count() as u64;
+                for deadline in deadlines {
+                    state.due_by(deadline);
                 }
                 Ok(fresh)
             })
@@ -240,10 +318,13 @@ impl InFlight for SqliteInFlight {
         limit: usize,
     ) -> StoreResult<Vec<Pending>> {
         let (now, leased) = (sql_ms(now_ms), sql_ms(now_ms.saturating_add(lease_ms)));
+        if now < self.due_from.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let records: Vec<String> = self
             .writer
-            .call(move |conn, _| {
+            .call(move |conn, state| {
                 let due: Vec<(i64, String)> = conn
                     .prepare_cached(DUE)?
                     .query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -253,6 +334,11 @@ impl InFlight for SqliteInFlight {
                 for (rowid, _) in &due {
                     lease.execute(params![rowid, leased])?;
                 }
+                let earliest: Option<i64> =
+                    conn.prepare_cached(EARLIEST)?.query_row([], |r| r.get(0))?;
+                state
+                    .due_from
+                    .store(earliest.unwrap_or(i64::MAX), Ordering::SeqCst);
                 Ok(due.into_iter().map(|(_, record)| record).collect())
             })
             .await?;
@@ -262,11 +348,11 @@ impl InFlight for SqliteInFlight {
     async fn resent(&self, delivery: &Pending) -> StoreResult<bool> {
         let row = Row::of(delivery);
         self.writer
-            .call(move |conn, order| {
+            .call(move |conn, state| {
                 // A delivery held again keeps the place it still has, if any.
                 // (The other stores list it a second time, and return it at
                 // both places; once, at the first, is enough.)
-                let place = row.held.then(|| order.take());
+                let place = row.held.then(|| state.take_place());
                 let updated = conn
                     .prepare_cached(
                         "UPDATE deliveries SET deadline = ?4, record = ?5, held = COALESCE(held, ?6)
@@ -280,6 +366,7 @@ impl InFlight for SqliteInFlight {
                         row.record,
                         place
                     ])?;
+                state.due_by(row.deadline);
                 Ok(updated == 1)
             })
             .await
@@ -300,16 +387,32 @@ impl InFlight for SqliteInFlight {
             })
             .collect();
         self.writer
-            .call(move |conn, _| {
+            .call(move |conn, state| {
                 let mut delete = conn.prepare_cached(
                     "DELETE FROM deliveries WHERE user = ?1 AND device = ?2 AND mid = ?3",
                 )?;
+                let mut deleted = 0;
                 for (user, device, mid) in keys {
-                    delete.execute(params![user, device, mid])?;
+                    deleted += delete.execute(params![user, device, mid])? as u64;
                 }
+                state.removed(deleted);
                 Ok(())
             })
             .await
+    }
+
+    fn known_empty(&self) -> bool {
+        self.due_from.load(Ordering::SeqCst) == i64::MAX
+    }
+
+    async fn wait_while_empty(&self) {
+        let filled = self.filled.notified();
+        tokio::pin!(filled);
+        // Registered before the check: a write between the two still wakes it.
+        filled.as_mut().enable();
+        if self.known_empty() {
+            filled.await;
+        }
     }
 
     async fn count(&self) -> StoreResult<u64> {
@@ -361,6 +464,13 @@ mod tests {
                 "{sql}: {plan}"
             );
         }
+    }
+
+    #[test]
+    fn the_earliest_deadline_is_read_off_the_deadline_index() {
+        let plan = plan(EARLIEST);
+        assert!(plan.contains("deliveries_due"), "{plan}");
+        assert!(!plan.contains("SCAN"), "{plan}");
     }
 
     #[test]

@@ -230,6 +230,69 @@ async fn many_acks_contract(store: &dyn InFlight) {
     assert_eq!(found_mids(&erin_found[0]), vec![Some(erin.message.mid)]);
 }
 
+/// A claim is due again only when its lease ends, or at the deadline of a
+/// resend, even one earlier than that lease; a delivery begun after a claim
+/// found nothing is due at its own deadline.
+async fn deadlines_after_a_claim_contract(store: &dyn InFlight) {
+    let d = delivery("ivan", "phone", 1_000);
+    assert_eq!(store.claim_due(1_000, 60_000, 100).await.unwrap().len(), 0);
+    store.begin(std::slice::from_ref(&d)).await.unwrap();
+    assert_eq!(
+        mids(&store.claim_due(1_000, 60_000, 100).await.unwrap()),
+        vec![d.message.mid]
+    );
+    assert!(store
+        .claim_due(5_000, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let mut resent = d.clone();
+    resent.sends = 2;
+    resent.deadline_ms = 11_000;
+    assert!(store.resent(&resent).await.unwrap());
+    assert!(store
+        .claim_due(10_999, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let due = store.claim_due(11_000, 60_000, 100).await.unwrap();
+    assert_eq!(
+        mids(&due),
+        vec![d.message.mid],
+        "due at the resend's deadline"
+    );
+    assert_eq!(due[0].sends, 2);
+
+    // Leased until 71,000: nothing is due before, then the claim is again.
+    assert!(store
+        .claim_due(70_999, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        mids(&store.claim_due(71_000, 60_000, 100).await.unwrap()),
+        vec![d.message.mid]
+    );
+    store.remove(std::slice::from_ref(&d)).await.unwrap();
+    assert!(store
+        .claim_due(u64::MAX / 4, 10, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let later = delivery("ivan", "phone", 200_000);
+    store.begin(std::slice::from_ref(&later)).await.unwrap();
+    assert!(store
+        .claim_due(199_999, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        mids(&store.claim_due(200_000, 60_000, 100).await.unwrap()),
+        vec![later.message.mid]
+    );
+}
+
 /// Deliveries held while their device replays come back in order, once.
 async fn held_contract(store: &dyn InFlight) {
     let mut held: Vec<Pending> = (0..3).map(|_| delivery("frank", "phone", 9_000)).collect();
@@ -398,6 +461,7 @@ async fn memory_inflight_keeps_the_contract() {
     many_acks_contract(&MemoryInFlight::default()).await;
     claim_limit_contract(&MemoryInFlight::default()).await;
     large_batch_contract(&MemoryInFlight::default()).await;
+    deadlines_after_a_claim_contract(&MemoryInFlight::default()).await;
 }
 
 #[tokio::test]
@@ -409,6 +473,7 @@ async fn redis_inflight_keeps_the_contract() {
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    deadlines_after_a_claim_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -429,6 +494,7 @@ async fn redis_inflight_keeps_the_contract_on_a_cluster() {
     held_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    deadlines_after_a_claim_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -441,6 +507,60 @@ async fn sqlite_inflight_keeps_the_contract() {
     many_acks_contract(&open("acks.db")).await;
     claim_limit_contract(&open("claim.db")).await;
     large_batch_contract(&open("large.db")).await;
+    deadlines_after_a_claim_contract(&open("deadlines.db")).await;
+}
+
+/// The file knows when it is empty, without a call to its thread: once a
+/// claim found nothing, or its last delivery was removed; a delivery written
+/// wakes whoever waits for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_inflight_knows_when_it_is_empty_and_wakes_a_waiter_on_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SqliteInFlight::open(&dir.path().join("empty.db")).unwrap());
+    assert!(!store.known_empty(), "not known before a claim looked");
+    assert!(store
+        .claim_due(1_000, 10_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.known_empty());
+
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.wait_while_empty().await }
+    });
+    let d = delivery("judy", "phone", 5_000);
+    store.begin(std::slice::from_ref(&d)).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), waiter)
+        .await
+        .expect("the write woke the waiter")
+        .unwrap();
+    assert!(!store.known_empty());
+    // Waiting now returns at once.
+    tokio::time::timeout(std::time::Duration::from_secs(20), store.wait_while_empty())
+        .await
+        .unwrap();
+
+    // Known empty again once its last delivery is removed, not before.
+    let other = delivery("judy", "tablet", 5_000);
+    store.begin(std::slice::from_ref(&other)).await.unwrap();
+    store.remove(std::slice::from_ref(&d)).await.unwrap();
+    assert!(!store.known_empty());
+    store.remove(std::slice::from_ref(&d)).await.unwrap();
+    assert!(
+        !store.known_empty(),
+        "removing what is gone changes nothing"
+    );
+    store.remove(std::slice::from_ref(&other)).await.unwrap();
+    assert!(store.known_empty());
+    // And after a reopen, by its rows.
+    drop(store);
+    let store = SqliteInFlight::open(&dir.path().join("empty.db")).unwrap();
+    store.begin(std::slice::from_ref(&d)).await.unwrap();
+    drop(store);
+    let store = SqliteInFlight::open(&dir.path().join("empty.db")).unwrap();
+    store.remove(std::slice::from_ref(&d)).await.unwrap();
+    assert!(store.known_empty(), "the file's one delivery is gone");
 }
 
 /// What `dak up` finds after a restart: every delivery that was in flight or

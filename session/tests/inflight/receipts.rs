@@ -80,17 +80,30 @@ impl Sockets for Written {
     }
 }
 
-/// The SQLite in-flight store, through which the test stops session at one
-/// point: once armed, the next lookup of acks answers, then never returns, as
-/// if the process died right after the store answered.
-struct DiesAfterAck {
+/// The SQLite in-flight store as session sees it, watched by the test: once
+/// `dies_after_ack` is armed, the next lookup of acks answers, then never
+/// returns, as if the process died right after the store answered; and each
+/// time the retry loop falls asleep on the empty store, `asleep` counts it.
+struct Watched {
     inner: Arc<SqliteInFlight>,
-    armed: AtomicBool,
+    dies_after_ack: AtomicBool,
     died: tokio::sync::Notify,
+    asleep: tokio::sync::watch::Sender<usize>,
+}
+
+impl Watched {
+    fn new(inner: Arc<SqliteInFlight>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            dies_after_ack: AtomicBool::new(false),
+            died: tokio::sync::Notify::new(),
+            asleep: tokio::sync::watch::channel(0).0,
+        })
+    }
 }
 
 #[async_trait]
-impl InFlight for DiesAfterAck {
+impl InFlight for Watched {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
         self.inner.begin(deliveries).await
     }
@@ -99,7 +112,7 @@ impl InFlight for DiesAfterAck {
     }
     async fn acked(&self, acks: &[Ack]) -> StoreResult<Vec<Vec<Option<Pending>>>> {
         let found = self.inner.acked(acks).await;
-        if self.armed.swap(false, Ordering::SeqCst) {
+        if self.dies_after_ack.swap(false, Ordering::SeqCst) {
             self.died.notify_one();
             std::future::pending::<()>().await;
         }
@@ -121,6 +134,16 @@ impl InFlight for DiesAfterAck {
     }
     async fn count(&self) -> StoreResult<u64> {
         self.inner.count().await
+    }
+    fn known_empty(&self) -> bool {
+        self.inner.known_empty()
+    }
+    async fn wait_while_empty(&self) {
+        let mut waiting = std::pin::pin!(self.inner.wait_while_empty());
+        if futures_util::poll!(waiting.as_mut()).is_pending() {
+            self.asleep.send_modify(|n| *n += 1);
+        }
+        waiting.await
     }
 }
 
@@ -182,11 +205,19 @@ impl World {
         }
     }
 
-    /// A session on this world's parts, running until it is aborted.
+    /// A session on this world's parts, running until it is aborted; no
+    /// retry comes between the steps of a test.
     fn start(&self, inflight: Arc<dyn InFlight>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        self.start_with(inflight, Duration::from_secs(600))
+    }
+
+    fn start_with(
+        &self,
+        inflight: Arc<dyn InFlight>,
+        ack_timeout: Duration,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let config = session::Config {
-            // No retry may come between the steps of a test.
-            ack_timeout: Duration::from_secs(600),
+            ack_timeout,
             retries: 3,
             scan_interval: Duration::from_millis(100),
             retry_lease: Duration::from_secs(15),
@@ -259,11 +290,7 @@ fn message(from: &str, to: &str) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_receipt() {
     let world = World::new().await;
-    let dying = Arc::new(DiesAfterAck {
-        inner: world.store.clone(),
-        armed: AtomicBool::new(false),
-        died: tokio::sync::Notify::new(),
-    });
+    let dying = Watched::new(world.store.clone());
     let first = world.start(dying.clone());
 
     let (alice, bob) = (user("alice"), user("bob"));
@@ -286,7 +313,7 @@ async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_rec
     // Done with: handled again, it would be a new delivery to bob.
     world.committed(1).await;
 
-    dying.armed.store(true, Ordering::SeqCst);
+    dying.dies_after_ack.store(true, Ordering::SeqCst);
     let died = dying.died.notified();
     world
         .publish(
@@ -325,4 +352,53 @@ async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_rec
     .await;
     assert!(gone.is_ok(), "bob's acked delivery is still in flight");
     second.abort();
+}
+
+/// The retry loop sleeps while the in-flight file is empty; a delivery made
+/// after it went to sleep is still sent again at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_while_the_retry_loop_sleeps_is_retried_at_its_deadline() {
+    let world = World::new().await;
+    let store = Watched::new(world.store.clone());
+    let mut asleep = store.asleep.subscribe();
+    let running = world.start_with(store.clone(), Duration::from_millis(300));
+    tokio::time::timeout(PATIENCE, asleep.wait_for(|n| *n >= 1))
+        .await
+        .expect("the retry loop never fell asleep on the empty file")
+        .unwrap();
+
+    let bob = user("bob");
+    let hi = message("alice", "bob");
+    let mid = hi.mid.to_string();
+    world
+        .publish(
+            &bob,
+            &DeliverEvent::Message(Delivery {
+                recipient: bob.clone(),
+                device: None,
+                message: hi,
+            }),
+        )
+        .await;
+    // Not acked: sent again after 300 ms.
+    let sent = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let more = world.written.more.notified();
+            let copies = world
+                .written
+                .frames
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(to, f)| to == &bob && f["mid"] == mid.as_str())
+                .count();
+            if copies >= 2 {
+                return copies;
+            }
+            more.await;
+        }
+    })
+    .await;
+    assert!(sent.is_ok(), "bob's unacked message was never sent again");
+    running.abort();
 }
