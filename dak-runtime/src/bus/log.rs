@@ -127,9 +127,8 @@ pub struct OnceRecord {
 
 /// Most appends written in one transaction.
 const MAX_BATCH: usize = 4096;
-/// How long the writer, idle, waits for a command before it wakes: to look
-/// for what retention may delete after the last appends, and to expire
-/// dedup entries.
+/// How long the writer, idle after appends, waits for a command before it
+/// wakes to look for what retention may delete after them.
 const IDLE_WAKE_EVERY: Duration = Duration::from_secs(1);
 /// How often the writer looks for what every group has read, or what is
 /// older than the retention, once something was appended since it last
@@ -744,16 +743,27 @@ impl Writer {
 
     fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
         use std::sync::mpsc::RecvTimeoutError;
-        // Whether anything was written since retention last looked: an idle
-        // log with nothing due wakes once per IDLE_WAKE_EVERY and does nothing.
+        // Whether anything was written since retention last looked.
         let mut written = false;
         loop {
-            let wait = if self.due.is_empty() {
-                IDLE_WAKE_EVERY
+            // Idle with nothing to delete and nothing written since retention
+            // looked, the writer sleeps until an entry of the dedup table
+            // expires, or until a command comes.
+            let wait = if !self.due.is_empty() {
+                Some(DELETE_WHILE_IDLE_EVERY)
+            } else if written {
+                Some(IDLE_WAKE_EVERY)
             } else {
-                DELETE_WHILE_IDLE_EVERY
+                self.dedup
+                    .as_ref()
+                    .and_then(|d| d.index.next_upkeep(crate::now_ms()))
+                    .map(|wait| wait.max(Duration::from_millis(1)))
             };
-            match commands.recv_timeout(wait) {
+            let received = match wait {
+                Some(wait) => commands.recv_timeout(wait),
+                None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match received {
                 Ok(first) => {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -769,7 +779,10 @@ impl Writer {
                 // dedup entries.
                 Err(RecvTimeoutError::Timeout)
                     if !self.due.is_empty()
-                        || self.dedup.as_ref().is_some_and(|d| !d.index.is_empty()) =>
+                        || self
+                            .dedup
+                            .as_ref()
+                            .is_some_and(|d| d.index.upkeep_due(crate::now_ms())) =>
                 {
                     self.write(Vec::new())
                 }

@@ -14,8 +14,9 @@
 //! hash another key holds kept by its full key. Opening the file reads every
 //! row once to build it. It takes 20 to 40 bytes of memory per entry.
 //!
-//! Expired entries count as absent at once. Each transaction, and every second
-//! while idle, deletes expired rows from the head of the table, at most 2048;
+//! Expired entries count as absent at once. Each transaction, and while idle
+//! whenever the oldest entry has expired, deletes expired rows from the head
+//! of the table, at most 2048;
 //! beyond `max_entries` it deletes the oldest rows the same way, expired or not.
 //! Entries expire in the order they were made, since the TTL is the same for
 //! all; should the TTL shrink across a restart (or the clock step back),
@@ -79,6 +80,10 @@ pub(crate) struct Index {
     /// Rows in the table.
     rows: u64,
     max_rows: u64,
+    /// When the oldest row expires, as upkeep last found it; `None` until it
+    /// looked. Rows expire in the order they were made, so nothing expires
+    /// before this.
+    head_expires_at: Option<u64>,
 }
 
 impl Index {
@@ -91,14 +96,30 @@ impl Index {
             collided: HashMap::new(),
             rows: 0,
             max_rows,
+            head_expires_at: None,
         };
         index.load(conn)?;
         Ok(index)
     }
 
-    /// Entries in the table.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rows == 0
+    /// How long until upkeep has rows to delete: `None` with no rows (only a
+    /// new entry brings work), zero when it has some now or has not looked yet.
+    pub(crate) fn next_upkeep(&self, now_ms: u64) -> Option<Duration> {
+        if self.rows == 0 {
+            return None;
+        }
+        if self.rows > self.max_rows {
+            return Some(Duration::ZERO);
+        }
+        Some(match self.head_expires_at {
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms)),
+            None => Duration::ZERO,
+        })
+    }
+
+    /// Whether upkeep has rows to delete now.
+    pub(crate) fn upkeep_due(&self, now_ms: u64) -> bool {
+        self.next_upkeep(now_ms) == Some(Duration::ZERO)
     }
 
     fn hash(&self, user: &str, client_id: &str) -> u64 {
@@ -110,6 +131,7 @@ impl Index {
         self.by_hash.clear();
         self.collided.clear();
         self.rows = 0;
+        self.head_expires_at = None;
         let mut all = conn.prepare("SELECT seq, user, client_id FROM dedup ORDER BY seq")?;
         let mut rows = all.query([])?;
         while let Some(row) = rows.next()? {
@@ -183,6 +205,12 @@ impl Index {
 }
 
 impl WriterState for Index {
+    /// Idle, the thread wakes when the oldest entry expires, not before.
+    fn idle_upkeep(&self) -> Option<Duration> {
+        self.next_upkeep(crate::now_ms())
+            .map(|wait| wait.max(Duration::from_millis(1)))
+    }
+
     fn upkeep(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let now = crate::now_ms();
         let over = self.rows.saturating_sub(self.max_rows);
@@ -190,6 +218,8 @@ impl WriterState for Index {
         let mut gone: Vec<(i64, String, String)> = Vec::new();
         // Rows deleted before their time, for the bound.
         let mut evicted = 0u64;
+        // When the first row kept expires, if the sweep reached one.
+        let mut kept_head = None;
         {
             let mut head = conn.prepare_cached(
                 "SELECT seq, user, client_id, expires_at FROM dedup ORDER BY seq LIMIT ?1",
@@ -198,6 +228,7 @@ impl WriterState for Index {
             while let Some(row) = rows.next()? {
                 let expires_at: u64 = row.get(3)?;
                 if (gone.len() as u64) >= over && expires_at > now {
+                    kept_head = Some(expires_at);
                     break;
                 }
                 evicted += u64::from(expires_at > now);
@@ -212,6 +243,7 @@ impl WriterState for Index {
                 self.forget(user, client_id, seq);
             }
         }
+        self.head_expires_at = kept_head;
         if evicted > 0 {
             ::metrics::counter!(crate::metrics::DEDUP_EVICTED).increment(evicted);
         }
@@ -340,7 +372,38 @@ mod tests {
             collided: HashMap::new(),
             rows: 0,
             max_rows: u64::MAX,
+            head_expires_at: None,
         }
+    }
+
+    /// Idle, upkeep is due only once the oldest entry expires: at once
+    /// before it has looked, then at the expiry of the first row it kept,
+    /// never with no rows.
+    #[test]
+    fn upkeep_is_due_when_the_oldest_entry_expires() {
+        let conn = Connection::open_in_memory().unwrap();
+        let now = crate::now_ms();
+        let mut index = Index::open(&conn, u64::MAX).unwrap();
+        assert_eq!(index.next_upkeep(now), None, "no rows, no upkeep");
+        for (client_id, expires_at) in [("c-1", now - 1_000), ("c-2", now + 60_000)] {
+            conn.execute(
+                "INSERT INTO dedup (user, client_id, mid, ts, confirmed, expires_at)
+                 VALUES ('ann', ?1, 'M', 1, 1, ?2)",
+                params![client_id, expires_at as i64],
+            )
+            .unwrap();
+        }
+        index.load(&conn).unwrap();
+        assert!(index.upkeep_due(now), "not looked yet");
+        index.upkeep(&conn).unwrap();
+        assert_eq!(index.rows, 1, "the expired entry went");
+        let wait = index.next_upkeep(now).unwrap();
+        assert!(
+            wait > Duration::from_secs(59) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert!(!index.upkeep_due(now));
+        assert!(index.upkeep_due(now + 60_000));
     }
 
     /// Two keys whose hashes collide are both found, each by its own row.
