@@ -81,10 +81,17 @@ type Answer = Box<dyn FnOnce(&Outcome) + Send>;
 
 type Job<S> = Box<dyn FnOnce(Option<(&Connection, &mut S)>) -> Ran + Send>;
 
+/// A job as queued for the writer thread: whether its transaction must be
+/// fsynced before it is answered, on a [`Durability::PowerLoss`] file.
+struct Queued<S> {
+    job: Job<S>,
+    synced: bool,
+}
+
 /// The handle to a writer thread. The thread ends, and closes the connection,
 /// once every handle is dropped and the jobs already queued are done.
 pub struct Writer<S> {
-    jobs: mpsc::Sender<Job<S>>,
+    jobs: mpsc::Sender<Queued<S>>,
 }
 
 impl<S: WriterState> Writer<S> {
@@ -114,7 +121,7 @@ impl<S: WriterState> Writer<S> {
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || run(conn, state, queue))
+            .spawn(move || run(conn, state, queue, durability))
             .map_err(|e| StoreError::Transaction(format!("starting {name}: {e}")))?;
         Ok(Self { jobs })
     }
@@ -122,6 +129,27 @@ impl<S: WriterState> Writer<S> {
     /// Runs `work` on the writer thread, inside the next transaction, and
     /// returns its result once that transaction committed.
     pub async fn call<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut S) -> StoreResult<T> + Send + 'static,
+    {
+        self.queue(work, true).await
+    }
+
+    /// [`Writer::call`] for work that may be lost in a power failure without
+    /// harm (a delete whose rows would only be found again): a transaction
+    /// of such work alone commits without an fsync on a
+    /// [`Durability::PowerLoss`] file, so it does not hold up the calls
+    /// queued behind it. The next fsynced commit makes it durable too.
+    pub async fn call_unsynced<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut S) -> StoreResult<T> + Send + 'static,
+    {
+        self.queue(work, false).await
+    }
+
+    async fn queue<T, F>(&self, work: F, synced: bool) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &mut S) -> StoreResult<T> + Send + 'static,
@@ -146,12 +174,19 @@ impl<S: WriterState> Writer<S> {
                 }),
             }
         });
-        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        self.jobs
+            .send(Queued { job, synced })
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
 
-fn run<S: WriterState>(mut conn: Connection, mut state: S, queue: mpsc::Receiver<Job<S>>) {
+fn run<S: WriterState>(
+    mut conn: Connection,
+    mut state: S,
+    queue: mpsc::Receiver<Queued<S>>,
+    durability: Durability,
+) {
     loop {
         let mut batch = Vec::new();
         match state.idle_upkeep() {
@@ -171,7 +206,27 @@ fn run<S: WriterState>(mut conn: Connection, mut state: S, queue: mpsc::Receiver
                 Err(_) => break,
             }
         }
-        commit(&mut conn, &mut state, batch);
+        // A batch of unsynced work alone commits without an fsync.
+        let unsynced = durability == Durability::PowerLoss
+            && !batch.is_empty()
+            && batch.iter().all(|queued| !queued.synced);
+        if unsynced {
+            set_synchronous(&conn, "NORMAL");
+        }
+        commit(
+            &mut conn,
+            &mut state,
+            batch.into_iter().map(|queued| queued.job).collect(),
+        );
+        if unsynced {
+            set_synchronous(&conn, "FULL");
+        }
+    }
+}
+
+fn set_synchronous(conn: &Connection, level: &str) {
+    if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+        tracing::warn!(error = %e, level, "sqlite synchronous not set");
     }
 }
 
@@ -261,6 +316,41 @@ mod tests {
             |_| Ok(Counts::default()),
         )
         .unwrap()
+    }
+
+    /// On a power-loss-safe file, unsynced work alone commits with
+    /// `synchronous=NORMAL` (no fsync), and the file is back to `FULL` for
+    /// the calls after it; work that must be synced never runs unsynced.
+    #[tokio::test]
+    async fn unsynced_work_alone_commits_without_an_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer: Writer<()> = Writer::open(
+            &dir.path().join("s.db"),
+            "test-writer",
+            Durability::PowerLoss,
+            "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY)",
+            |_| Ok(()),
+        )
+        .unwrap();
+        let level = |conn: &Connection| -> StoreResult<i64> {
+            Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        };
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        assert_eq!(writer.call(move |conn, _| level(conn)).await.unwrap(), FULL);
+        let unsynced = writer.call_unsynced(move |conn, _| {
+            conn.execute("INSERT INTO t (k) VALUES (1)", [])?;
+            level(conn)
+        });
+        assert_eq!(unsynced.await.unwrap(), NORMAL);
+        assert_eq!(writer.call(move |conn, _| level(conn)).await.unwrap(), FULL);
+        // Queued with unsynced work, synced work is still synced.
+        let (unsynced, synced) = tokio::join!(
+            writer.call_unsynced(move |conn, _| level(conn)),
+            writer.call(move |conn, _| level(conn)),
+        );
+        unsynced.unwrap();
+        assert_eq!(synced.unwrap(), FULL);
     }
 
     /// Inserts `k`; returns the rows counted so far and the transaction it ran in.
