@@ -105,6 +105,24 @@ impl Bus {
         }
     }
 
+    /// For tests of one service: an embedded log in `dir` (file `bus.db`),
+    /// two partitions a topic, unprefixed topic names, every topic created.
+    pub async fn embedded_for_tests(dir: &std::path::Path) -> Self {
+        let log = Log::open(
+            &dir.join("bus.db"),
+            LogOptions {
+                partitions: 2,
+                ..LogOptions::default()
+            },
+        )
+        .expect("opening the test's embedded log");
+        let bus = Self::log(log, Topics::with_prefix(""));
+        bus.create_topics()
+            .await
+            .expect("creating the test's topics");
+        bus
+    }
+
     pub fn topics(&self) -> &Topics {
         &self.topics
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dak_runtime::auth::Verifier;
-use dak_runtime::bus::{Bus, Consumer, Log, LogOptions, Topics};
+use dak_runtime::bus::{Bus, Consumer};
 use dak_runtime::shutdown::Shutdown;
 use dak_wire::event::{
     self, Ack, DeliverEvent, Message, Notice, OfflineEvent, OfflineReason, ReceiptState,
@@ -104,16 +104,7 @@ impl World {
     async fn new() -> Self {
         dak_runtime::telemetry::init_for_tests();
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(
-            &dir.path().join("bus.db"),
-            LogOptions {
-                partitions: 2,
-                ..LogOptions::default()
-            },
-        )
-        .unwrap();
-        let bus = Bus::log(log, Topics::with_prefix(""));
-        bus.create_topics().await.unwrap();
+        let bus = Bus::embedded_for_tests(dir.path()).await;
         let inbox = Arc::new(SqliteInbox::open(&dir.path().join("inbox.db")).unwrap());
         Self { bus, inbox, dir }
     }
@@ -152,6 +143,17 @@ impl World {
             )
             .await
             .unwrap();
+    }
+
+    /// Waits until the inbox holds a message.
+    async fn stored(&self, or_else: &str) {
+        let stored = tokio::time::timeout(PATIENCE, async {
+            while self.inbox.depth().await.unwrap() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(stored.is_ok(), "{or_else}");
     }
 
     /// Reads `dak.deliver` as a group of the test's own.
@@ -221,13 +223,7 @@ async fn a_persistence_that_dies_right_after_a_drop_has_sent_its_receipt() {
             },
         )
         .await;
-    let stored = tokio::time::timeout(PATIENCE, async {
-        while world.inbox.depth().await.unwrap() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(stored.is_ok(), "bob's message was never stored");
+    world.stored("bob's message was never stored").await;
 
     dying.armed.store(true, Ordering::SeqCst);
     let died = dying.died.notified();
@@ -272,13 +268,7 @@ async fn a_persistence_that_dies_right_after_a_drop_has_sent_its_receipt() {
             },
         )
         .await;
-    let stored = tokio::time::timeout(PATIENCE, async {
-        while world.inbox.depth().await.unwrap() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(stored.is_ok(), "the second persistence stored nothing");
+    world.stored("the second persistence stored nothing").await;
     let page = world.inbox.page(&bob, &phone(), None, 10, 0).await.unwrap();
     assert_eq!(
         page.iter().map(|(_, m)| m.mid).collect::<Vec<_>>(),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dak_runtime::bus::{Bus, Consumer, Log, LogOptions, Producer, Topics};
+use dak_runtime::bus::{Bus, Consumer, Producer};
 use dak_runtime::presence::{Connection, DeviceRoute, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::store::StoreResult;
@@ -118,16 +118,7 @@ impl Harness {
     async fn start_storing(storing: Storing, store_wait: Duration) -> Self {
         dak_runtime::telemetry::init_for_tests();
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(
-            &dir.path().join("bus.db"),
-            LogOptions {
-                partitions: 2,
-                ..LogOptions::default()
-            },
-        )
-        .unwrap();
-        let bus = Bus::log(log, Topics::with_prefix(""));
-        bus.create_topics().await.unwrap();
+        let bus = Bus::embedded_for_tests(dir.path()).await;
         let producer = bus.producer().unwrap();
 
         let fake = FakeFcm::start().await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dak_runtime::bus::{Bus, Log, LogOptions, Topics};
+use dak_runtime::bus::Bus;
 use dak_runtime::gateway::{LocalGateway, Sockets};
 use dak_runtime::presence::{Connection, Gateway, MemoryPresence, Presence};
 use dak_runtime::shutdown::Shutdown;
@@ -161,16 +161,7 @@ impl World {
     async fn new() -> Self {
         dak_runtime::telemetry::init_for_tests();
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(
-            &dir.path().join("bus.db"),
-            LogOptions {
-                partitions: 2,
-                ..LogOptions::default()
-            },
-        )
-        .unwrap();
-        let bus = Bus::log(log, Topics::with_prefix(""));
-        bus.create_topics().await.unwrap();
+        let bus = Bus::embedded_for_tests(dir.path()).await;
         let presence = Arc::new(MemoryPresence::default());
         let gateway = Gateway::new(GATEWAY_URL.into());
         presence
