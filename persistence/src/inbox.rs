@@ -86,6 +86,15 @@ pub trait Inbox: Send + Sync + 'static {
     async fn depth(&self) -> InboxResult<u64>;
 }
 
+/// Each mid once, in the order given, as text.
+pub(crate) fn once_each(mids: &[Mid]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    mids.iter()
+        .filter(|mid| seen.insert(**mid))
+        .map(Mid::to_string)
+        .collect()
+}
+
 /// The stored copy of mid ?3 for device ?2 of user ?1: the device's own
 /// first, else the user-level one ('' sorts before any device id).
 const STORED_COPY: &str = "
@@ -202,12 +211,7 @@ impl Inbox for SqliteInbox {
         mids: &[Mid],
     ) -> InboxResult<Vec<Message>> {
         let (user, device) = (user.to_string(), device.to_string());
-        let mut seen = std::collections::HashSet::new();
-        let mids: Vec<String> = mids
-            .iter()
-            .filter(|mid| seen.insert(**mid))
-            .map(Mid::to_string)
-            .collect();
+        let mids = once_each(mids);
         self.with(move |db| {
             let mut read = db.prepare_cached(STORED_COPY)?;
             let mut found = Vec::new();

@@ -615,7 +615,7 @@ impl Inbox for ScyllaInbox {
         mids: &[Mid],
     ) -> InboxResult<Vec<Message>> {
         let (user, device) = (user.as_str(), device.as_str());
-        let mids = once_each(mids);
+        let mids = crate::inbox::once_each(mids);
         let results = bounded(
             mids.iter()
                 .enumerate()
@@ -639,7 +639,7 @@ impl Inbox for ScyllaInbox {
     ) -> InboxResult<Vec<Message>> {
         let ttl = ttl_secs(saturating_i64(tombstone_until_ms), now_ms(), 0);
         let (user, device) = (user.as_str(), device.as_str());
-        let mids = once_each(mids);
+        let mids = crate::inbox::once_each(mids);
         let results = bounded(
             mids.iter()
                 .enumerate()
@@ -1045,15 +1045,6 @@ impl Statements {
 }
 
 /// Runs `futures`, at most [`CONCURRENCY`] at a time; results in any order.
-/// Each mid once, in the order given, as text.
-fn once_each(mids: &[Mid]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    mids.iter()
-        .filter(|mid| seen.insert(**mid))
-        .map(Mid::to_string)
-        .collect()
-}
-
 async fn bounded<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     stream::iter(futures)
         .buffer_unordered(CONCURRENCY)

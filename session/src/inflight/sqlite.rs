@@ -12,14 +12,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
 use async_trait::async_trait;
 use dak_runtime::sqlite::{sql_ms, Durability, Writer, WriterState};
 use dak_runtime::store::StoreResult;
 use dak_wire::event::Ack;
 use dak_wire::{DeviceId, Mid, UserId};
 use rusqlite::{params, OptionalExtension};
+use tokio::sync::Notify;
 
 use super::{decode, encode, InFlight, Pending};
 
