@@ -132,6 +132,18 @@ impl World {
         tokio::spawn(persistence.run(Shutdown::new()))
     }
 
+    /// Publishes a `store` of `message` for `user`'s phone, which is not
+    /// connected.
+    async fn store_for_the_phone_of(&self, user: &UserId, message: Message) {
+        let store = OfflineEvent::Store {
+            user: user.clone(),
+            device: Some(phone()),
+            reason: OfflineReason::NotConnected,
+            message,
+        };
+        self.publish(user, &store).await;
+    }
+
     async fn publish(&self, key: &UserId, event: &OfflineEvent) {
         self.bus
             .producer()
@@ -212,17 +224,7 @@ async fn a_persistence_that_dies_right_after_a_drop_has_sent_its_receipt() {
         notice: None,
         ts: 1_732_380_000_123,
     };
-    world
-        .publish(
-            &bob,
-            &OfflineEvent::Store {
-                user: bob.clone(),
-                device: Some(phone()),
-                reason: OfflineReason::NotConnected,
-                message: hi.clone(),
-            },
-        )
-        .await;
+    world.store_for_the_phone_of(&bob, hi.clone()).await;
     world.stored("bob's message was never stored").await;
 
     dying.armed.store(true, Ordering::SeqCst);
@@ -257,17 +259,7 @@ async fn a_persistence_that_dies_right_after_a_drop_has_sent_its_receipt() {
         id: ClientId::parse("c-2").unwrap(),
         ..hi
     };
-    world
-        .publish(
-            &bob,
-            &OfflineEvent::Store {
-                user: bob.clone(),
-                device: Some(phone()),
-                reason: OfflineReason::NotConnected,
-                message: later.clone(),
-            },
-        )
-        .await;
+    world.store_for_the_phone_of(&bob, later.clone()).await;
     world.stored("the second persistence stored nothing").await;
     let page = world.inbox.page(&bob, &phone(), None, 10, 0).await.unwrap();
     assert_eq!(

@@ -249,6 +249,18 @@ impl World {
         assert!(done.is_ok(), "session never committed {records} records");
     }
 
+    /// Publishes a delivery of `message` to every device of its recipient.
+    async fn deliver(&self, message: Message) {
+        let recipient = user(&message.to);
+        let delivery = Delivery {
+            recipient: recipient.clone(),
+            device: None,
+            message,
+        };
+        self.publish(&recipient, &DeliverEvent::Message(delivery))
+            .await;
+    }
+
     async fn publish(&self, key: &UserId, event: &DeliverEvent) {
         self.bus
             .producer()
@@ -287,16 +299,7 @@ async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_rec
     let (alice, bob) = (user("alice"), user("bob"));
     let hi = message("alice", "bob");
     let mid = hi.mid.to_string();
-    world
-        .publish(
-            &bob,
-            &DeliverEvent::Message(Delivery {
-                recipient: bob.clone(),
-                device: None,
-                message: hi.clone(),
-            }),
-        )
-        .await;
+    world.deliver(hi.clone()).await;
     world
         .written
         .first(&bob, |f| f["type"] == "message" && f["mid"] == mid.as_str())
@@ -361,16 +364,7 @@ async fn a_delivery_made_while_the_retry_loop_sleeps_is_retried_at_its_deadline(
     let bob = user("bob");
     let hi = message("alice", "bob");
     let mid = hi.mid.to_string();
-    world
-        .publish(
-            &bob,
-            &DeliverEvent::Message(Delivery {
-                recipient: bob.clone(),
-                device: None,
-                message: hi,
-            }),
-        )
-        .await;
+    world.deliver(hi).await;
     // Not acked: sent again after 300 ms.
     let sent = tokio::time::timeout(PATIENCE, async {
         loop {
