@@ -7,13 +7,19 @@
 //! stop counting once its heartbeat expires (DESIGN §7.6), at the cost of one
 //! heartbeat write per gateway rather than one per connection.
 //!
+//! In `dak up` without Redis, presence lives in memory and only the devices
+//! are kept on disk, in a [`DeviceFile`].
+//!
 //! Redis keys (user keys share the `{user}` hash tag, so a lookup is one slot in
 //! Redis Cluster):
 //! - `<prefix>:{<user>}:presence`: hash device → `<gateway id> <connection id>`
 //! - `<prefix>:{<user>}:devices`: set of the user's known devices
 //! - `<prefix>:gateway:<gateway id>`: the gateway's internal URL, with a TTL
 
+mod devices;
+
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,6 +27,7 @@ use async_trait::async_trait;
 use dak_wire::{DeviceId, UserId};
 
 use crate::store::{StoreError, StoreResult};
+pub use devices::DeviceFile;
 
 /// A gateway process: a fresh id each start, and where its internal API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,10 +127,13 @@ pub trait Presence: Send + Sync + 'static {
     }
 }
 
-/// The in-process presence of `dak up`.
+/// The in-process presence of `dak up`. Its sockets live only as long as the
+/// process; its devices, given a [`DeviceFile`], outlive it.
 #[derive(Default)]
 pub struct MemoryPresence {
     state: Mutex<MemoryState>,
+    /// Where the devices are kept across a restart, if anywhere.
+    devices: Option<DeviceFile>,
 }
 
 #[derive(Default)]
@@ -139,6 +149,44 @@ struct UserPresence {
     sockets: HashMap<DeviceId, (String, String, bool)>,
 }
 
+impl MemoryPresence {
+    /// Presence whose devices are kept in the SQLite file at `path`, and
+    /// known again from it when it opens. Blocks while it reads the file.
+    pub fn with_device_file(path: &Path) -> StoreResult<Self> {
+        let (file, known) = DeviceFile::open(path)?;
+        let mut state = MemoryState::default();
+        for (user, device) in known {
+            state.users.entry(user).or_default().devices.insert(device);
+        }
+        Ok(Self {
+            state: Mutex::new(state),
+            devices: Some(file),
+        })
+    }
+
+    /// Makes `device` one of `user`'s: on disk first, if kept there, so that
+    /// the device is routed to only once a restart would still know it.
+    async fn remember(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        let known = {
+            let state = self.state.lock().expect("presence lock");
+            state
+                .users
+                .get(user)
+                .is_some_and(|u| u.devices.contains(device))
+        };
+        if known {
+            return Ok(());
+        }
+        if let Some(file) = &self.devices {
+            file.add(user, device).await?;
+        }
+        let mut state = self.state.lock().expect("presence lock");
+        let user = state.users.entry(user.clone()).or_default();
+        user.devices.insert(device.clone());
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Presence for MemoryPresence {
     fn outlives_the_process(&self) -> bool {
@@ -146,9 +194,9 @@ impl Presence for MemoryPresence {
     }
 
     async fn connect(&self, conn: &Connection) -> StoreResult<()> {
+        self.remember(&conn.user, &conn.device).await?;
         let mut state = self.state.lock().expect("presence lock");
         let user = state.users.entry(conn.user.clone()).or_default();
-        user.devices.insert(conn.device.clone());
         user.sockets.insert(
             conn.device.clone(),
             (conn.gateway_id.clone(), conn.connection_id.clone(), false),
@@ -177,14 +225,7 @@ impl Presence for MemoryPresence {
     }
 
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
-        let mut state = self.state.lock().expect("presence lock");
-        state
-            .users
-            .entry(user.clone())
-            .or_default()
-            .devices
-            .insert(device.clone());
-        Ok(())
+        self.remember(user, device).await
     }
 
     async fn disconnect(&self, conn: &Connection) -> StoreResult<()> {

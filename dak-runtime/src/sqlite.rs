@@ -64,7 +64,13 @@ pub trait WriterState: Send + 'static {
     }
 }
 
-impl WriterState for () {}
+/// A store that keeps nothing beside its file and has no housekeeping: its
+/// thread sleeps until a job comes.
+impl WriterState for () {
+    fn idle_upkeep(&self) -> Option<Duration> {
+        None
+    }
+}
 
 /// How a transaction ended: `Err` with what went wrong if it did not commit.
 type Outcome = Result<(), String>;

@@ -101,17 +101,18 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     // On the embedded log without Redis, the log keeps the dedup entries.
     let dedup_in_log = bus.embedded_log().filter(|log| log.keeps_dedup()).cloned();
     let (presence, dedup, inflight): SessionStores = match &args.store.redis_url {
-        // Presence is about the sockets of this process, so it starts
-        // empty; dedup and in-flight deliveries outlive a restart.
+        // The sockets presence knows are this process's, so they start
+        // empty; the devices each user has, dedup and in-flight deliveries
+        // outlive a restart.
         None => {
-            let (dedup, inflight) =
+            let (presence, dedup, inflight) =
                 open_files(&args.data.data_dir, &args.store, dedup_in_log.is_none()).await?;
             let store = inflight.clone();
             readiness.add("inflight", move || {
                 let store = store.clone();
                 async move { store.count().await.map(|_| ()).map_err(|e| e.to_string()) }
             });
-            (Arc::new(MemoryPresence::default()), dedup, inflight)
+            (presence, dedup, inflight)
         }
         Some(_) => {
             let redis = process::connect_redis(&args.store).await?;
@@ -299,14 +300,14 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
 /// in-flight store.
 type SessionStores = (Arc<dyn Presence>, Option<Arc<dyn Dedup>>, Arc<dyn InFlight>);
 
-/// The in-flight file under the data directory, and the dedup file unless
-/// the log keeps dedup, opened off the async threads: opening counts the
-/// dedup entries, a scan of the file.
+/// The in-flight and device files under the data directory, and the dedup
+/// file unless the log keeps dedup, opened off the async threads: opening
+/// reads every device and counts the dedup entries, scans of the files.
 async fn open_files(
     dir: &Path,
     store: &StoreArgs,
     with_dedup: bool,
-) -> anyhow::Result<(Option<Arc<dyn Dedup>>, Arc<dyn InFlight>)> {
+) -> anyhow::Result<SessionStores> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ConfigError(format!("cannot create {}: {e}", dir.display())))?;
     let (dir, ttl, max_entries) = (dir.to_owned(), store.dedup_ttl, store.dedup_max_entries);
@@ -319,7 +320,12 @@ async fn open_files(
             false => None,
         };
         let inflight = SqliteInFlight::open(&dir.join("inflight.db"))?;
-        Ok((dedup, Arc::new(inflight) as Arc<dyn InFlight>))
+        let presence = MemoryPresence::with_device_file(&dir.join("devices.db"))?;
+        Ok((
+            Arc::new(presence) as Arc<dyn Presence>,
+            dedup,
+            Arc::new(inflight) as Arc<dyn InFlight>,
+        ))
     });
     opened.await?
 }

@@ -189,6 +189,58 @@ async fn memory_presence_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn memory_presence_with_a_device_file_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryPresence::with_device_file(&dir.path().join("devices.db")).unwrap();
+    contract(&store).await;
+    expiry_contract(&store).await;
+}
+
+/// `dak up` restarted: the devices each user had are known again from the
+/// file; the sockets died with the process, the same gateway id included.
+#[tokio::test]
+async fn memory_presence_knows_its_devices_again_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("devices.db");
+    let gw = Gateway::new("http://gw".into());
+    let ttl = Duration::from_secs(30);
+    {
+        let store = MemoryPresence::with_device_file(&path).unwrap();
+        store.heartbeat(&gw, ttl).await.unwrap();
+        store
+            .connect(&conn("bob", "phone", &gw, "c1"))
+            .await
+            .unwrap();
+        store
+            .register_device(&user("bob"), &device("watch"))
+            .await
+            .unwrap();
+        store
+            .connect(&conn("alice", "web", &gw, "c2"))
+            .await
+            .unwrap();
+        // A reconnect of a known device, and a device registered twice.
+        store
+            .connect(&conn("bob", "phone", &gw, "c3"))
+            .await
+            .unwrap();
+        store
+            .register_device(&user("bob"), &device("watch"))
+            .await
+            .unwrap();
+    }
+
+    let store = MemoryPresence::with_device_file(&path).unwrap();
+    store.heartbeat(&gw, ttl).await.unwrap();
+    assert_eq!(
+        routes(&store, "bob").await,
+        vec![route("phone", None), route("watch", None)]
+    );
+    assert_eq!(routes(&store, "alice").await, vec![route("web", None)]);
+    assert_eq!(routes(&store, "nobody").await, vec![]);
+}
+
+#[tokio::test]
 async fn redis_presence_keeps_the_contract() {
     redis_contracts(crate::redis().await).await;
 }

@@ -19,7 +19,9 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::support::{spawn_dak_up, token, Client, Process, PATIENCE};
+use crate::support::{
+    register_device, spawn_dak_up, token, wait_for_inbox, Client, Process, PATIENCE,
+};
 
 /// Messages accepted before the stop; the device reads all of them and acks
 /// none.
@@ -214,4 +216,35 @@ fn seq_of(id: &str) -> u64 {
 
 fn mid_of(frame: &serde_json::Value) -> String {
     frame["mid"].as_str().unwrap().to_owned()
+}
+
+/// The devices a user had before a restart are still his after it: a message
+/// sent to him while none of them is connected waits in each device's inbox,
+/// so every one of them gets it, not only the first to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_known_before_a_restart_gets_what_was_sent_after_it() {
+    let dak = DakUp::new();
+    let Running {
+        mut process,
+        public,
+    } = dak.start().await;
+    // bob's phone and laptop connect; his tablet only registers a push token.
+    drop(Client::connect(public, &token("bob", "phone")).await);
+    drop(Client::connect(public, &token("bob", "laptop")).await);
+    register_device(public, "bob", "tablet").await;
+    let status = process.terminate();
+    assert!(status.success(), "dak up exited with {status} on SIGTERM");
+
+    let restarted = dak.start().await;
+    let public = restarted.public;
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    alice
+        .send_message("after", "bob", json!({ "text": "hi" }))
+        .await;
+    let mid = mid_of(&alice.expect("accepted").await);
+    // Each device's own copy, whichever asks first.
+    for device in ["laptop", "phone", "tablet"] {
+        let stored = wait_for_inbox(public, "bob", device, 1).await;
+        assert_eq!(mid_of(&stored[0]), mid, "bob's {device} after the restart");
+    }
 }
