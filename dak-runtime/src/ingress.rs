@@ -15,10 +15,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use dak_wire::event::{self, Ack, Connected, InboundEvent, Message, Notice, PushToken};
+use dak_wire::event::{
+    self, Ack, Connected, InboundEvent, Message, Notice, PushToken, RemovedDevice,
+};
 use dak_wire::frame::{GroupRequest, Outgoing, ReceiptRequest};
 use dak_wire::group::GroupCommand;
-use dak_wire::{ChatKind, ClientId, Mid};
+use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 
 use crate::auth::Identity;
 use crate::bus::log::{LogError, Once, OnceRecord};
@@ -316,6 +318,23 @@ impl Ingress {
         let delivery = self
             .producer
             .enqueue(&self.topic, &key, &event::encode(&event))?;
+        delivery.await?;
+        Ok(())
+    }
+
+    /// Queues the removal of one of `user`'s devices and waits for the bus.
+    pub async fn device_removed(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<(), IngressError> {
+        let event = InboundEvent::DeviceRemoved(RemovedDevice {
+            user: user.clone(),
+            device: device.clone(),
+        });
+        let delivery = self
+            .producer
+            .enqueue(&self.topic, user.as_str(), &event::encode(&event))?;
         delivery.await?;
         Ok(())
     }

@@ -104,6 +104,10 @@ pub trait Presence: Send + Sync + 'static {
     /// Makes a device known to its user without a socket (it registered a push
     /// token, for instance).
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()>;
+    /// The user removed the device: it is no longer one of the user's, so
+    /// nothing new is routed to it, even while a socket of it is open.
+    /// Connecting or registering again makes it known again.
+    async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()>;
     /// Keeps `gateway`'s entries alive for `ttl`.
     async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()>;
     /// A gateway shutting down cleanly: its entries stop counting now.
@@ -226,6 +230,17 @@ impl Presence for MemoryPresence {
 
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
         self.remember(user, device).await
+    }
+
+    async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        if let Some(file) = &self.devices {
+            file.remove(user, device).await?;
+        }
+        let mut state = self.state.lock().expect("presence lock");
+        if let Some(known) = state.users.get_mut(user) {
+            known.devices.remove(device);
+        }
+        Ok(())
     }
 
     async fn disconnect(&self, conn: &Connection) -> StoreResult<()> {
@@ -387,6 +402,15 @@ impl Presence for RedisPresence {
 
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
         redis::cmd("SADD")
+            .arg(self.devices_key(user))
+            .arg(device.as_str())
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        redis::cmd("SREM")
             .arg(self.devices_key(user))
             .arg(device.as_str())
             .query_async::<()>(&mut self.conn.clone())

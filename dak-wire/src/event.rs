@@ -224,6 +224,14 @@ pub struct PushToken {
     pub platform: Platform,
 }
 
+/// A device its user removed (`DELETE /v1/devices/{device}`): it gets no
+/// copy of anything newer, its stored inbox and its push token go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedDevice {
+    pub user: UserId,
+    pub device: DeviceId,
+}
+
 /// `dak.inbound`, keyed by the sender: everything clients send.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -235,6 +243,7 @@ pub enum InboundEvent {
     PushToken(PushToken),
     /// Create or change a group.
     Group(GroupCommand),
+    DeviceRemoved(RemovedDevice),
 }
 
 /// `dak.deliver`, keyed by the recipient user: deliveries and acks for that user
@@ -311,6 +320,13 @@ pub enum OfflineEvent {
     },
     /// For push: the device's token.
     PushToken(PushToken),
+    /// The user removed the device: persistence deletes its inbox, push its
+    /// token. Published by message-router, as a token is: it comes before the
+    /// token or the `replay` of a later registration of the same device. A
+    /// `store` for the device that session published just after it (a
+    /// message it routed while the device was still known) is kept, and
+    /// expires.
+    DeviceRemoved(RemovedDevice),
 }
 
 /// What happened to a message, as the services report it on `dak.status`,

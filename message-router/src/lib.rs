@@ -247,6 +247,10 @@ pub fn route(payload: &[u8]) -> Route {
             key: token.user.clone(),
             event: OfflineEvent::PushToken(token),
         },
+        InboundEvent::DeviceRemoved(removed) => Route::Offline {
+            key: removed.user.clone(),
+            event: OfflineEvent::DeviceRemoved(removed),
+        },
     }
 }
 
@@ -264,7 +268,7 @@ fn accepted(message: &Message) -> Option<StatusEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dak_wire::event::{Ack, Message};
+    use dak_wire::event::{Ack, Message, RemovedDevice};
     use dak_wire::{ClientId, DeviceId, Mid};
     use serde_json::value::RawValue;
 
@@ -314,6 +318,28 @@ mod tests {
             } => {
                 assert_eq!(key.as_str(), "bob");
                 assert_eq!(a, ack);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A removal goes to `dak.offline` as a push token does, keyed by the
+    /// user: a later token of the same device comes after it.
+    #[test]
+    fn device_removals_go_to_the_offline_topic_keyed_by_the_user() {
+        let removed = RemovedDevice {
+            user: UserId::parse("bob").unwrap(),
+            device: DeviceId::parse("laptop").unwrap(),
+        };
+        match route(&event::encode(&InboundEvent::DeviceRemoved(
+            removed.clone(),
+        ))) {
+            Route::Offline {
+                key,
+                event: OfflineEvent::DeviceRemoved(r),
+            } => {
+                assert_eq!(key.as_str(), "bob");
+                assert_eq!(r, removed);
             }
             other => panic!("unexpected {other:?}"),
         }

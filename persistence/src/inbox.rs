@@ -70,6 +70,9 @@ pub trait Inbox: Send + Sync + 'static {
     ) -> InboxResult<Vec<Message>>;
     /// Moves what waits in the user-level inbox to `device`; returns how many.
     async fn take_over(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64>;
+    /// Deletes every message kept for the device, which its user removed;
+    /// returns how many. The user-level inbox and the tombstones stay.
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64>;
     /// Up to `limit` messages of the device after position `after`, oldest first,
     /// leaving out those expired at `now_ms`.
     async fn page(
@@ -282,6 +285,18 @@ impl Inbox for SqliteInbox {
             tx.execute("DELETE FROM inbox WHERE user = ?1 AND device = ''", params![user])?;
             tx.commit()?;
             Ok(moved as u64)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
+        let (user, device) = (user.to_string(), device.to_string());
+        self.with(move |db| {
+            let removed = db.execute(
+                "DELETE FROM inbox WHERE user = ?1 AND device = ?2",
+                params![user, device],
+            )?;
+            Ok(removed as u64)
         })
         .await
     }

@@ -64,6 +64,7 @@ const REPLAY_PAGE: usize = 500;
 pub const STORED: &str = "dak_messages_stored_total";
 pub const DROPPED: &str = "dak_messages_dropped_total";
 pub const EXPIRED: &str = "dak_messages_expired_total";
+pub const REMOVED: &str = "dak_messages_removed_total";
 pub const REPLAYED: &str = "dak_messages_replayed_total";
 pub const SYNCED: &str = "dak_messages_synced_total";
 pub const INBOX_DEPTH: &str = "dak_inbox_depth";
@@ -237,6 +238,17 @@ impl Shared {
                     // The stores before it are written: the replay sees them.
                     self.store(std::mem::take(&mut stores)).await?;
                     self.start_replay(connected, gateway_url);
+                }
+                OfflineEvent::DeviceRemoved(removed) => {
+                    // Stores before it were for the device while it was known.
+                    self.store(std::mem::take(&mut stores)).await?;
+                    let n = self
+                        .inbox
+                        .remove_device(&removed.user, &removed.device)
+                        .await?;
+                    tracing::info!(user = %removed.user, device = %removed.device, messages = n, "device removed: its inbox is deleted");
+                    ::metrics::counter!(REMOVED).increment(n);
+                    ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
                 }
                 OfflineEvent::PushToken(_) => {}
             }
@@ -417,6 +429,10 @@ fn describe() {
     );
     describe_counter!(EXPIRED, "stored messages removed because their TTL ran out");
     describe_counter!(
+        REMOVED,
+        "stored messages deleted because their user removed the device"
+    );
+    describe_counter!(
         REPLAYED,
         "stored messages replayed to a device that connected"
     );
@@ -426,7 +442,9 @@ fn describe() {
         "messages in the offline inbox, all devices together"
     );
     use dak_runtime::metrics::{register_counter, RECEIPTS};
-    for name in [STORED, DROPPED, EXPIRED, REPLAYED, SYNCED, RECEIPTS] {
+    for name in [
+        STORED, DROPPED, EXPIRED, REMOVED, REPLAYED, SYNCED, RECEIPTS,
+    ] {
         register_counter(name, &[]);
     }
     // Registered, at zero, until the expiry loop's first round measures it.

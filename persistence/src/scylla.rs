@@ -734,6 +734,42 @@ impl Inbox for ScyllaInbox {
         Ok(moved)
     }
 
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
+        let (user, device) = (user.as_str(), device.as_str());
+        let buckets = self
+            .all::<(i64, Option<i64>)>(&self.st().list_buckets, (user, device, 0_i64))
+            .await?;
+        let mut removed = 0;
+        for (bucket, written) in buckets {
+            type Kept = (i64, String, String, i64);
+            let rows = self
+                .all::<Kept>(&self.st().rows_after, (user, device, bucket, -1_i64))
+                .await?;
+            let removals = rows
+                .into_iter()
+                .map(|(seq, mid, _, expires_at)| async move {
+                    let at = Location {
+                        bucket,
+                        seq,
+                        expires_at,
+                    };
+                    self.remove_message(user, device, &mid, at).await
+                });
+            let results: Vec<InboxResult<()>> = bounded(removals.collect()).await;
+            let done = results.iter().filter(|r| r.is_ok()).count() as u64;
+            self.add_depth(shard_of(user), -(done as i64)).await?;
+            removed += done;
+            results.into_iter().collect::<InboxResult<()>>()?;
+            // As in `take_over`: a store that marked the bucket since the
+            // listing wrote later than `written`, and survives this delete.
+            if let Some(written) = written {
+                self.exec(&self.st().forget_bucket, (written, user, device, bucket))
+                    .await?;
+            }
+        }
+        Ok(removed)
+    }
+
     async fn page(
         &self,
         user: &UserId,

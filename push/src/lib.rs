@@ -231,6 +231,13 @@ impl Push {
                     self.plan(user, device.as_ref(), message, &connected, &mut wakes)
                         .await?;
                 }
+                OfflineEvent::DeviceRemoved(removed) => {
+                    let (user, device) = (&removed.user, &removed.device);
+                    if let Some(held) = self.deps.tokens.for_device(user, device).await? {
+                        self.deps.tokens.remove(user, device, &held.token).await?;
+                        tracing::debug!(%user, %device, "push token of a removed device deleted");
+                    }
+                }
                 OfflineEvent::Drop(_) | OfflineEvent::Replay { .. } => {}
             }
         }

@@ -114,6 +114,7 @@ impl RestGateway {
         Router::new()
             .route("/v1/messages", post(send_messages))
             .route("/v1/acks", post(send_acks))
+            .route("/v1/devices/{device}", delete(remove_device))
             .route("/v1/devices/{device}/push-token", put(register_push_token))
             .route("/v1/receipts", post(send_receipts))
             .route("/v1/groups", post(create_group))
@@ -328,6 +329,41 @@ async fn send_acks(
 
 /// Longest push token accepted; FCM registration tokens are far shorter.
 const MAX_TOKEN_LEN: usize = 4096;
+
+/// `DELETE /v1/devices/{device}`: the user removes one of their devices,
+/// this one or another (a lost phone, from the laptop). Nothing new is
+/// copied for it from here on; its stored inbox and push token are deleted
+/// behind the request. Connecting again with a valid token makes the device
+/// known again: a removal does not revoke tokens.
+async fn remove_device(
+    State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
+    Path(device): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let device = DeviceId::parse(device)?;
+    // Presence first: a retry after a failure on the bus removes nothing
+    // twice, while the other order could store copies for a device whose
+    // inbox is already gone.
+    shared
+        .presence
+        .unregister_device(&identity.user, &device)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "removing a device failed");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "the device registry is unavailable, retry later",
+            )
+        })?;
+    shared
+        .ingress
+        .device_removed(&identity.user, &device)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "device": device })),
+    ))
+}
 
 #[derive(Deserialize)]
 struct PushTokenBody {

@@ -4,8 +4,9 @@
 //! copy for each of them, not only for the first to come back.
 //!
 //! Table `devices`: one row per (`user`, `device`), its primary key. A row is
-//! written the first time a device is seen and read back when the file is
-//! opened; the presence in memory answers every lookup.
+//! written the first time a device is seen, deleted when its user removes it,
+//! and read back when the file is opened; the presence in memory answers
+//! every lookup.
 
 use std::path::Path;
 
@@ -51,6 +52,18 @@ impl DeviceFile {
             })
             .collect::<StoreResult<Vec<_>>>()?;
         Ok((Self { writer }, devices))
+    }
+
+    /// Forgets `device` as one of `user`'s; returns once that is on disk.
+    pub async fn remove(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        let (user, device) = (user.to_string(), device.to_string());
+        self.writer
+            .call(move |conn, _| {
+                conn.prepare_cached("DELETE FROM devices WHERE user = ?1 AND device = ?2")?
+                    .execute(params![user, device])?;
+                Ok(())
+            })
+            .await
     }
 
     /// Keeps `device` as one of `user`'s; returns once it is on disk.

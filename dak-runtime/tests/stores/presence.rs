@@ -154,6 +154,40 @@ async fn contract(store: &dyn Presence) {
     assert!(many[1].is_empty());
     assert_eq!(many[2].len(), 3);
     assert_eq!(store.routes(&[]).await.unwrap().len(), 0);
+
+    // A device its user removed is no longer routed to, even with its socket
+    // still open; the others stay. Removing it twice, or a device never
+    // known, is no error.
+    store
+        .unregister_device(&user("carol"), &device("web"))
+        .await
+        .unwrap();
+    assert_eq!(routes(store, "carol").await, vec![]);
+    store
+        .unregister_device(&user("bob"), &device("watch"))
+        .await
+        .unwrap();
+    store
+        .unregister_device(&user("bob"), &device("watch"))
+        .await
+        .unwrap();
+    store
+        .unregister_device(&user("nobody"), &device("phone"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "bob").await,
+        vec![route("phone", None), route("tablet", None)]
+    );
+    // Connecting again makes it known again, with its new socket.
+    store
+        .connect(&conn("carol", "web", &gw1, "c5"))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(store, "carol").await,
+        vec![route("web", Some("http://gw1"))]
+    );
 }
 
 /// A gateway that dies stops heartbeating; its entries stop counting at expiry.
@@ -226,6 +260,15 @@ async fn memory_presence_knows_its_devices_again_from_its_file() {
             .unwrap();
         store
             .register_device(&user("bob"), &device("watch"))
+            .await
+            .unwrap();
+        // A device its user removed.
+        store
+            .register_device(&user("bob"), &device("old-phone"))
+            .await
+            .unwrap();
+        store
+            .unregister_device(&user("bob"), &device("old-phone"))
             .await
             .unwrap();
     }

@@ -15,6 +15,7 @@ mod bench;
 mod browser;
 mod console;
 mod dashboards;
+mod devices;
 mod faults;
 mod group_services;
 mod groups;

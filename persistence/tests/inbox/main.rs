@@ -170,6 +170,66 @@ pub async fn contract(inbox: &dyn Inbox, unique: &str) {
     assert!(inbox.depth().await.unwrap() >= 8 + 1 + 3);
 
     dropping_returns_what_it_removed(inbox, unique).await;
+    removing_a_device_deletes_its_inbox_alone(inbox, unique).await;
+}
+
+/// A device its user removed loses every stored copy; the user's other
+/// devices, the user-level inbox and other users keep theirs, and the
+/// device can be stored for again once it is back.
+async fn removing_a_device_deletes_its_inbox_alone(inbox: &dyn Inbox, unique: &str) {
+    let gina = format!("gina{unique}");
+    let henry = format!("henry{unique}");
+    let (phone, laptop) = (device("phone"), device("laptop"));
+    let for_phone: Vec<Stored> = (1..=3)
+        .map(|seq| stored(&gina, Some("phone"), seq, FAR))
+        .collect();
+    // The laptop's copies of the first two.
+    let for_laptop: Vec<Stored> = for_phone[..2]
+        .iter()
+        .map(|s| Stored {
+            device: Some(laptop.clone()),
+            ..s.clone()
+        })
+        .collect();
+    let waiting = stored(&gina, None, 4, FAR);
+    let henrys = stored(&henry, Some("laptop"), 5, FAR);
+    inbox.store(&for_phone).await.unwrap();
+    inbox.store(&for_laptop).await.unwrap();
+    inbox
+        .store(&[waiting.clone(), henrys.clone()])
+        .await
+        .unwrap();
+
+    assert_eq!(inbox.remove_device(&user(&gina), &laptop).await.unwrap(), 2);
+    let page = |u: String, d: DeviceId| async move {
+        mids(&inbox.page(&user(&u), &d, None, 100, 0).await.unwrap())
+    };
+    assert_eq!(page(gina.clone(), laptop.clone()).await, vec![]);
+    assert_eq!(
+        page(gina.clone(), phone.clone()).await,
+        for_phone.iter().map(|s| s.message.mid).collect::<Vec<_>>(),
+        "the other device keeps its copies"
+    );
+    assert_eq!(
+        page(henry.clone(), laptop.clone()).await,
+        vec![henrys.message.mid],
+        "another user's device of the same name keeps its copy"
+    );
+    // Handed over again (the bus delivers at least once): nothing left.
+    assert_eq!(inbox.remove_device(&user(&gina), &laptop).await.unwrap(), 0);
+    assert_eq!(
+        inbox
+            .take_over(&user(&gina), &device("tablet"))
+            .await
+            .unwrap(),
+        1,
+        "the user-level inbox stays"
+    );
+
+    // The device registered again: it is stored for as before.
+    let later = stored(&gina, Some("laptop"), 6, FAR);
+    assert_eq!(inbox.store(std::slice::from_ref(&later)).await.unwrap(), 1);
+    assert_eq!(page(gina, laptop).await, vec![later.message.mid]);
 }
 
 /// A drop hands back the messages it removed, as stored, in the order of the

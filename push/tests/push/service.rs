@@ -12,7 +12,9 @@ use dak_runtime::bus::{Bus, Consumer, Producer};
 use dak_runtime::presence::{Connection, DeviceRoute, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::store::StoreResult;
-use dak_wire::event::{self, Message, OfflineEvent, OfflineReason, Platform, PushToken};
+use dak_wire::event::{
+    self, Message, OfflineEvent, OfflineReason, Platform, PushToken, RemovedDevice,
+};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use push::{Deps, FcmSender, Push, PushTokens, SqliteTokens};
 use serde_json::value::RawValue;
@@ -68,6 +70,9 @@ impl Presence for Counted {
     }
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
         self.inner.register_device(user, device).await
+    }
+    async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
+        self.inner.unregister_device(user, device).await
     }
     async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()> {
         self.inner.heartbeat(gateway, ttl).await
@@ -447,6 +452,47 @@ async fn an_unregistered_token_is_forgotten_and_a_new_one_used() {
         "an invalid token is not retried"
     );
 
+    h.stop().await;
+}
+
+/// A device its user removed loses its token: a message waiting for the user
+/// wakes only the devices he kept, until the removed one registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_is_not_woken() {
+    let h = Harness::start().await;
+    h.register("erin", "phone", "tok-erin-phone", Platform::Android)
+        .await;
+    h.register("erin", "laptop", "tok-erin-laptop", Platform::Web)
+        .await;
+    let removed = RemovedDevice {
+        user: user("erin"),
+        device: device("laptop"),
+    };
+    h.publish(&user("erin"), &OfflineEvent::DeviceRemoved(removed))
+        .await;
+    // Waiting in the user-level inbox: every token of erin's is woken.
+    let waiting = message("alice", "erin", ChatKind::Direct);
+    h.store("erin", None, &waiting).await;
+    // The laptop comes back; push has finished with `waiting` by the time
+    // it pushes what comes after it.
+    h.register("erin", "laptop", "tok-erin-laptop-2", Platform::Web)
+        .await;
+    let later = message("alice", "erin", ChatKind::Direct);
+    h.store("erin", None, &later).await;
+
+    let sends = h
+        .fake
+        .wait_for_sends("the pushes of the later message", |sends| {
+            pushes_of(sends, &later.mid).len() == 2
+        })
+        .await;
+    let tokens = |mid: &Mid| {
+        let mut tokens: Vec<&str> = pushes_of(&sends, mid).iter().map(|s| s.token()).collect();
+        tokens.sort_unstable();
+        tokens
+    };
+    assert_eq!(tokens(&waiting.mid), ["tok-erin-phone"]);
+    assert_eq!(tokens(&later.mid), ["tok-erin-laptop-2", "tok-erin-phone"]);
     h.stop().await;
 }
 

@@ -24,6 +24,7 @@ pub struct Rest {
     pub addr: SocketAddr,
     pub log: Log,
     pub bus: Bus,
+    pub presence: Arc<MemoryPresence>,
     _shutdown: DropCancels,
     _dir: tempfile::TempDir,
 }
@@ -55,12 +56,13 @@ impl Rest {
             bus.topics().inbound.clone(),
             Arc::new(MemoryDedup::new(Duration::from_secs(60))),
         );
+        let presence = Arc::new(MemoryPresence::default());
         let gateway = RestGateway::new(
             rate,
             Verifier::hs256(SECRET),
             ingress,
             dak_wire::Limits::default(),
-            Arc::new(MemoryPresence::default()),
+            presence.clone(),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -75,6 +77,7 @@ impl Rest {
             addr,
             log,
             bus,
+            presence,
             _shutdown: DropCancels(shutdown),
             _dir: dir,
         }

@@ -1,0 +1,68 @@
+//! Removing a device (`DELETE /v1/devices/{device}`), on `dak up`'s own
+//! stores and with Redis.
+
+use serde_json::json;
+
+use crate::support::{
+    register_device, rest_sync_all, send_seq, seqs, token, wait_for_inbox, Client, Options, Stack,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_loses_its_inbox_and_gets_nothing_new() {
+    removal(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_loses_its_inbox_and_gets_nothing_new_with_redis() {
+    removal(Options {
+        redis: true,
+        ..Options::default()
+    })
+    .await;
+}
+
+/// bob's phone and laptop are away and both hold what alice sent. From his
+/// phone bob removes the laptop: its inbox is emptied, nothing newer is
+/// stored for it, the phone keeps getting everything, and the laptop is
+/// his again once it connects.
+async fn removal(options: Options) {
+    let stack = Stack::start(options).await;
+    register_device(stack.public, "bob", "phone").await;
+    register_device(stack.public, "bob", "laptop").await;
+    let mut alice = stack.connect("alice", "phone").await;
+    send_seq(&mut alice, "bob", 0..2).await;
+    wait_for_inbox(stack.public, "bob", "phone", 2).await;
+    wait_for_inbox(stack.public, "bob", "laptop", 2).await;
+
+    let removed = reqwest::Client::new()
+        .delete(format!("http://{}/v1/devices/laptop", stack.public))
+        .bearer_auth(token("bob", "phone"))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(removed.status().as_u16(), 202);
+    wait_for_inbox(stack.public, "bob", "laptop", 0).await;
+
+    // Sent after the removal: the phone gets them; the laptop's inbox, which
+    // persistence fills in the order of bob's offline stream, stays empty
+    // once the phone's holds the last of them.
+    send_seq(&mut alice, "bob", 2..4).await;
+    let on_phone = wait_for_inbox(stack.public, "bob", "phone", 4).await;
+    assert_eq!(seqs(&on_phone), vec![0, 1, 2, 3]);
+    assert!(rest_sync_all(stack.public, "bob", "laptop", 100)
+        .await
+        .is_empty());
+
+    // The laptop connects again: nothing to replay, and it is bob's again.
+    let mut laptop = Client::connect_raw(stack.public, &token("bob", "laptop")).await;
+    assert!(laptop.replay().await.is_empty(), "nothing kept for it");
+    alice
+        .send_message("after", "bob", json!({ "seq": 4 }))
+        .await;
+    alice.expect("accepted").await;
+    let frame = laptop.expect("message").await;
+    assert_eq!(frame["body"]["seq"], 4);
+    let on_phone = wait_for_inbox(stack.public, "bob", "phone", 5).await;
+    assert_eq!(seqs(&on_phone), vec![0, 1, 2, 3, 4]);
+    stack.stop().await;
+}
