@@ -9,6 +9,8 @@
 //! - `PUT /v1/devices/{device}/push-token`: `{"token":"…","platform":"android"|"ios"|"web"}`
 //!   for the token's own device; the device becomes known (it gets its own
 //!   inbox from then on) and the token travels through Kafka to push. 202.
+//! - `DELETE /v1/devices/{device}`: the user removes one of their devices; 202.
+//! - `GET /v1/devices`: the user's devices, `{"devices":[{"device","connected"},…]}`.
 //!
 //! - `POST /v1/receipts`: `{"receipts":[{"mid","to","state":"read"},…]}`, read
 //!   receipts for messages `to` sent; 202 once durable.
@@ -33,7 +35,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use dak_runtime::auth::{Identity, Verifier};
 use dak_runtime::http::ApiError;
@@ -114,6 +116,7 @@ impl RestGateway {
         Router::new()
             .route("/v1/messages", post(send_messages))
             .route("/v1/acks", post(send_acks))
+            .route("/v1/devices", get(list_devices))
             .route("/v1/devices/{device}", delete(remove_device))
             .route("/v1/devices/{device}/push-token", put(register_push_token))
             .route("/v1/receipts", post(send_receipts))
@@ -329,6 +332,42 @@ async fn send_acks(
 
 /// Longest push token accepted; FCM registration tokens are far shorter.
 const MAX_TOKEN_LEN: usize = 4096;
+
+#[derive(Serialize)]
+struct DeviceItem {
+    device: DeviceId,
+    /// Whether it has a socket on a live gateway now.
+    connected: bool,
+}
+
+/// `GET /v1/devices`: the devices of the caller's user, ordered by id: those
+/// that connected or registered a push token and were not removed since.
+/// Counts against the user's rate limit like a write.
+async fn list_devices(
+    State(shared): State<Arc<Shared>>,
+    Sender(identity): Sender,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let routes = shared
+        .presence
+        .routes(std::slice::from_ref(&identity.user))
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "reading the devices failed");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "the device registry is unavailable, retry later",
+            )
+        })?;
+    let devices: Vec<DeviceItem> = routes
+        .into_iter()
+        .flatten()
+        .map(|route| DeviceItem {
+            connected: route.gateway_url.is_some(),
+            device: route.device,
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "devices": devices })))
+}
 
 /// `DELETE /v1/devices/{device}`: the user removes one of their devices,
 /// this one or another (a lost phone, from the laptop). Nothing new is

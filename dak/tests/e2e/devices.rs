@@ -1,5 +1,5 @@
-//! Removing a device (`DELETE /v1/devices/{device}`), on `dak up`'s own
-//! stores and with Redis.
+//! Listing and removing devices (`GET /v1/devices`, `DELETE
+//! /v1/devices/{device}`), on `dak up`'s own stores and with Redis.
 
 use serde_json::json;
 
@@ -33,6 +33,13 @@ async fn removal(options: Options) {
     send_seq(&mut alice, "bob", 0..2).await;
     wait_for_inbox(stack.public, "bob", "phone", 2).await;
     wait_for_inbox(stack.public, "bob", "laptop", 2).await;
+    assert_eq!(
+        devices(stack.public, "bob").await,
+        json!([
+            {"device": "laptop", "connected": false},
+            {"device": "phone", "connected": false},
+        ])
+    );
 
     let removed = reqwest::Client::new()
         .delete(format!("http://{}/v1/devices/laptop", stack.public))
@@ -41,6 +48,10 @@ async fn removal(options: Options) {
         .await
         .expect("REST request");
     assert_eq!(removed.status().as_u16(), 202);
+    assert_eq!(
+        devices(stack.public, "bob").await,
+        json!([{"device": "phone", "connected": false}])
+    );
     wait_for_inbox(stack.public, "bob", "laptop", 0).await;
 
     // Sent after the removal: the phone gets them; the laptop's inbox, which
@@ -64,5 +75,25 @@ async fn removal(options: Options) {
     assert_eq!(frame["body"]["seq"], 4);
     let on_phone = wait_for_inbox(stack.public, "bob", "phone", 5).await;
     assert_eq!(seqs(&on_phone), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        devices(stack.public, "bob").await,
+        json!([
+            {"device": "laptop", "connected": true},
+            {"device": "phone", "connected": false},
+        ])
+    );
     stack.stop().await;
+}
+
+/// `GET /v1/devices` as `user`'s phone: the `devices` array.
+async fn devices(public: std::net::SocketAddr, user: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .get(format!("http://{public}/v1/devices"))
+        .bearer_auth(token(user, "phone"))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut body: serde_json::Value = response.json().await.unwrap();
+    body["devices"].take()
 }

@@ -1,8 +1,11 @@
-//! `DELETE /v1/devices/{device}`: a user removes one of their devices.
+//! `GET /v1/devices` and `DELETE /v1/devices/{device}`: a user's devices.
 
-use dak_runtime::presence::Presence;
+use std::time::Duration;
+
+use dak_runtime::presence::{Connection, Gateway, Presence};
 use dak_wire::event::{self, InboundEvent, RemovedDevice};
 use dak_wire::{DeviceId, UserId};
+use serde_json::json;
 
 use crate::support::{request, token, Rest};
 
@@ -66,6 +69,49 @@ async fn a_user_removes_another_of_his_devices() {
         assert_eq!(answer.status, 202, "{path}: {:?}", answer.body);
     }
     assert_eq!(rest.inbound(), 3);
+}
+
+/// The list is the user's devices alone, ordered by id, each saying whether
+/// it has a socket on a live gateway.
+#[tokio::test]
+async fn a_user_lists_his_devices() {
+    let rest = Rest::start().await;
+    let gateway = Gateway::new("http://gw".into());
+    rest.presence
+        .heartbeat(&gateway, Duration::from_secs(30))
+        .await
+        .unwrap();
+    rest.presence
+        .connect(&Connection {
+            user: bob(),
+            device: device("phone"),
+            gateway_id: gateway.id.clone(),
+            connection_id: "c1".into(),
+        })
+        .await
+        .unwrap();
+    rest.presence
+        .register_device(&bob(), &device("laptop"))
+        .await
+        .unwrap();
+    rest.presence
+        .register_device(&UserId::parse("carol").unwrap(), &device("web"))
+        .await
+        .unwrap();
+
+    let answer = request(rest.addr, "GET", "/v1/devices", &token("bob"), b"").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        answer.body,
+        json!({"devices": [
+            {"device": "laptop", "connected": false},
+            {"device": "phone", "connected": true},
+        ]})
+    );
+    let answer = request(rest.addr, "GET", "/v1/devices", &token("nobody"), b"").await;
+    assert_eq!(answer.body, json!({"devices": []}));
+    let answer = request(rest.addr, "GET", "/v1/devices", "not.a.token", b"").await;
+    assert_eq!(answer.status, 401);
 }
 
 /// Bad input is refused with a clear error and nothing reaches the bus or
