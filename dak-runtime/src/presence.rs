@@ -155,9 +155,13 @@ struct UserPresence {
 
 impl MemoryPresence {
     /// Presence whose devices are kept in the SQLite file at `path`, and
-    /// known again from it when it opens. Blocks while it reads the file.
-    pub fn with_device_file(path: &Path) -> StoreResult<Self> {
-        let (file, known) = DeviceFile::open(path)?;
+    /// known again from it when it opens; a new file starts with the devices
+    /// `earlier` finds (see [`DeviceFile::open`]). Blocks while it reads.
+    pub fn with_device_file(
+        path: &Path,
+        earlier: impl FnOnce() -> Vec<(UserId, DeviceId)>,
+    ) -> StoreResult<Self> {
+        let (file, known) = DeviceFile::open(path, earlier)?;
         let mut state = MemoryState::default();
         for (user, device) in known {
             state.users.entry(user).or_default().devices.insert(device);

@@ -19,6 +19,7 @@ use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_wire::{DeviceId, UserId};
 use session::inflight::{InFlight, RedisInFlight, SqliteInFlight};
 
 #[derive(Debug, clap::Args)]
@@ -320,7 +321,9 @@ async fn open_files(
             false => None,
         };
         let inflight = SqliteInFlight::open(&dir.join("inflight.db"))?;
-        let presence = MemoryPresence::with_device_file(&dir.join("devices.db"))?;
+        let presence = MemoryPresence::with_device_file(&dir.join("devices.db"), || {
+            devices_in_earlier_files(&dir)
+        })?;
         Ok((
             Arc::new(presence) as Arc<dyn Presence>,
             dedup,
@@ -328,6 +331,58 @@ async fn open_files(
         ))
     });
     opened.await?
+}
+
+/// The devices the files of a `dak up` from before `devices.db` know of,
+/// which kept each user's devices in memory alone: those with a stored
+/// message, a push token, a status step or a delivery in flight. A file or
+/// table that is not there is skipped, and so is an id that does not parse.
+fn devices_in_earlier_files(dir: &Path) -> Vec<(UserId, DeviceId)> {
+    let sources = [
+        (
+            dir.join("inbox.db"),
+            "SELECT DISTINCT user, device FROM inbox WHERE device != ''",
+        ),
+        (
+            push::tokens_path(dir),
+            "SELECT user, device FROM push_tokens",
+        ),
+        (
+            dir.join("status.db"),
+            "SELECT DISTINCT user, device FROM status WHERE user != '' AND device != ''",
+        ),
+        (
+            dir.join("inflight.db"),
+            "SELECT DISTINCT user, device FROM deliveries",
+        ),
+    ];
+    let mut found = std::collections::BTreeSet::new();
+    for (path, query) in sources {
+        let read = || -> rusqlite::Result<Vec<(String, String)>> {
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+            let conn = rusqlite::Connection::open_with_flags(&path, flags)?;
+            let mut select = conn.prepare(query)?;
+            let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect()
+        };
+        match read() {
+            Ok(rows) => found.extend(rows),
+            Err(e) => tracing::debug!(file = %path.display(), error = %e, "no devices read"),
+        }
+    }
+    let devices: Vec<_> = found
+        .into_iter()
+        .filter_map(|(user, device)| {
+            Some((UserId::parse(user).ok()?, DeviceId::parse(&device).ok()?))
+        })
+        .collect();
+    if !devices.is_empty() {
+        tracing::info!(
+            devices = devices.len(),
+            "devices.db starts with the devices the files of an earlier dak up know"
+        );
+    }
+    devices
 }
 
 /// The bus: Kafka when `DAK_KAFKA_BROKERS` is set, else the embedded durable

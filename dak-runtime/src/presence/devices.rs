@@ -7,6 +7,11 @@
 //! written the first time a device is seen, deleted when its user removes it,
 //! and read back when the file is opened; the presence in memory answers
 //! every lookup.
+//!
+//! A `dak up` from before this file kept the devices in memory alone. The
+//! first time the file is opened it is filled with the devices the caller
+//! finds elsewhere (the other files of such a `dak up`), in one transaction
+//! with `PRAGMA user_version = 1`, the mark that this was done.
 
 use std::path::Path;
 
@@ -30,10 +35,26 @@ pub struct DeviceFile {
 }
 
 impl DeviceFile {
-    /// Opens (or creates) the file and reads every device it holds.
-    pub fn open(path: &Path) -> StoreResult<(Self, Vec<(UserId, DeviceId)>)> {
+    /// Opens (or creates) the file and reads every device it holds. The
+    /// first time, it adds the devices `earlier` finds first.
+    pub fn open(
+        path: &Path,
+        earlier: impl FnOnce() -> Vec<(UserId, DeviceId)>,
+    ) -> StoreResult<(Self, Vec<(UserId, DeviceId)>)> {
         let mut rows = Vec::new();
         let writer = Writer::open(path, "devices", Durability::PowerLoss, SCHEMA, |conn| {
+            let filled: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if filled == 0 {
+                let tx = conn.unchecked_transaction()?;
+                let mut insert =
+                    tx.prepare("INSERT OR IGNORE INTO devices (user, device) VALUES (?1, ?2)")?;
+                for (user, device) in earlier() {
+                    insert.execute(params![user.as_str(), device.as_str()])?;
+                }
+                drop(insert);
+                tx.pragma_update(None, "user_version", 1)?;
+                tx.commit()?;
+            }
             let mut select = conn.prepare("SELECT user, device FROM devices")?;
             rows = select
                 .query_map([], |row| {

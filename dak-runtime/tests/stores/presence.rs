@@ -225,7 +225,7 @@ async fn memory_presence_keeps_the_contract() {
 #[tokio::test]
 async fn memory_presence_with_a_device_file_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let store = MemoryPresence::with_device_file(&dir.path().join("devices.db")).unwrap();
+    let store = MemoryPresence::with_device_file(&dir.path().join("devices.db"), Vec::new).unwrap();
     contract(&store).await;
     expiry_contract(&store).await;
 }
@@ -239,7 +239,7 @@ async fn memory_presence_knows_its_devices_again_from_its_file() {
     let gw = Gateway::new("http://gw".into());
     let ttl = Duration::from_secs(30);
     {
-        let store = MemoryPresence::with_device_file(&path).unwrap();
+        let store = MemoryPresence::with_device_file(&path, Vec::new).unwrap();
         store.heartbeat(&gw, ttl).await.unwrap();
         store
             .connect(&conn("bob", "phone", &gw, "c1"))
@@ -273,7 +273,7 @@ async fn memory_presence_knows_its_devices_again_from_its_file() {
             .unwrap();
     }
 
-    let store = MemoryPresence::with_device_file(&path).unwrap();
+    let store = MemoryPresence::with_device_file(&path, Vec::new).unwrap();
     store.heartbeat(&gw, ttl).await.unwrap();
     assert_eq!(
         routes(&store, "bob").await,
@@ -281,6 +281,27 @@ async fn memory_presence_knows_its_devices_again_from_its_file() {
     );
     assert_eq!(routes(&store, "alice").await, vec![route("web", None)]);
     assert_eq!(routes(&store, "nobody").await, vec![]);
+}
+
+/// A new file starts with the devices found elsewhere (an older `dak up`'s
+/// files), once: a file that has been filled is not filled again.
+#[tokio::test]
+async fn a_new_device_file_starts_with_the_devices_found_earlier_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("devices.db");
+    let earlier = || {
+        vec![
+            (user("bob"), device("phone")),
+            (user("bob"), device("laptop")),
+        ]
+    };
+    drop(MemoryPresence::with_device_file(&path, earlier).unwrap());
+
+    let store = MemoryPresence::with_device_file(&path, || panic!("asked again")).unwrap();
+    assert_eq!(
+        routes(&store, "bob").await,
+        vec![route("laptop", None), route("phone", None)]
+    );
 }
 
 #[tokio::test]

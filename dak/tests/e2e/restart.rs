@@ -236,15 +236,70 @@ async fn every_device_known_before_a_restart_gets_what_was_sent_after_it() {
     assert!(status.success(), "dak up exited with {status} on SIGTERM");
 
     let restarted = dak.start().await;
-    let public = restarted.public;
+    each_gets_its_copy(
+        restarted.public,
+        &[("laptop", 0), ("phone", 0), ("tablet", 0)],
+    )
+    .await;
+}
+
+/// The first start of a `dak up` with `devices.db` on the data directory of
+/// one without it: the devices that left a trace in the other files (a
+/// stored message, a push token, the status of a message they got) are
+/// bob's, and each gets what is sent next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_devices_an_earlier_dak_up_knew_are_found_in_its_files() {
+    let dak = DakUp::new();
+    let Running {
+        mut process,
+        public,
+    } = dak.start().await;
+    // The laptop connects once and goes away, and its copy is stored; the
+    // phone stays and acks its copy; the tablet has a push token, and a
+    // copy stored.
+    drop(Client::connect(public, &token("bob", "laptop")).await);
+    let mut phone = Client::connect(public, &token("bob", "phone")).await;
+    register_device(public, "bob", "tablet").await;
     let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    alice
+        .send_message("before", "bob", json!({ "text": "hello" }))
+        .await;
+    alice.expect("accepted").await;
+    let got = phone.expect("message").await;
+    phone.ack(&[&mid_of(&got)]).await;
+    wait_for_inbox(public, "bob", "laptop", 1).await;
+    // Its `delivered` receipt reached alice: the phone's ack is handled.
+    alice.expect("receipt").await;
+    let status = process.terminate();
+    assert!(status.success(), "dak up exited with {status} on SIGTERM");
+    for file in ["devices.db", "devices.db-wal", "devices.db-shm"] {
+        let _ = std::fs::remove_file(dak.data_dir.path().join(file));
+    }
+
+    let restarted = dak.start().await;
+    each_gets_its_copy(
+        restarted.public,
+        &[("laptop", 1), ("phone", 0), ("tablet", 1)],
+    )
+    .await;
+}
+
+/// alice sends bob one message while none of his devices is connected: each
+/// of `devices`, holding `(device, messages stored before)`, gets its own
+/// copy in its inbox, whichever asks first.
+async fn each_gets_its_copy(public: SocketAddr, devices: &[(&str, usize)]) {
+    let mut alice = Client::connect_raw(public, &token("alice", "phone")).await;
+    alice.replay().await;
     alice
         .send_message("after", "bob", json!({ "text": "hi" }))
         .await;
     let mid = mid_of(&alice.expect("accepted").await);
-    // Each device's own copy, whichever asks first.
-    for device in ["laptop", "phone", "tablet"] {
-        let stored = wait_for_inbox(public, "bob", device, 1).await;
-        assert_eq!(mid_of(&stored[0]), mid, "bob's {device} after the restart");
+    for (device, before) in devices {
+        let stored = wait_for_inbox(public, "bob", device, before + 1).await;
+        assert_eq!(
+            mid_of(&stored[*before]),
+            mid,
+            "bob's {device} after the restart"
+        );
     }
 }
