@@ -422,18 +422,21 @@ pub enum DeviceStep {
     Acked,
     /// The device acked it from its inbox, which then dropped it.
     Dropped,
+    /// Its user removed the device, and its inbox copy was deleted.
+    Removed,
     /// The device's user said it read the message (a checked read receipt).
     Read,
 }
 
 impl DeviceStep {
-    pub const ALL: [DeviceStep; 7] = [
+    pub const ALL: [DeviceStep; 8] = [
         DeviceStep::Delivered,
         DeviceStep::Retried,
         DeviceStep::Stored,
         DeviceStep::Pushed,
         DeviceStep::Acked,
         DeviceStep::Dropped,
+        DeviceStep::Removed,
         DeviceStep::Read,
     ];
 
@@ -445,6 +448,7 @@ impl DeviceStep {
             DeviceStep::Pushed => "pushed",
             DeviceStep::Acked => "acked",
             DeviceStep::Dropped => "dropped",
+            DeviceStep::Removed => "removed",
             DeviceStep::Read => "read",
         }
     }

@@ -70,9 +70,10 @@ pub trait Inbox: Send + Sync + 'static {
     ) -> InboxResult<Vec<Message>>;
     /// Moves what waits in the user-level inbox to `device`; returns how many.
     async fn take_over(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64>;
-    /// Deletes every message kept for the device, which its user removed;
-    /// returns how many. The user-level inbox and the tombstones stay.
-    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64>;
+    /// Deletes every message kept for the device, which its user removed,
+    /// and returns them, in no particular order. The user-level inbox and
+    /// the tombstones stay.
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<Vec<Message>>;
     /// Up to `limit` messages of the device after position `after`, oldest first,
     /// leaving out those expired at `now_ms`.
     async fn page(
@@ -289,14 +290,16 @@ impl Inbox for SqliteInbox {
         .await
     }
 
-    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<Vec<Message>> {
         let (user, device) = (user.to_string(), device.to_string());
         self.with(move |db| {
-            let removed = db.execute(
-                "DELETE FROM inbox WHERE user = ?1 AND device = ?2",
-                params![user, device],
-            )?;
-            Ok(removed as u64)
+            let mut delete =
+                db.prepare("DELETE FROM inbox WHERE user = ?1 AND device = ?2 RETURNING message")?;
+            let rows = delete.query_map(params![user, device], |row| row.get::<_, String>(0))?;
+            rows.map(|json| {
+                serde_json::from_str(&json?).map_err(|e| InboxError::Corrupt(e.to_string()))
+            })
+            .collect()
         })
         .await
     }

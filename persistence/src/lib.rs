@@ -242,11 +242,17 @@ impl Shared {
                 OfflineEvent::DeviceRemoved(removed) => {
                     // Stores before it were for the device while it was known.
                     self.store(std::mem::take(&mut stores)).await?;
-                    let n = self
-                        .inbox
-                        .remove_device(&removed.user, &removed.device)
-                        .await?;
-                    tracing::info!(user = %removed.user, device = %removed.device, messages = n, "device removed: its inbox is deleted");
+                    let (user, device) = (&removed.user, &removed.device);
+                    let gone = self.inbox.remove_device(user, device).await?;
+                    let n = gone.len() as u64;
+                    tracing::info!(%user, %device, messages = n, "device removed: its inbox is deleted");
+                    let steps: Vec<_> = gone
+                        .iter()
+                        .filter_map(|m| {
+                            device_step(m, user, Some(device), DeviceStep::Removed, now)
+                        })
+                        .collect();
+                    self.status.report(steps).await?;
                     ::metrics::counter!(REMOVED).increment(n);
                     ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
                 }

@@ -734,12 +734,12 @@ impl Inbox for ScyllaInbox {
         Ok(moved)
     }
 
-    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<Vec<Message>> {
         let (user, device) = (user.as_str(), device.as_str());
         let buckets = self
             .all::<(i64, Option<i64>)>(&self.st().list_buckets, (user, device, 0_i64))
             .await?;
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for (bucket, written) in buckets {
             type Kept = (i64, String, String, i64);
             let rows = self
@@ -747,19 +747,23 @@ impl Inbox for ScyllaInbox {
                 .await?;
             let removals = rows
                 .into_iter()
-                .map(|(seq, mid, _, expires_at)| async move {
+                .map(|(seq, mid, message, expires_at)| async move {
                     let at = Location {
                         bucket,
                         seq,
                         expires_at,
                     };
-                    self.remove_message(user, device, &mid, at).await
+                    self.remove_message(user, device, &mid, at).await?;
+                    Ok(message)
                 });
-            let results: Vec<InboxResult<()>> = bounded(removals.collect()).await;
-            let done = results.iter().filter(|r| r.is_ok()).count() as u64;
+            let results: Vec<InboxResult<String>> = bounded(removals.collect()).await;
+            let done = results.iter().filter(|r| r.is_ok()).count();
             self.add_depth(shard_of(user), -(done as i64)).await?;
-            removed += done;
-            results.into_iter().collect::<InboxResult<()>>()?;
+            for json in results {
+                let message =
+                    serde_json::from_str(&json?).map_err(|e| InboxError::Corrupt(e.to_string()))?;
+                removed.push(message);
+            }
             // As in `take_over`: a store that marked the bucket since the
             // listing wrote later than `written`, and survives this delete.
             if let Some(written) = written {

@@ -4,7 +4,8 @@
 use serde_json::json;
 
 use crate::support::{
-    register_device, rest_sync_all, send_seq, seqs, token, wait_for_inbox, Client, Options, Stack,
+    eventually, register_device, rest_sync_all, send_seq, seqs, token, wait_for_inbox, Client,
+    Options, Stack,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +32,10 @@ async fn removal(options: Options) {
     register_device(stack.public, "bob", "laptop").await;
     let mut alice = stack.connect("alice", "phone").await;
     send_seq(&mut alice, "bob", 0..2).await;
-    wait_for_inbox(stack.public, "bob", "phone", 2).await;
+    let first = wait_for_inbox(stack.public, "bob", "phone", 2).await[0]["mid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     wait_for_inbox(stack.public, "bob", "laptop", 2).await;
     assert_eq!(
         devices(stack.public, "bob").await,
@@ -53,6 +57,27 @@ async fn removal(options: Options) {
         json!([{"device": "phone", "connected": false}])
     );
     wait_for_inbox(stack.public, "bob", "laptop", 0).await;
+    // Where the first message is: still stored (and pushed) for the phone,
+    // and its copy for the laptop went with the laptop.
+    eventually("the removed step", || async {
+        let status: serde_json::Value =
+            reqwest::get(format!("http://{}/v1/messages/{first}/status", stack.admin))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+        let state = |device: &str| {
+            status["devices"]
+                .as_array()?
+                .iter()
+                .find(|d| d["device"] == device)
+                .map(|d| d["state"].clone())
+        };
+        let phone = state("phone")?;
+        (state("laptop")? == "removed" && (phone == "stored" || phone == "pushed")).then_some(())
+    })
+    .await;
 
     // Sent after the removal: the phone gets them; the laptop's inbox, which
     // persistence fills in the order of bob's offline stream, stays empty

@@ -10,7 +10,8 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::support::{
-    kafka, register_device, rest_group, token, wait_for_inbox, Client, Services, PATIENCE,
+    kafka, register_device, rest_group, rest_sync_all, token, wait_for_inbox, Client, Services,
+    PATIENCE,
 };
 
 /// A replacement group-router gets `dak.group` once the killed instance's
@@ -624,6 +625,44 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
         .build()
         .await
         .expect("connect to the CQL server");
+
+    // m199 removes its one device: its inbox on the CQL server empties and
+    // its push token goes; m198 keeps both.
+    let removed = reqwest::Client::new()
+        .delete(format!("http://{rest}/v1/devices/default"))
+        .bearer_auth(token("m199", "default"))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(removed.status().as_u16(), 202);
+    wait_for_inbox(sync, "m199", "default", 0).await;
+    let token_of = |user: &'static str| {
+        let (cql, keyspace) = (&cql, &keyspace);
+        async move {
+            let rows = cql
+                .query_unpaged(
+                    format!(
+                        "SELECT fcm_token FROM {keyspace}.push_tokens WHERE user_id = ? AND device_id = ?"
+                    ),
+                    (user, "default"),
+                )
+                .await
+                .expect("read a push token")
+                .into_rows_result()
+                .expect("rows");
+            rows.maybe_first_row::<(String,)>().expect("a token row")
+        }
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while token_of("m199").await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed device's push token is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(token_of("m198").await.is_some());
+    assert!(!rest_sync_all(sync, "m198", "default", 500).await.is_empty());
     for table in ["groups", "group_members", "push_tokens", "inbox_by_device"] {
         let rows = cql
             .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.{table}"), ())

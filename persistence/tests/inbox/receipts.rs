@@ -67,7 +67,7 @@ impl Inbox for DiesAfterDrop {
     async fn take_over(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
         self.inner.take_over(user, device).await
     }
-    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<u64> {
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> InboxResult<Vec<Message>> {
         self.inner.remove_device(user, device).await
     }
     async fn page(
