@@ -41,6 +41,7 @@ use dak_runtime::auth::{Identity, Verifier};
 use dak_runtime::http::ApiError;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::Presence;
+use dak_runtime::store::StoreError;
 use dak_wire::bounded::Bounded;
 use dak_wire::event::{Platform, PushToken};
 use dak_wire::frame::{self, parse_mids, Outgoing, ReceiptRequest, MAX_ACK_MIDS};
@@ -333,6 +334,17 @@ async fn send_acks(
 /// Longest push token accepted; FCM registration tokens are far shorter.
 const MAX_TOKEN_LEN: usize = 4096;
 
+/// The answer when presence, which holds the device registry, fails.
+fn registry_unavailable(doing: &'static str) -> impl FnOnce(StoreError) -> ApiError {
+    move |e| {
+        tracing::warn!(error = %e, "{doing} failed");
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the device registry is unavailable, retry later",
+        )
+    }
+}
+
 #[derive(Serialize)]
 struct DeviceItem {
     device: DeviceId,
@@ -351,13 +363,7 @@ async fn list_devices(
         .presence
         .routes(std::slice::from_ref(&identity.user))
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "reading the devices failed");
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "the device registry is unavailable, retry later",
-            )
-        })?;
+        .map_err(registry_unavailable("reading the devices"))?;
     let devices: Vec<DeviceItem> = routes
         .into_iter()
         .flatten()
@@ -387,13 +393,7 @@ async fn remove_device(
         .presence
         .unregister_device(&identity.user, &device)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "removing a device failed");
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "the device registry is unavailable, retry later",
-            )
-        })?;
+        .map_err(registry_unavailable("removing a device"))?;
     shared
         .ingress
         .device_removed(&identity.user, &device)
@@ -450,13 +450,7 @@ async fn register_push_token(
         .presence
         .register_device(&identity.user, &device)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "registering a device failed");
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "the device registry is unavailable, retry later",
-            )
-        })?;
+        .map_err(registry_unavailable("registering a device"))?;
     shared
         .ingress
         .push_token(PushToken {
