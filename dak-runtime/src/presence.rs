@@ -14,6 +14,9 @@
 //! Redis Cluster):
 //! - `<prefix>:{<user>}:presence`: hash device → `<gateway id> <connection id>`
 //! - `<prefix>:{<user>}:devices`: set of the user's known devices
+//! - `<prefix>:{<user>}:removed`: set of the devices the user removed and
+//!   that did not connect or register since; the write-back of a gateway's
+//!   sockets leaves them out of `devices`
 //! - `<prefix>:gateway:<gateway id>`: the gateway's internal URL, with a TTL
 
 mod devices;
@@ -333,6 +336,15 @@ if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ' ' then
 end
 return 0";
 
+// Writes back a socket's entry where it is missing, and its device unless its
+// user removed it. KEYS: presence, devices, removed; ARGV: device, entry.
+const REASSERT: &str = r"
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+return 0";
+
 const SET_LIVE: &str = r"
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return 0 end
@@ -359,6 +371,10 @@ impl RedisPresence {
         format!("{}:{{{user}}}:devices", self.prefix)
     }
 
+    fn removed_key(&self, user: &UserId) -> String {
+        format!("{}:{{{user}}}:removed", self.prefix)
+    }
+
     fn gateway_key(&self, id: &str) -> String {
         format!("{}:gateway:{id}", self.prefix)
     }
@@ -372,6 +388,8 @@ impl Presence for RedisPresence {
             .hset(self.presence_key(&conn.user), conn.device.as_str(), value)
             .ignore()
             .sadd(self.devices_key(&conn.user), conn.device.as_str())
+            .ignore()
+            .srem(self.removed_key(&conn.user), conn.device.as_str())
             .ignore()
             .query_async::<()>(&mut self.conn.clone())
             .await?;
@@ -405,18 +423,24 @@ impl Presence for RedisPresence {
     }
 
     async fn register_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
-        redis::cmd("SADD")
-            .arg(self.devices_key(user))
-            .arg(device.as_str())
+        redis::pipe()
+            .sadd(self.devices_key(user), device.as_str())
+            .ignore()
+            .srem(self.removed_key(user), device.as_str())
+            .ignore()
             .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(())
     }
 
     async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
-        redis::cmd("SREM")
-            .arg(self.devices_key(user))
-            .arg(device.as_str())
+        // Marked removed first: a write-back between the two commands then
+        // leaves the device out.
+        redis::pipe()
+            .sadd(self.removed_key(user), device.as_str())
+            .ignore()
+            .srem(self.devices_key(user), device.as_str())
+            .ignore()
             .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(())
@@ -443,9 +467,14 @@ impl Presence for RedisPresence {
                     conn.connection_id,
                     if *live { 1 } else { 0 }
                 );
-                pipe.hset_nx(self.presence_key(&conn.user), conn.device.as_str(), value)
-                    .ignore()
-                    .sadd(self.devices_key(&conn.user), conn.device.as_str())
+                pipe.cmd("EVAL")
+                    .arg(REASSERT)
+                    .arg(3)
+                    .arg(self.presence_key(&conn.user))
+                    .arg(self.devices_key(&conn.user))
+                    .arg(self.removed_key(&conn.user))
+                    .arg(conn.device.as_str())
+                    .arg(value)
                     .ignore();
             }
             pipe.query_async::<()>(&mut self.conn.clone()).await?;

@@ -312,7 +312,60 @@ async fn redis_presence_keeps_the_contract() {
 /// The Redis store's suites on `conn`: also run over TLS and on a Cluster.
 pub async fn redis_suites(conn: dak_runtime::redis::Connection) {
     redis_contracts(conn.clone()).await;
-    written_back_after_data_loss(conn).await;
+    written_back_after_data_loss(conn.clone()).await;
+    a_removed_device_is_not_written_back(conn).await;
+}
+
+#[tokio::test]
+async fn redis_presence_does_not_write_back_a_removed_device() {
+    a_removed_device_is_not_written_back(crate::redis().await).await;
+}
+
+/// The gateway writes back the sockets it holds at every heartbeat; a device
+/// its user removed while its socket stays open must stay removed, until it
+/// connects or registers again.
+async fn a_removed_device_is_not_written_back(redis: dak_runtime::redis::Connection) {
+    let store = RedisPresence::new(redis, &crate::unique_prefix());
+    let gw = Gateway::new("http://gw1".into());
+    store.heartbeat(&gw, Duration::from_secs(30)).await.unwrap();
+    let phone = conn("bob", "phone", &gw, "c1");
+    let laptop = conn("bob", "laptop", &gw, "c2");
+    store.connect(&phone).await.unwrap();
+    store.connect(&laptop).await.unwrap();
+    store
+        .unregister_device(&user("bob"), &device("laptop"))
+        .await
+        .unwrap();
+    store
+        .reassert(&[(phone.clone(), true), (laptop.clone(), true)])
+        .await
+        .unwrap();
+    assert_eq!(
+        routes(&store, "bob").await,
+        vec![route("phone", Some("http://gw1"))]
+    );
+
+    // Connecting again makes it known again, and written back from then on.
+    let again = conn("bob", "laptop", &gw, "c3");
+    store.connect(&again).await.unwrap();
+    store.reassert(&[(again, false)]).await.unwrap();
+    assert_eq!(
+        routes(&store, "bob").await,
+        vec![
+            route("laptop", Some("http://gw1")),
+            route("phone", Some("http://gw1"))
+        ]
+    );
+    // So does registering it (a push token) after another removal.
+    store
+        .unregister_device(&user("bob"), &device("laptop"))
+        .await
+        .unwrap();
+    store
+        .register_device(&user("bob"), &device("laptop"))
+        .await
+        .unwrap();
+    assert_eq!(routes(&store, "bob").await.len(), 2);
 }
 
 async fn redis_contracts(conn: dak_runtime::redis::Connection) {
