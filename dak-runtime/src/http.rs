@@ -57,7 +57,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let router = router.layer(axum::middleware::map_response(json_body_limit));
+    let router = router.layer(axum::middleware::from_fn(json_errors));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
@@ -171,29 +171,62 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// axum answers an oversize body with a plain-text 413; clients get the same
-/// JSON error shape as for every other refusal. The rest of such a body is
-/// never read, so the connection cannot carry another request: the answer
-/// says `Connection: close`, or a client reusing the connection would see its
-/// next request fail.
-async fn json_body_limit(response: Response) -> Response {
-    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
-        return response;
-    }
+/// axum answers a path no route serves (404) with no body, a method its
+/// route does not take (405) with none either, and an oversize body (413) in
+/// plain text; clients get the API's JSON error shape for each instead, as
+/// for every other refusal (the 405 keeps its `Allow` header).
+///
+/// The rest of an oversize body is never read, so the connection cannot
+/// carry another request: the 413 says `Connection: close`, or a client
+/// reusing the connection would see its next request fail.
+async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    let mut response = if is_json {
-        response
-    } else {
-        ApiError::new(ErrorCode::TooLarge, "request body too large").into_response()
-    };
-    response.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        axum::http::HeaderValue::from_static("close"),
-    );
-    response
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let mut response = if is_json {
+                response
+            } else {
+                ApiError::new(ErrorCode::TooLarge, "request body too large").into_response()
+            };
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        StatusCode::NOT_FOUND if !is_json => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint".into(),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED if !is_json => {
+            let message = format!("{method} is not served at this path");
+            let mut answer = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                message,
+            );
+            if let Some(allow) = response.headers().get(axum::http::header::ALLOW) {
+                answer
+                    .headers_mut()
+                    .insert(axum::http::header::ALLOW, allow.clone());
+            }
+            answer
+        }
+        _ => response,
+    }
+}
+
+/// `{"error":{"code","message"}}` for a code outside [`ErrorCode`]: the
+/// HTTP-level refusals that are not about what a request carried.
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, Json(body)).into_response()
 }
 
 #[cfg(test)]
@@ -251,14 +284,48 @@ mod tests {
     }
 
     async fn get_root(addr: SocketAddr) -> String {
+        request(addr, "GET", "/").await
+    }
+
+    /// The whole answer to a request without a body, head and body.
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> String {
         let mut socket = TcpStream::connect(addr).await.unwrap();
-        socket
-            .write_all(b"GET / HTTP/1.1\r\nHost: dak\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: dak\r\nConnection: close\r\n\r\n");
+        socket.write_all(head.as_bytes()).await.unwrap();
         let mut answer = String::new();
         socket.read_to_string(&mut answer).await.unwrap();
         answer
+    }
+
+    /// A path no route serves, or a method its route does not take, is
+    /// answered in the API's error shape, not with an empty body.
+    #[tokio::test]
+    async fn unknown_paths_and_methods_get_a_json_error() {
+        let (addr, _shutdown) = start(ConnectionLimits::default()).await;
+        let answer = request(addr, "GET", "/v1/nope").await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with(r#"{"error":{"code":"not_found","message":"no such endpoint"}}"#),
+            "{answer}"
+        );
+        let answer = request(addr, "DELETE", "/").await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("allow: get,head"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with(
+                r#"{"error":{"code":"method_not_allowed","message":"DELETE is not served at this path"}}"#
+            ),
+            "{answer}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
