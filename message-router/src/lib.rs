@@ -75,6 +75,7 @@ fn register_metrics() {
         "connected",
         "replayed",
         "push_token",
+        "device_removed",
         "group_message",
         "group_command",
         "read_receipt",
@@ -142,7 +143,12 @@ impl MessageRouter {
                     )?);
                 }
                 Route::Offline { key, event } => {
-                    ::metrics::counter!(metrics::ROUTED, "kind" => "push_token").increment(1);
+                    let kind = match &event {
+                        OfflineEvent::PushToken(_) => "push_token",
+                        OfflineEvent::DeviceRemoved(_) => "device_removed",
+                        _ => "offline",
+                    };
+                    ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
                     let payload = event::encode(&event);
                     acks.push(self.producer.enqueue(
                         &self.offline_topic,

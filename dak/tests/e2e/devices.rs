@@ -27,7 +27,8 @@ async fn a_removed_device_loses_its_inbox_and_gets_nothing_new_with_redis() {
 /// stored for it, the phone keeps getting everything, and the laptop is
 /// his again once it connects.
 async fn removal(options: Options) {
-    let stack = Stack::start(options).await;
+    // Alone: the test reads counters.
+    let stack = Stack::start_alone(options).await;
     register_device(stack.public, "bob", "phone").await;
     register_device(stack.public, "bob", "laptop").await;
     let mut alice = stack.connect("alice", "phone").await;
@@ -45,6 +46,9 @@ async fn removal(options: Options) {
         ])
     );
 
+    let routed = |kind: &str| format!("dak_events_routed_total{{kind=\"{kind}\"}}");
+    let removals_before = stack.metric(&routed("device_removed")).await;
+    let tokens_before = stack.metric(&routed("push_token")).await;
     let removed = reqwest::Client::new()
         .delete(format!("http://{}/v1/devices/laptop", stack.public))
         .bearer_auth(token("bob", "phone"))
@@ -57,6 +61,11 @@ async fn removal(options: Options) {
         json!([{"device": "phone", "connected": false}])
     );
     wait_for_inbox(stack.public, "bob", "laptop", 0).await;
+    assert_eq!(
+        stack.metric(&routed("device_removed")).await - removals_before,
+        1.0
+    );
+    assert_eq!(stack.metric(&routed("push_token")).await, tokens_before);
     // Where the first message is: still stored (and pushed) for the phone,
     // and its copy for the laptop went with the laptop.
     eventually("the removed step", || async {
