@@ -125,6 +125,14 @@ pub trait Presence: Send + Sync + 'static {
     }
     /// Every known device of each user, with its gateway if connected.
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>>;
+    /// The device's socket on a live gateway, as (gateway URL, connection
+    /// id), whether or not the device is still one of its user's: a removed
+    /// device's socket stays open until it is told.
+    async fn socket(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> StoreResult<Option<(String, String)>>;
     /// Whether the sockets this store knows can outlive the process that
     /// reads it. Not for the in-process store of `dak up`: its gateway, and so
     /// every socket, died with the process before it, so whatever was in
@@ -280,6 +288,23 @@ impl Presence for MemoryPresence {
             .gateways
             .remove(&gateway.id);
         Ok(())
+    }
+
+    async fn socket(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> StoreResult<Option<(String, String)>> {
+        let state = self.state.lock().expect("presence lock");
+        let now = Instant::now();
+        Ok(state
+            .users
+            .get(user)
+            .and_then(|u| u.sockets.get(device))
+            .and_then(|(gateway_id, connection, _)| {
+                let (url, expires) = state.gateways.get(gateway_id)?;
+                (*expires > now).then(|| (url.clone(), connection.clone()))
+            }))
     }
 
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
@@ -488,6 +513,29 @@ impl Presence for RedisPresence {
             .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    async fn socket(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> StoreResult<Option<(String, String)>> {
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg(self.presence_key(user))
+            .arg(device.as_str())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some((gateway_id, connection)) = entry.as_deref().and_then(|v| {
+            let mut words = v.split(' ');
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        }) else {
+            return Ok(None);
+        };
+        let url: Option<String> = redis::cmd("GET")
+            .arg(self.gateway_key(&gateway_id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(url.map(|url| (url, connection)))
     }
 
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {

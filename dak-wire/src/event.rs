@@ -261,6 +261,9 @@ pub enum DeliverEvent {
     /// Persistence replayed the inbox to this connection and sent `sync.done`;
     /// from here on, session delivers to it directly.
     Replayed(Connected),
+    /// The user removed the device: session tells its socket, if it has one,
+    /// which then closes.
+    DeviceRemoved(RemovedDevice),
 }
 
 /// One message to every device of `recipient` (or to one of them).

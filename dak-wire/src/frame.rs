@@ -328,6 +328,14 @@ pub fn parse_mids(mids: &[String]) -> Result<Vec<Mid>, WireError> {
 /// forwards, to learn that a socket's replay is over.
 pub const SYNC_DONE: &str = r#"{"type":"sync.done"}"#;
 
+/// `device.removed` as encoded: the last frame a socket gets when its user
+/// removed its device. The gateway recognises it and closes the socket with
+/// [`DEVICE_REMOVED_CLOSE`] once it is written.
+pub const DEVICE_REMOVED: &str = r#"{"type":"device.removed"}"#;
+
+/// The close code after [`DEVICE_REMOVED`].
+pub const DEVICE_REMOVED_CLOSE: u16 = 4001;
+
 /// What the server sends to a client.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -364,6 +372,9 @@ pub enum ServerFrame<'a> {
     /// Written as [`SYNC_DONE`].
     #[serde(rename = "sync.done")]
     SyncDone,
+    /// Written as [`DEVICE_REMOVED`].
+    #[serde(rename = "device.removed")]
+    DeviceRemoved,
     Error {
         code: ErrorCode,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -843,6 +854,7 @@ mod tests {
                 "to":"bob","chat":"direct","body":{"text":"hi"},"ts":7})
         );
         assert_eq!(ServerFrame::SyncDone.to_json(), SYNC_DONE);
+        assert_eq!(ServerFrame::DeviceRemoved.to_json(), DEVICE_REMOVED);
         assert_eq!(SYNC_DONE, r#"{"type":"sync.done"}"#);
         assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
         let error = ServerFrame::Error {

@@ -203,6 +203,7 @@ fn server_frame(v: &Value) -> Result<String, String> {
             .to_json()
         }
         "sync.done" => ServerFrame::SyncDone.to_json(),
+        "device.removed" => ServerFrame::DeviceRemoved.to_json(),
         "pong" => ServerFrame::Pong.to_json(),
         other => return Err(format!("dak sends no `{other}` frame")),
     };

@@ -34,6 +34,7 @@ fn route_and_encode(payload: &[u8]) -> Vec<u8> {
         Route::Group { event, .. } => event::encode(&event),
         Route::Offline { event, .. } => event::encode(&event),
         Route::Status(event) => event::encode(&event),
+        Route::DeviceRemoved(removed) => event::encode(&removed),
         Route::Drop(reason) => panic!("dropped: {reason}"),
     }
 }

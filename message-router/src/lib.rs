@@ -27,7 +27,8 @@ use dak_runtime::metrics;
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::status::Reporter;
 use dak_wire::event::{
-    self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent, StatusEvent,
+    self, DeliverEvent, Delivery, GroupEvent, InboundEvent, OfflineEvent, RemovedDevice,
+    StatusEvent,
 };
 use dak_wire::{ChatKind, GroupId, Message, Notice, UserId};
 
@@ -64,6 +65,10 @@ pub enum Route {
     },
     /// A client's read receipt, to be checked before it is relayed.
     Status(StatusEvent),
+    /// A device its user removed: to `dak.offline`, as a push token goes, for
+    /// its inbox and token; and to `dak.deliver`, for session to tell its
+    /// socket. Both keyed by the user.
+    DeviceRemoved(RemovedDevice),
     Drop(String),
 }
 
@@ -133,6 +138,7 @@ impl MessageRouter {
                         DeliverEvent::Ack(_) => "ack",
                         DeliverEvent::Connected(_) => "connected",
                         DeliverEvent::Replayed(_) => "replayed",
+                        DeliverEvent::DeviceRemoved(_) => "device_removed",
                     };
                     ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
                     let payload = event::encode(&event);
@@ -142,13 +148,16 @@ impl MessageRouter {
                         &payload,
                     )?);
                 }
+                Route::DeviceRemoved(removed) => {
+                    ::metrics::counter!(metrics::ROUTED, "kind" => "device_removed").increment(1);
+                    let key = removed.user.to_string();
+                    let offline = event::encode(&OfflineEvent::DeviceRemoved(removed.clone()));
+                    let deliver = event::encode(&DeliverEvent::DeviceRemoved(removed));
+                    acks.push(self.producer.enqueue(&self.offline_topic, &key, &offline)?);
+                    acks.push(self.producer.enqueue(&self.deliver_topic, &key, &deliver)?);
+                }
                 Route::Offline { key, event } => {
-                    let kind = match &event {
-                        OfflineEvent::PushToken(_) => "push_token",
-                        OfflineEvent::DeviceRemoved(_) => "device_removed",
-                        _ => "offline",
-                    };
-                    ::metrics::counter!(metrics::ROUTED, "kind" => kind).increment(1);
+                    ::metrics::counter!(metrics::ROUTED, "kind" => "push_token").increment(1);
                     let payload = event::encode(&event);
                     acks.push(self.producer.enqueue(
                         &self.offline_topic,
@@ -253,10 +262,7 @@ pub fn route(payload: &[u8]) -> Route {
             key: token.user.clone(),
             event: OfflineEvent::PushToken(token),
         },
-        InboundEvent::DeviceRemoved(removed) => Route::Offline {
-            key: removed.user.clone(),
-            event: OfflineEvent::DeviceRemoved(removed),
-        },
+        InboundEvent::DeviceRemoved(removed) => Route::DeviceRemoved(removed),
     }
 }
 
@@ -274,7 +280,7 @@ fn accepted(message: &Message) -> Option<StatusEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dak_wire::event::{Ack, Message, RemovedDevice};
+    use dak_wire::event::{Ack, Message};
     use dak_wire::{ClientId, DeviceId, Mid};
     use serde_json::value::RawValue;
 
@@ -330,9 +336,10 @@ mod tests {
     }
 
     /// A removal goes to `dak.offline` as a push token does, keyed by the
-    /// user: a later token of the same device comes after it.
+    /// user, so a later token of the same device comes after it; and to
+    /// `dak.deliver` for session.
     #[test]
-    fn device_removals_go_to_the_offline_topic_keyed_by_the_user() {
+    fn device_removals_go_to_the_offline_and_deliver_topics() {
         let removed = RemovedDevice {
             user: UserId::parse("bob").unwrap(),
             device: DeviceId::parse("laptop").unwrap(),
@@ -340,13 +347,7 @@ mod tests {
         match route(&event::encode(&InboundEvent::DeviceRemoved(
             removed.clone(),
         ))) {
-            Route::Offline {
-                key,
-                event: OfflineEvent::DeviceRemoved(r),
-            } => {
-                assert_eq!(key.as_str(), "bob");
-                assert_eq!(r, removed);
-            }
+            Route::DeviceRemoved(r) => assert_eq!(r, removed),
             other => panic!("unexpected {other:?}"),
         }
     }

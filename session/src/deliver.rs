@@ -12,7 +12,9 @@ use dak_runtime::status::{self, Reporter};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{
     self, Ack, Connected, DeliverEvent, Delivery, DeviceStep, OfflineEvent, OfflineReason,
+    RemovedDevice,
 };
+use dak_wire::frame::DEVICE_REMOVED;
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::{DeviceId, Message, Mid, ReceiptState, ServerFrame, UserId};
 use futures_util::future::join_all;
@@ -184,6 +186,10 @@ impl Core {
                 Ok(DeliverEvent::Replayed(c)) => {
                     self.deliver(std::mem::take(&mut messages)).await?;
                     self.replayed(c).await?;
+                }
+                Ok(DeliverEvent::DeviceRemoved(removed)) => {
+                    self.deliver(std::mem::take(&mut messages)).await?;
+                    self.device_removed(removed).await?;
                 }
                 Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
@@ -359,6 +365,26 @@ impl Core {
         let mut offline = Offline::default();
         offline.events.push((user, event));
         self.publish(offline).await
+    }
+
+    /// The user removed the device: its socket, if it has one, gets
+    /// `device.removed`, and its gateway closes it once that is written. A
+    /// socket that is gone or not draining is left alone: it gets nothing
+    /// new either way.
+    async fn device_removed(&self, removed: RemovedDevice) -> anyhow::Result<()> {
+        let RemovedDevice { user, device } = removed;
+        let Some((url, connection)) = self.presence.socket(&user, &device).await? else {
+            return Ok(());
+        };
+        let item = SendItem {
+            user: user.clone(),
+            device: device.clone(),
+            connection: Some(connection),
+            frame: RawValue::from_string(DEVICE_REMOVED.to_owned())?,
+        };
+        let outcome = self.gateways.send(&url, vec![item]).await;
+        tracing::info!(%user, %device, ?outcome, "told the socket of a removed device");
+        Ok(())
     }
 
     /// Persistence finished the replay: the socket goes live, and what was held

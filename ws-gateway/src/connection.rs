@@ -17,7 +17,7 @@ use dak_runtime::auth::{self, Identity};
 use dak_runtime::http::ApiError;
 use dak_runtime::metrics;
 use dak_runtime::presence::Connection;
-use dak_wire::frame::{ClientFrame, Refusal};
+use dak_wire::frame::{ClientFrame, Refusal, DEVICE_REMOVED, DEVICE_REMOVED_CLOSE};
 use dak_wire::{ErrorCode, ServerFrame, WireError};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -355,14 +355,22 @@ impl Socket<'_> {
 
     /// Writes `first` and the frames queued behind it, up to [`WRITE_BATCH`].
     async fn forward_queued(&mut self, first: Utf8Bytes) -> Step {
+        // `device.removed` is the last frame: the socket closes once it is written.
+        let mut removed = first.as_str() == DEVICE_REMOVED;
         let mut messages = vec![Message::Text(first)];
-        while messages.len() < WRITE_BATCH {
+        while !removed && messages.len() < WRITE_BATCH {
             let Some(frame) = self.queued.try_recv() else {
                 break;
             };
+            removed = frame.as_str() == DEVICE_REMOVED;
             messages.push(Message::Text(frame));
         }
-        self.forward_all(messages).await
+        match self.forward_all(messages).await {
+            Step::Continue if removed => {
+                Step::Close(DEVICE_REMOVED_CLOSE, "this device was removed by its user")
+            }
+            step => step,
+        }
     }
 
     /// Writes `first` and the replies already answered behind it, in order,

@@ -158,11 +158,33 @@ async fn contract(store: &dyn Presence) {
     // A device its user removed is no longer routed to, even with its socket
     // still open; the others stay. Removing it twice, or a device never
     // known, is no error.
+    let web_socket = Some(("http://gw1".to_owned(), "c4".to_owned()));
+    assert_eq!(
+        store.socket(&user("carol"), &device("web")).await.unwrap(),
+        web_socket
+    );
     store
         .unregister_device(&user("carol"), &device("web"))
         .await
         .unwrap();
     assert_eq!(routes(store, "carol").await, vec![]);
+    // Its socket can still be found, to be told.
+    assert_eq!(
+        store.socket(&user("carol"), &device("web")).await.unwrap(),
+        web_socket
+    );
+    assert_eq!(
+        store
+            .socket(&user("carol"), &device("phone"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.socket(&user("bob"), &device("phone")).await.unwrap(),
+        None,
+        "disconnected"
+    );
     store
         .unregister_device(&user("bob"), &device("watch"))
         .await

@@ -119,6 +119,51 @@ async fn removal(options: Options) {
     stack.stop().await;
 }
 
+/// A device removed while its socket is open is told, and its socket closes
+/// with 4001: its app knows to sign out. The user's other device is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_device_that_is_removed_is_told_and_closed() {
+    told_and_closed(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_device_that_is_removed_is_told_and_closed_with_redis() {
+    told_and_closed(Options {
+        redis: true,
+        ..Options::default()
+    })
+    .await;
+}
+
+async fn told_and_closed(options: Options) {
+    let stack = Stack::start(options).await;
+    let mut laptop = stack.connect("bob", "laptop").await;
+    let mut phone = stack.connect("bob", "phone").await;
+    let removed = reqwest::Client::new()
+        .delete(format!("http://{}/v1/devices/laptop", stack.public))
+        .bearer_auth(token("bob", "phone"))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(removed.status().as_u16(), 202);
+    assert_eq!(laptop.expect_any().await, json!({"type": "device.removed"}));
+    assert_eq!(laptop.closed().await, Some(4001));
+
+    // The phone carries on: the next thing it gets is what alice sends.
+    let mut alice = stack.connect("alice", "phone").await;
+    alice
+        .send_message("after", "bob", json!({ "seq": 0 }))
+        .await;
+    alice.expect("accepted").await;
+    let frame = phone.expect_any().await;
+    assert_eq!(
+        (frame["type"].as_str(), frame["body"]["seq"].as_u64()),
+        (Some("message"), Some(0)),
+        "{frame}"
+    );
+    stack.stop().await;
+}
+
 /// `GET /v1/devices` as `user`'s phone: the `devices` array.
 async fn devices(public: std::net::SocketAddr, user: &str) -> serde_json::Value {
     let response = reqwest::Client::new()

@@ -74,6 +74,13 @@ impl Presence for Counted {
     async fn unregister_device(&self, user: &UserId, device: &DeviceId) -> StoreResult<()> {
         self.inner.unregister_device(user, device).await
     }
+    async fn socket(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> StoreResult<Option<(String, String)>> {
+        self.inner.socket(user, device).await
+    }
     async fn heartbeat(&self, gateway: &Gateway, ttl: Duration) -> StoreResult<()> {
         self.inner.heartbeat(gateway, ttl).await
     }
