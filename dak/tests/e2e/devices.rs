@@ -4,8 +4,8 @@
 use serde_json::json;
 
 use crate::support::{
-    eventually, register_device, rest_sync_all, send_seq, seqs, token, wait_for_inbox, Client,
-    Options, Stack,
+    eventually, register_device, remove_device, rest_sync_all, send_seq, seqs, token,
+    wait_for_inbox, Client, Options, Stack,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,13 +49,7 @@ async fn removal(options: Options) {
     let routed = |kind: &str| format!("dak_events_routed_total{{kind=\"{kind}\"}}");
     let removals_before = stack.metric(&routed("device_removed")).await;
     let tokens_before = stack.metric(&routed("push_token")).await;
-    let removed = reqwest::Client::new()
-        .delete(format!("http://{}/v1/devices/laptop", stack.public))
-        .bearer_auth(token("bob", "phone"))
-        .send()
-        .await
-        .expect("REST request");
-    assert_eq!(removed.status().as_u16(), 202);
+    remove_device(stack.public, "bob", "phone", "laptop").await;
     assert_eq!(
         devices(stack.public, "bob").await,
         json!([{"device": "phone", "connected": false}])
@@ -139,13 +133,7 @@ async fn told_and_closed(options: Options) {
     let stack = Stack::start(options).await;
     let mut laptop = stack.connect("bob", "laptop").await;
     let mut phone = stack.connect("bob", "phone").await;
-    let removed = reqwest::Client::new()
-        .delete(format!("http://{}/v1/devices/laptop", stack.public))
-        .bearer_auth(token("bob", "phone"))
-        .send()
-        .await
-        .expect("REST request");
-    assert_eq!(removed.status().as_u16(), 202);
+    remove_device(stack.public, "bob", "phone", "laptop").await;
     assert_eq!(laptop.expect_any().await, json!({"type": "device.removed"}));
     assert_eq!(laptop.closed().await, Some(4001));
 

@@ -10,8 +10,8 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::support::{
-    kafka, register_device, rest_group, rest_sync_all, token, wait_for_inbox, Client, Services,
-    PATIENCE,
+    kafka, register_device, remove_device, rest_group, rest_sync_all, token, wait_for_inbox,
+    Client, Services, PATIENCE,
 };
 
 /// A replacement group-router gets `dak.group` once the killed instance's
@@ -628,13 +628,7 @@ async fn a_200_member_group_on_cql(nodes: String, keyspace: String) {
 
     // m199 removes its one device: its inbox on the CQL server empties and
     // its push token goes; m198 keeps both.
-    let removed = reqwest::Client::new()
-        .delete(format!("http://{rest}/v1/devices/default"))
-        .bearer_auth(token("m199", "default"))
-        .send()
-        .await
-        .expect("REST request");
-    assert_eq!(removed.status().as_u16(), 202);
+    remove_device(rest, "m199", "default", "default").await;
     wait_for_inbox(sync, "m199", "default", 0).await;
     let token_of = |user: &'static str| {
         let (cql, keyspace) = (&cql, &keyspace);

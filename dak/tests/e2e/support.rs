@@ -950,6 +950,17 @@ pub async fn register_device(public: SocketAddr, user: &str, device: &str) {
     assert_eq!(response.status().as_u16(), 202);
 }
 
+/// `DELETE /v1/devices/{device}` as `user`'s device `by`, which must succeed.
+pub async fn remove_device(public: SocketAddr, user: &str, by: &str, device: &str) {
+    let response = reqwest::Client::new()
+        .delete(format!("http://{public}/v1/devices/{device}"))
+        .bearer_auth(token(user, by))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(response.status().as_u16(), 202);
+}
+
 /// `GET /v1/messages` as `user`'s `device`: (status, body).
 pub async fn rest_sync(public: SocketAddr, user: &str, device: &str, query: &str) -> (u16, Value) {
     let response = reqwest::Client::new()
