@@ -157,6 +157,16 @@ struct MemoryState {
     gateways: HashMap<String, (String, Instant)>,
 }
 
+impl MemoryState {
+    /// The URL of `gateway_id` while its heartbeat is alive at `now`.
+    fn live_url(&self, gateway_id: &str, now: Instant) -> Option<String> {
+        self.gateways
+            .get(gateway_id)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(url, _)| url.clone())
+    }
+}
+
 #[derive(Default)]
 struct UserPresence {
     devices: BTreeSet<DeviceId>,
@@ -302,21 +312,14 @@ impl Presence for MemoryPresence {
             .get(user)
             .and_then(|u| u.sockets.get(device))
             .and_then(|(gateway_id, connection, _)| {
-                let (url, expires) = state.gateways.get(gateway_id)?;
-                (*expires > now).then(|| (url.clone(), connection.clone()))
+                Some((state.live_url(gateway_id, now)?, connection.clone()))
             }))
     }
 
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
         let state = self.state.lock().expect("presence lock");
         let now = Instant::now();
-        let live_url = |gateway_id: &str| {
-            state
-                .gateways
-                .get(gateway_id)
-                .filter(|(_, expires)| *expires > now)
-                .map(|(url, _)| url.clone())
-        };
+        let live_url = |gateway_id: &str| state.live_url(gateway_id, now);
         Ok(users
             .iter()
             .map(|user| match state.users.get(user) {
@@ -360,6 +363,13 @@ if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ' ' then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0";
+
+/// A presence entry's words: gateway id, connection id, and whether the
+/// socket is live.
+fn entry_words(entry: &str) -> Option<(&str, &str, bool)> {
+    let mut words = entry.split(' ');
+    Some((words.next()?, words.next()?, words.next() == Some("1")))
+}
 
 // Writes back a socket's entry where it is missing, and its device unless its
 // user removed it. KEYS: presence, devices, removed; ARGV: device, entry.
@@ -525,17 +535,14 @@ impl Presence for RedisPresence {
             .arg(device.as_str())
             .query_async(&mut self.conn.clone())
             .await?;
-        let Some((gateway_id, connection)) = entry.as_deref().and_then(|v| {
-            let mut words = v.split(' ');
-            Some((words.next()?.to_owned(), words.next()?.to_owned()))
-        }) else {
+        let Some((gateway_id, connection, _)) = entry.as_deref().and_then(entry_words) else {
             return Ok(None);
         };
         let url: Option<String> = redis::cmd("GET")
-            .arg(self.gateway_key(&gateway_id))
+            .arg(self.gateway_key(gateway_id))
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(url.map(|url| (url, connection)))
+        Ok(url.map(|url| (url, connection.to_owned())))
     }
 
     async fn routes(&self, users: &[UserId]) -> StoreResult<Vec<Vec<DeviceRoute>>> {
@@ -587,14 +594,8 @@ impl Presence for RedisPresence {
                         let device = DeviceId::parse(device.as_str())
                             .map_err(|e| StoreError::Corrupt(e.message))?;
                         let socket = sockets.get(device.as_str()).and_then(|v| {
-                            let mut words = v.split(' ');
-                            let (gw, connection, live) =
-                                (words.next()?, words.next()?, words.next());
-                            Some((
-                                urls.get(gw)?.clone(),
-                                connection.to_owned(),
-                                live == Some("1"),
-                            ))
+                            let (gw, connection, live) = entry_words(v)?;
+                            Some((urls.get(gw)?.clone(), connection.to_owned(), live))
                         });
                         Ok(match socket {
                             Some((url, connection, live)) => DeviceRoute {

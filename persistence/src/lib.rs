@@ -46,7 +46,7 @@ use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, DeviceStep, OfflineEvent};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::ServerFrame;
-use dak_wire::{Message, ReceiptState};
+use dak_wire::{DeviceId, Message, ReceiptState, UserId};
 use serde_json::value::RawValue;
 
 pub use config::Config;
@@ -220,16 +220,9 @@ impl Shared {
                         .inbox
                         .drop_acked(&ack.user, &ack.device, &ack.mids, tombstone)
                         .await?;
-                    let n = dropped.len() as u64;
-                    let steps: Vec<_> = dropped
-                        .iter()
-                        .filter_map(|m| {
-                            device_step(m, &ack.user, Some(&ack.device), DeviceStep::Dropped, now)
-                        })
-                        .collect();
-                    self.status.report(steps).await?;
-                    ::metrics::counter!(DROPPED).increment(n);
-                    ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
+                    let (step, counter) = (DeviceStep::Dropped, DROPPED);
+                    self.left_the_inbox(&dropped, &ack.user, &ack.device, step, counter, now)
+                        .await?;
                 }
                 OfflineEvent::Replay {
                     connected,
@@ -244,22 +237,37 @@ impl Shared {
                     self.store(std::mem::take(&mut stores)).await?;
                     let (user, device) = (&removed.user, &removed.device);
                     let gone = self.inbox.remove_device(user, device).await?;
-                    let n = gone.len() as u64;
-                    tracing::info!(%user, %device, messages = n, "device removed: its inbox is deleted");
-                    let steps: Vec<_> = gone
-                        .iter()
-                        .filter_map(|m| {
-                            device_step(m, user, Some(device), DeviceStep::Removed, now)
-                        })
-                        .collect();
-                    self.status.report(steps).await?;
-                    ::metrics::counter!(REMOVED).increment(n);
-                    ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
+                    tracing::info!(%user, %device, messages = gone.len(), "device removed: its inbox is deleted");
+                    let (step, counter) = (DeviceStep::Removed, REMOVED);
+                    self.left_the_inbox(&gone, user, device, step, counter, now)
+                        .await?;
                 }
                 OfflineEvent::PushToken(_) => {}
             }
         }
         self.store(stores).await
+    }
+
+    /// `messages` left the device's inbox: each gets `step` in its status,
+    /// `counter` counts them, and the depth gauge falls by as many.
+    async fn left_the_inbox(
+        &self,
+        messages: &[Message],
+        user: &UserId,
+        device: &DeviceId,
+        step: DeviceStep,
+        counter: &'static str,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        let steps: Vec<_> = messages
+            .iter()
+            .filter_map(|m| device_step(m, user, Some(device), step, now))
+            .collect();
+        self.status.report(steps).await?;
+        let n = messages.len() as u64;
+        ::metrics::counter!(counter).increment(n);
+        ::metrics::gauge!(INBOX_DEPTH).decrement(n as f64);
+        Ok(())
     }
 
     /// The device acked messages it got from its inbox (a replay or a sync):
