@@ -153,7 +153,7 @@ impl From<crate::auth::AuthError> for ApiError {
 
 impl From<crate::ingress::IngressError> for ApiError {
     fn from(e: crate::ingress::IngressError) -> Self {
-        tracing::warn!(error = %e, "ingress unavailable");
+        crate::ingress::log_refusal(&e);
         Self::new(
             ErrorCode::Unavailable,
             "the message bus is unavailable, retry later",

@@ -36,6 +36,20 @@ pub enum IngressError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// Refusals are logged at most this often while they go on; each one is
+/// counted in the metrics.
+const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs that the bus or a store refused what a client sent (it hears
+/// `unavailable`): the first at once, then one line per
+/// [`REFUSALS_LOGGED_EVERY`] with how many came since.
+pub fn log_refusal(error: &IngressError) {
+    static SPARSE: crate::telemetry::Sparse = crate::telemetry::Sparse::new(REFUSALS_LOGGED_EVERY);
+    if let Some(held_back) = SPARSE.admit(std::time::Instant::now()) {
+        tracing::warn!(%error, refusals_not_logged = held_back, "ingress unavailable");
+    }
+}
+
 /// What the client hears once its message is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {

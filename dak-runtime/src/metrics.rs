@@ -22,6 +22,7 @@ pub const CONSUMER_LAG: &str = "dak_consumer_lag";
 pub const INFLIGHT: &str = "dak_inflight_deliveries";
 pub const DEDUP_ENTRIES: &str = "dak_dedup_entries";
 pub const DEDUP_EVICTED: &str = "dak_dedup_evicted_total";
+pub const BUS_WRITE_FAILURES: &str = "dak_bus_write_failures_total";
 pub const EPHEMERAL: &str = "dak_ephemeral_delivered_total";
 pub const RECEIPTS: &str = "dak_receipts_total";
 pub const MESSAGE_AGE: &str = "dak_message_age_seconds";
@@ -142,6 +143,10 @@ pub(crate) fn describe() {
         "(sender, client id) entries dropped before their TTL because the dedup store was at its bound"
     );
     describe_counter!(ROUTED, "events routed by message-router, by kind");
+    describe_counter!(
+        BUS_WRITE_FAILURES,
+        "commits of the embedded log that failed (a full disk, say): their appends were refused"
+    );
     describe_counter!(REJECTED, "client input refused, by error code");
     describe_counter!(
         DEAD_LETTERS,

@@ -49,6 +49,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<Started>>,
 {
     telemetry::init(process.log_format);
+    write_past_file_size_limit_fails();
     // Before the services are built, so that what they register is recorded.
     admin::metrics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -181,6 +182,19 @@ pub fn bus_check(readiness: &mut Readiness, producer: &Producer) {
         let producer = producer.clone();
         async move { producer.check().await }
     });
+}
+
+/// A write that would grow a file past the process's file size limit
+/// (`ulimit -f`) raises SIGXFSZ, whose default action ends the process. Ignored,
+/// the write fails with `EFBIG` instead, and dak treats it as it treats a full
+/// disk: what it cannot make durable is refused, and the process carries on.
+fn write_past_file_size_limit_fails() {
+    // SAFETY: SIG_IGN installs no handler, so no code of ours runs in signal
+    // context; nothing in dak relies on SIGXFSZ.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 /// Readiness check: Redis answers PING.

@@ -304,7 +304,7 @@ fn check_item(
 }
 
 fn unavailable(e: &dak_runtime::ingress::IngressError) -> WireError {
-    tracing::warn!(error = %e, "ingress unavailable");
+    dak_runtime::ingress::log_refusal(e);
     WireError {
         code: ErrorCode::Unavailable,
         message: "the message bus is unavailable, keep the message and retry".into(),

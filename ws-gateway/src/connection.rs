@@ -463,7 +463,7 @@ fn accepted(a: &dak_runtime::ingress::Accepted) -> String {
 }
 
 fn unavailable(e: &dak_runtime::ingress::IngressError, id: Option<String>) -> String {
-    tracing::warn!(error = %e, "ingress unavailable");
+    dak_runtime::ingress::log_refusal(e);
     ::metrics::counter!(metrics::REJECTED, "code" => ErrorCode::Unavailable.as_str()).increment(1);
     let refusal = Refusal {
         error: WireError {

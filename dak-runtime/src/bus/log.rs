@@ -142,6 +142,11 @@ const RETENTION_EVERY: Duration = Duration::from_millis(100);
 const DELETE_CHUNK: i64 = 128;
 /// How soon the writer, idle, deletes the next chunk of what is due.
 const DELETE_WHILE_IDLE_EVERY: Duration = Duration::from_millis(10);
+/// How soon the writer, idle, tries again to delete what is due after a
+/// commit failed. A delete needs room in the file too: on a full disk it
+/// fails like an append, and trying every 10 ms kept a third of a core busy
+/// (each failure also reloads the dedup entries).
+const DELETE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
 
 /// A handle to the log, cheap to clone. The writer thread ends when the last
 /// handle is dropped.
@@ -160,6 +165,9 @@ struct Inner {
     /// Groups with a live consumer.
     busy: Mutex<HashSet<String>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// When and why the writer's latest failed commit failed: readiness
+    /// reports it for [`FAILURE_SHOWN_FOR`].
+    failing: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 struct Topic {
@@ -313,6 +321,8 @@ impl Log {
             }
             None => None,
         };
+        // Exported from the start, so that a rule on it has a series at zero.
+        ::metrics::counter!(crate::metrics::BUS_WRITE_FAILURES).increment(0);
         let (writer, commands) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
             path: path.to_owned(),
@@ -322,6 +332,7 @@ impl Log {
             topics: Mutex::new(topics),
             busy: Mutex::default(),
             thread: Mutex::new(None),
+            failing: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         let thread = std::thread::Builder::new()
@@ -441,14 +452,20 @@ impl Log {
     }
 
     /// Readiness: a round trip through the writer thread, which fails once the
-    /// thread is gone.
+    /// thread is gone, and for [`FAILURE_SHOWN_FOR`] after a commit failed.
     pub async fn writer_answers(&self) -> Result<(), LogError> {
         let (done, answer) = oneshot::channel();
         self.inner
             .writer
             .send(Command::Flush { done })
             .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)
+        answer.await.map_err(|_| LogError::Closed)?;
+        match &*self.inner.failing.lock().expect("log lock") {
+            Some((at, reason)) if at.elapsed() < FAILURE_SHOWN_FOR => Err(LogError::Write(
+                format!("a commit failed {:.1?} ago: {reason}", at.elapsed()),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// A consumer of `topics` for `group`, starting at the group's committed
@@ -674,7 +691,28 @@ struct Writer {
     /// Partitions whose oldest records retention is to delete.
     due: Vec<Due>,
     dedup: Option<DedupState>,
+    /// Commits that failed since the last that succeeded.
+    failures: Option<Failures>,
 }
+
+/// A run of failed commits: a full disk, say. Each is counted in
+/// `dak_bus_write_failures_total`; the process's log gets the first at once,
+/// then one line per [`FAILURES_LOGGED_EVERY`], and one when a commit
+/// succeeds again.
+struct Failures {
+    since: std::time::Instant,
+    count: u64,
+    log: crate::telemetry::Sparse,
+}
+
+/// How long readiness reports a failed commit. Not until the next commit
+/// succeeds: a small commit can fit where a large one did not, so one
+/// success says little, and a process that readiness takes out of traffic
+/// might not get another append to try.
+const FAILURE_SHOWN_FOR: Duration = Duration::from_secs(10);
+
+/// How often a run of failed commits is logged while it lasts.
+const FAILURES_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
 /// The outbox dedup entries the writer keeps beside the records.
 struct DedupState {
@@ -738,7 +776,42 @@ impl Writer {
             last_retention: std::time::Instant::now(),
             due: Vec::new(),
             dedup,
+            failures: None,
         }
+    }
+
+    /// A commit failed: what it held is refused to those who wait for it.
+    fn failed(&mut self, reason: &str) {
+        ::metrics::counter!(crate::metrics::BUS_WRITE_FAILURES).increment(1);
+        let now = std::time::Instant::now();
+        let failures = self.failures.get_or_insert_with(|| Failures {
+            since: now,
+            count: 0,
+            log: crate::telemetry::Sparse::new(FAILURES_LOGGED_EVERY),
+        });
+        failures.count += 1;
+        if failures.log.admit(now).is_some() {
+            tracing::error!(
+                error = %reason,
+                failed_commits = failures.count,
+                "embedded log commit failed: its appends were refused"
+            );
+        }
+        if let Some(log) = self.log.upgrade() {
+            *log.failing.lock().expect("log lock") = Some((now, reason.to_owned()));
+        }
+    }
+
+    /// A commit that wrote succeeded.
+    fn wrote(&mut self) {
+        let Some(failures) = self.failures.take() else {
+            return;
+        };
+        tracing::info!(
+            failed_commits = failures.count,
+            failing_for = ?failures.since.elapsed(),
+            "embedded log writes again"
+        );
     }
 
     fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
@@ -750,7 +823,10 @@ impl Writer {
             // looked, the writer sleeps until an entry of the dedup table
             // expires, or until a command comes.
             let wait = if !self.due.is_empty() {
-                Some(DELETE_WHILE_IDLE_EVERY)
+                Some(match self.failures {
+                    Some(_) => DELETE_AFTER_FAILURE_EVERY,
+                    None => DELETE_WHILE_IDLE_EVERY,
+                })
             } else if written {
                 Some(IDLE_WAKE_EVERY)
             } else {
@@ -804,6 +880,7 @@ impl Writer {
         let mut flushed = Vec::new();
         let mut moved = Vec::new();
         let mut existing = Vec::new();
+        let changes = self.conn.total_changes();
         let result = self.write_all(
             batch,
             &mut appended,
@@ -813,6 +890,11 @@ impl Writer {
         );
         match result {
             Ok(()) => {
+                // A commit that wrote nothing (a flush alone) says nothing
+                // of whether writes work.
+                if self.conn.total_changes() > changes {
+                    self.wrote();
+                }
                 for Moved {
                     topic,
                     partition,
@@ -867,8 +949,8 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "embedded log write failed");
                 let reason = e.to_string();
+                self.failed(&reason);
                 for (_, _, _, answer) in appended {
                     answer.failed(&reason);
                 }

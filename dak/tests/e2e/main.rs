@@ -16,6 +16,7 @@ mod browser;
 mod console;
 mod dashboards;
 mod devices;
+mod disk;
 mod faults;
 mod group_services;
 mod groups;

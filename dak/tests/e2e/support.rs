@@ -505,6 +505,15 @@ impl Process {
         Self { child, log: None }
     }
 
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,157 @@
+//! `dak up` when its data directory takes no more bytes. A full disk refuses
+//! a write that would grow a file; so does a file size limit
+//! (`RLIMIT_FSIZE`), which a test can set on one process and lift again
+//! without root. `dak up` must keep running, refuse what it cannot make
+//! durable with `unavailable` (the client keeps the message), say so on
+//! `/readyz`, and once its files can grow again take the refused message and
+//! deliver every accepted one, once, in order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+
+use crate::support::{
+    dak_up_command, metric, register_device, start_dak_up, token, wait_ready, Client,
+};
+
+/// The size no file of `dak up` may grow past while the limit holds. Its
+/// files are far smaller once it started; the bus's write-ahead log passes
+/// this after a few hundred messages of [`BODY`] bytes.
+const LIMIT: u64 = 2 << 20;
+
+/// Bytes of padding per message, so the files fill in a few hundred.
+const BODY: usize = 4000;
+
+/// Most messages sent before the limit must have been reached.
+const MOST: u64 = 5_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dak_up_outlives_a_data_directory_that_takes_no_more_bytes() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut process, public, admin) = start_dak_up(dak_up_command(
+        data_dir.path(),
+        &[("DAK_WS_RATE_LIMIT", "0")],
+    ))
+    .await;
+    // Bob's phone is known and away: what alice sends waits in its inbox.
+    register_device(public, "bob", "phone").await;
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+
+    set_file_size_limit(process.id(), LIMIT);
+    let mut accepted: HashMap<u64, String> = HashMap::new();
+    let refused = loop {
+        let seq = accepted.len() as u64;
+        assert!(seq < MOST, "{MOST} messages accepted past the size limit");
+        let answer = send(&mut alice, seq).await;
+        match answer["type"].as_str() {
+            Some("accepted") => {
+                accepted.insert(seq, mid_of(&answer));
+            }
+            _ => {
+                assert_eq!(answer["code"], "unavailable", "answer: {answer}");
+                assert_eq!(answer["id"], format!("m-{seq}"), "answer: {answer}");
+                break seq;
+            }
+        }
+    };
+    assert!(
+        process.is_running(),
+        "dak up ended when a file could not grow"
+    );
+    let (status, readiness) = readyz(admin).await;
+    assert_eq!(status, 503, "/readyz while writes fail: {readiness}");
+    assert!(
+        readiness["failing"]["bus"].is_string(),
+        "/readyz names the bus: {readiness}"
+    );
+    assert!(metric(admin, "dak_bus_write_failures_total").await >= 1.0);
+
+    // Room again (the operator freed space): the outbox's retry is taken.
+    set_file_size_limit(process.id(), libc::RLIM_INFINITY);
+    let answer = loop {
+        let answer = send(&mut alice, refused).await;
+        if answer["type"] == "accepted" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "unavailable", "answer: {answer}");
+    };
+    accepted.insert(refused, mid_of(&answer));
+    // An id accepted before the failure keeps its mid.
+    assert_eq!(mid_of(&send(&mut alice, 0).await), accepted[&0]);
+    wait_ready(admin).await;
+
+    // Bob's phone gets every accepted message, once each, in the order sent.
+    let mut bob = Client::connect_raw(public, &token("bob", "phone")).await;
+    let replayed = bob.replay().await;
+    let got: Vec<(u64, String)> = replayed
+        .iter()
+        .map(|frame| (frame["body"]["seq"].as_u64().unwrap(), mid_of(frame)))
+        .collect();
+    let mut sent: Vec<(u64, String)> = accepted.into_iter().collect();
+    sent.sort();
+    assert_eq!(got, sent, "bob's inbox: every accepted message, in order");
+    assert!(process.is_running());
+}
+
+/// Sends message `seq` as alice and returns the answer to it: `accepted`, or
+/// the error frame carrying its id.
+async fn send(alice: &mut Client, seq: u64) -> Value {
+    let id = format!("m-{seq}");
+    alice
+        .send_message(&id, "bob", json!({"seq": seq, "pad": "x".repeat(BODY)}))
+        .await;
+    loop {
+        let frame = alice.expect_any().await;
+        if frame["id"] == id.as_str()
+            && matches!(frame["type"].as_str(), Some("accepted" | "error"))
+        {
+            return frame;
+        }
+    }
+}
+
+/// Sets the soft `RLIMIT_FSIZE` of process `pid` to `bytes` (at most its
+/// hard limit), which any process may lower and raise again.
+fn set_file_size_limit(pid: u32, bytes: libc::rlim_t) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: with a null new limit prlimit only writes the current one into
+    // `limit`, which lives for the call; then it only reads `limit`. A child
+    // of this process is ours to change.
+    #[allow(unsafe_code)]
+    let read = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            std::ptr::null(),
+            &mut limit,
+        )
+    };
+    assert_eq!(read, 0, "prlimit: {}", std::io::Error::last_os_error());
+    limit.rlim_cur = bytes.min(limit.rlim_max);
+    #[allow(unsafe_code)]
+    let set = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+async fn readyz(admin: SocketAddr) -> (u16, Value) {
+    let response = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .expect("/readyz");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON from /readyz"))
+}
+
+fn mid_of(frame: &Value) -> String {
+    frame["mid"].as_str().expect("a mid").to_owned()
+}
