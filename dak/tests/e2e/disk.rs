@@ -118,34 +118,27 @@ async fn send(alice: &mut Client, seq: u64) -> Value {
 /// Sets the soft `RLIMIT_FSIZE` of process `pid` to `bytes` (at most its
 /// hard limit), which any process may lower and raise again.
 fn set_file_size_limit(pid: u32, bytes: libc::rlim_t) {
-    let mut limit = libc::rlimit {
+    let mut limit = file_size_limit(pid, None);
+    limit.rlim_cur = bytes.min(limit.rlim_max);
+    file_size_limit(pid, Some(limit));
+}
+
+/// `prlimit` on `RLIMIT_FSIZE` of process `pid`: sets it to `new`, if given,
+/// and returns what it was.
+fn file_size_limit(pid: u32, new: Option<libc::rlimit>) -> libc::rlimit {
+    let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: with a null new limit prlimit only writes the current one into
-    // `limit`, which lives for the call; then it only reads `limit`. A child
-    // of this process is ours to change.
+    let new_ptr = new.as_ref().map_or(std::ptr::null(), |n| n as *const _);
+    // SAFETY: both pointers are null or point at locals that outlive the
+    // call; prlimit reads `new` and writes `old`. A child of this process is
+    // ours to change.
     #[allow(unsafe_code)]
-    let read = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_FSIZE,
-            std::ptr::null(),
-            &mut limit,
-        )
-    };
-    assert_eq!(read, 0, "prlimit: {}", std::io::Error::last_os_error());
-    limit.rlim_cur = bytes.min(limit.rlim_max);
-    #[allow(unsafe_code)]
-    let set = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_FSIZE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let result =
+        unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, new_ptr, &mut old) };
+    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
 }
 
 async fn readyz(admin: SocketAddr) -> (u16, Value) {
