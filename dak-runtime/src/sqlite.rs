@@ -40,8 +40,8 @@ pub enum Durability {
 /// What a store keeps beside its connection, on the writer thread (an index,
 /// a counter). Jobs get it mutably, and must change it only once their
 /// statements succeeded: a job that fails then leaves it as it was. When a
-/// whole transaction fails, [`WriterState::reload`] makes it match the file
-/// again.
+/// whole transaction fails, [`WriterState::rolled_back`] makes it match the
+/// file again.
 pub trait WriterState: Send + 'static {
     /// Runs in every transaction after its jobs, and every
     /// [`WriterState::idle_upkeep`] while no job comes: bounded housekeeping such as deleting expired rows.
@@ -57,8 +57,13 @@ pub trait WriterState: Send + 'static {
         Some(IDLE_UPKEEP)
     }
 
-    /// Rebuilds the state from the file, after a transaction did not commit.
-    fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+    /// A transaction begins, before its jobs: a state that takes back what a
+    /// transaction changed notes where it starts.
+    fn begin(&mut self) {}
+
+    /// The transaction since [`WriterState::begin`] did not commit: makes
+    /// the state match the file again.
+    fn rolled_back(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let _ = conn;
         Ok(())
     }
@@ -246,8 +251,8 @@ fn commit<S: WriterState>(conn: &mut Connection, state: &mut S, batch: Vec<Job<S
     let outcome = result.map_err(|e| e.to_string());
     if let Err(e) = &outcome {
         tracing::warn!(error = %e, jobs = answers.len(), "sqlite transaction failed");
-        if let Err(e) = state.reload(conn) {
-            tracing::error!(error = %e, "sqlite store state not reloaded");
+        if let Err(e) = state.rolled_back(conn) {
+            tracing::error!(error = %e, "sqlite store state not rebuilt after a failed transaction");
         }
     }
     for answer in answers {
@@ -264,6 +269,7 @@ fn run_jobs<S: WriterState>(
     // IMMEDIATE takes the write lock at once: another connection to the file
     // (an older process still closing) makes this wait, not fail halfway.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    state.begin();
     for job in jobs {
         if let Err(e) = execute(&tx, "SAVEPOINT job") {
             answers.push(job(None).answer);

@@ -144,8 +144,7 @@ const DELETE_CHUNK: i64 = 128;
 const DELETE_WHILE_IDLE_EVERY: Duration = Duration::from_millis(10);
 /// How soon the writer, idle, tries again to delete what is due after a
 /// commit failed. A delete needs room in the file too: on a full disk it
-/// fails like an append, and trying every 10 ms kept a third of a core busy
-/// (each failure also reloads the dedup entries).
+/// fails like an append, and trying every 10 ms kept a third of a core busy.
 const DELETE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
 
 /// A handle to the log, cheap to clone. The writer thread ends when the last
@@ -959,8 +958,8 @@ impl Writer {
                 }
                 // The entries the failed transaction made are not in the file.
                 if let Some(dedup) = self.dedup.as_mut() {
-                    if let Err(e) = dedup.index.reload(&self.conn) {
-                        tracing::error!(error = %e, "reloading the log's dedup entries failed");
+                    if let Err(e) = dedup.index.rolled_back(&self.conn) {
+                        tracing::error!(error = %e, "rebuilding the log's dedup entries failed");
                     }
                 }
             }
@@ -979,6 +978,9 @@ impl Writer {
         moved: &mut Vec<Moved>,
     ) -> Result<(), LogError> {
         let partitions = self.partitions();
+        if let Some(dedup) = self.dedup.as_mut() {
+            dedup.index.begin();
+        }
         let tx = self.conn.transaction()?;
         let now = crate::now_ms() as i64;
         // Next offsets of the partitions this batch appends to.

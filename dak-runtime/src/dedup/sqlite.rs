@@ -84,6 +84,30 @@ pub(crate) struct Index {
     /// looked. Rows expire in the order they were made, so nothing expires
     /// before this.
     head_expires_at: Option<u64>,
+    /// What the current transaction changed, to take back should it not
+    /// commit: a full disk, say. Reading every row again instead took
+    /// seconds with millions of entries, on the thread every append waits for.
+    undo: Undo,
+}
+
+/// The index as the current transaction found it: its counts, and each
+/// change made since, oldest first.
+#[derive(Default)]
+struct Undo {
+    rows: u64,
+    head_expires_at: Option<u64>,
+    changes: Vec<Change>,
+}
+
+enum Change {
+    /// Entry `seq` went under `hash`, or into `collided` under this key.
+    Remembered {
+        hash: u64,
+        seq: i64,
+        collided: Option<(String, String)>,
+    },
+    /// Entry `seq` of this key left the index.
+    Forgot { key: (String, String), seq: i64 },
 }
 
 impl Index {
@@ -97,6 +121,7 @@ impl Index {
             rows: 0,
             max_rows,
             head_expires_at: None,
+            undo: Undo::default(),
         };
         index.load(conn)?;
         Ok(index)
@@ -137,32 +162,92 @@ impl Index {
         while let Some(row) = rows.next()? {
             let (seq, user, client_id): (i64, String, String) =
                 (row.get(0)?, row.get(1)?, row.get(2)?);
-            self.remember(user, client_id, seq);
+            self.insert((user, client_id), seq);
             self.rows += 1;
         }
+        self.begin();
         Ok(())
     }
 
-    fn remember(&mut self, user: String, client_id: String, seq: i64) {
-        let hash = self.hash(&user, &client_id);
+    /// Notes where the current transaction starts (see [`Index::undo`]).
+    fn begin(&mut self) {
+        self.undo.rows = self.rows;
+        self.undo.head_expires_at = self.head_expires_at;
+        self.undo.changes.clear();
+    }
+
+    /// Takes back what the current transaction changed: the index matches
+    /// the file as it was before it.
+    fn roll_back(&mut self) {
+        while let Some(change) = self.undo.changes.pop() {
+            match change {
+                Change::Remembered {
+                    collided: Some(key),
+                    seq,
+                    ..
+                } => {
+                    if self.collided.get(&key) == Some(&seq) {
+                        self.collided.remove(&key);
+                    }
+                }
+                Change::Remembered {
+                    hash,
+                    seq,
+                    collided: None,
+                } => {
+                    if self.by_hash.get(&hash) == Some(&seq) {
+                        self.by_hash.remove(&hash);
+                    }
+                }
+                Change::Forgot { key, seq } => {
+                    self.insert(key, seq);
+                }
+            }
+        }
+        self.rows = self.undo.rows;
+        self.head_expires_at = self.undo.head_expires_at;
+    }
+
+    /// Puts entry `seq` of `key` in the index; where it went, for [`Undo`].
+    fn insert(&mut self, key: (String, String), seq: i64) -> Change {
+        let hash = self.hash(&key.0, &key.1);
         match self.by_hash.entry(hash) {
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(seq);
+                Change::Remembered {
+                    hash,
+                    seq,
+                    collided: None,
+                }
             }
             std::collections::hash_map::Entry::Occupied(_) => {
-                self.collided.insert((user, client_id), seq);
+                self.collided.insert(key.clone(), seq);
+                Change::Remembered {
+                    hash,
+                    seq,
+                    collided: Some(key),
+                }
             }
         }
+    }
+
+    fn remember(&mut self, user: String, client_id: String, seq: i64) {
+        let change = self.insert((user, client_id), seq);
+        self.undo.changes.push(change);
     }
 
     /// Forgets the row `seq`, made for (user, client id).
     fn forget(&mut self, user: String, client_id: String, seq: i64) {
         let hash = self.hash(&user, &client_id);
+        let key = (user, client_id);
         if self.by_hash.get(&hash) == Some(&seq) {
             self.by_hash.remove(&hash);
-        } else if self.collided.get(&(user.clone(), client_id.clone())) == Some(&seq) {
-            self.collided.remove(&(user, client_id));
+        } else if self.collided.get(&key) == Some(&seq) {
+            self.collided.remove(&key);
+        } else {
+            return;
         }
+        self.undo.changes.push(Change::Forgot { key, seq });
     }
 
     /// The row of (user, client id), expired or not.
@@ -251,8 +336,14 @@ impl WriterState for Index {
         Ok(())
     }
 
-    fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        self.load(conn)
+    fn begin(&mut self) {
+        Index::begin(self);
+    }
+
+    fn rolled_back(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let _ = conn;
+        self.roll_back();
+        Ok(())
     }
 }
 
@@ -373,6 +464,7 @@ mod tests {
             rows: 0,
             max_rows: u64::MAX,
             head_expires_at: None,
+            undo: Undo::default(),
         }
     }
 
@@ -433,5 +525,84 @@ mod tests {
         index.forget("bea".into(), "c-2".into(), 2);
         assert!(index.find(&conn, "bea", "c-2").unwrap().is_none());
         assert_eq!(index.find(&conn, "ann", "c-1").unwrap().unwrap().seq, 1);
+    }
+
+    /// A transaction that reserves, replaces an expired entry and sweeps,
+    /// then does not commit, leaves the index as the file is: every key
+    /// found as before, and the same counts.
+    #[test]
+    fn a_transaction_that_does_not_commit_leaves_the_index_as_the_file() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let mut index = Index::open(&conn, 3).unwrap();
+        let key = |n: u32| ("ann".to_owned(), format!("c-{n}"));
+        let ttl_ms = 60_000;
+        index.begin();
+        let tx = conn.transaction().unwrap();
+        // c-1 expires at once; c-2 and c-3 live.
+        reserve(
+            &tx,
+            &mut index,
+            key(1),
+            (Mid::from_ulid(ulid::Ulid::nil()), 1),
+            0,
+            true,
+        )
+        .unwrap();
+        for n in [2, 3] {
+            reserve(
+                &tx,
+                &mut index,
+                key(n),
+                (Mid::from_ulid(ulid::Ulid::nil()), 1),
+                ttl_ms,
+                true,
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let seqs = |index: &Index, conn: &Connection| -> Vec<Option<i64>> {
+            (1..=5)
+                .map(|n| {
+                    let (user, client_id) = key(n);
+                    index
+                        .find(conn, &user, &client_id)
+                        .unwrap()
+                        .map(|row| row.seq)
+                })
+                .collect()
+        };
+        let before = seqs(&index, &conn);
+        let (rows, head) = (index.rows, index.head_expires_at);
+        std::thread::sleep(Duration::from_millis(2));
+
+        index.begin();
+        let tx = conn.transaction().unwrap();
+        // c-1 replaced (it expired), c-4 and c-5 new: one over the bound of
+        // three, which upkeep sweeps along with what expired.
+        for n in [1, 4, 5] {
+            reserve(
+                &tx,
+                &mut index,
+                key(n),
+                (Mid::from_ulid(ulid::Ulid::nil()), 1),
+                ttl_ms,
+                true,
+            )
+            .unwrap();
+        }
+        index.upkeep(&tx).unwrap();
+        assert_ne!(
+            seqs(&index, &tx),
+            before,
+            "the transaction changed the index"
+        );
+        drop(tx);
+        index.roll_back();
+
+        assert_eq!(seqs(&index, &conn), before);
+        assert_eq!((index.rows, index.head_expires_at), (rows, head));
+        let reloaded = Index::open(&conn, 3).unwrap();
+        assert_eq!(seqs(&reloaded, &conn), before);
+        assert_eq!(reloaded.rows, rows);
     }
 }

@@ -130,7 +130,7 @@ impl WriterState for State {
 
     /// A claim's bound may have come from a transaction that did not commit:
     /// the next claim looks at the table again.
-    fn reload(&mut self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    fn rolled_back(&mut self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         self.due_from.store(i64::MIN, Ordering::SeqCst);
         self.filled.notify_waiters();
         self.rows = Self::count_rows(conn)?;
