@@ -48,18 +48,20 @@ pub enum AuthError {
 pub enum KeyError {
     #[error("no JWT secret, public key or JWKS URL configured")]
     Missing,
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("unsupported JWT algorithm `{0}` (RS256, ES256 or EdDSA with a public key)")]
     Algorithm(String),
     #[error("bad key: {0}")]
-    Key(#[from] jsonwebtoken::errors::Error),
+    Key(jsonwebtoken::errors::Error),
     #[error("JWKS: {0}")]
-    Jwks(#[from] jwks::JwksError),
+    Jwks(jwks::JwksError),
 }
+
+crate::from_cause!(
+    jsonwebtoken::errors::Error => KeyError::Key,
+    jwks::JwksError => KeyError::Jwks,
+);
 
 /// Seconds a token's `exp` and `nbf` may be off, for clocks that differ.
 const LEEWAY_SECS: u64 = 5;
@@ -130,9 +132,9 @@ impl Verifier {
         let public = match &args.jwt_public_key {
             None => None,
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                let pem = std::fs::read(path).map_err(|error| KeyError::Read {
                     path: path.display().to_string(),
-                    source,
+                    error,
                 })?;
                 Some(match args.jwt_algorithm.as_str() {
                     "RS256" => (DecodingKey::from_rsa_pem(&pem)?, Algorithm::RS256),

@@ -31,7 +31,7 @@ pub const SEND_FAILURES: &str = "dak_gateway_send_failures_total";
 enum RequestError {
     #[error("the request is larger than the gateway accepts")]
     TooLarge,
-    #[error("{0}")]
+    #[error(transparent)]
     Http(#[from] reqwest::Error),
     #[error("answered {got} results for {sent} deliveries")]
     Mismatch { sent: usize, got: usize },

@@ -48,10 +48,60 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 
+/// `From` for error variants that name their cause in their own message.
+///
+/// thiserror's `#[from]` also makes the cause the error's `source`, so a
+/// report of the whole chain (anyhow's `{:#}`) would print it twice.
+#[macro_export]
+macro_rules! from_cause {
+    ($($cause:ty => $error:ident::$variant:ident),+ $(,)?) => {
+        $(impl From<$cause> for $error {
+            fn from(cause: $cause) -> Self {
+                Self::$variant(cause)
+            }
+        })+
+    };
+}
+
 /// Milliseconds since the Unix epoch, the timestamp unit of every dak event.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bus::log::LogError;
+    use crate::bus::BusError;
+    use crate::ingress::IngressError;
+    use crate::store::StoreError;
+
+    /// How a process reports an error: anyhow's `{:#}`, the error and each
+    /// of its sources.
+    fn reported(error: impl std::error::Error + Send + Sync + 'static) -> String {
+        format!("{:#}", anyhow::Error::new(error))
+    }
+
+    #[test]
+    fn an_error_and_its_cause_are_reported_once_each() {
+        let full = || LogError::Write("database or disk is full".into());
+        assert_eq!(
+            reported(BusError::from(full())),
+            "embedded log: writing failed: database or disk is full"
+        );
+        assert_eq!(
+            reported(IngressError::from(BusError::from(full()))),
+            "embedded log: writing failed: database or disk is full"
+        );
+        let locked = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        );
+        assert_eq!(
+            reported(StoreError::from(locked)),
+            "sqlite: database is locked"
+        );
+    }
 }

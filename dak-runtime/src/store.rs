@@ -3,9 +3,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
+    Redis(::redis::RedisError),
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// The transaction a call was part of did not commit; with group commit
     /// every call of that transaction gets the same error.
     #[error("sqlite transaction: {0}")]
@@ -16,5 +16,10 @@ pub enum StoreError {
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
 }
+
+crate::from_cause!(
+    ::redis::RedisError => StoreError::Redis,
+    rusqlite::Error => StoreError::Sqlite,
+);
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -17,7 +17,7 @@ use rusqlite::{params, OptionalExtension};
 #[derive(Debug, thiserror::Error)]
 pub enum GroupStoreError {
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("stored group is corrupt: {0}")]
     Corrupt(String),
     #[error("group store task failed: {0}")]
@@ -25,6 +25,8 @@ pub enum GroupStoreError {
     #[error("scylla: {0}")]
     Scylla(String),
 }
+
+dak_runtime::from_cause!(rusqlite::Error => GroupStoreError::Sqlite);
 
 pub type GroupStoreResult<T> = Result<T, GroupStoreError>;
 

@@ -18,7 +18,7 @@ use rusqlite::{params, OptionalExtension};
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("stored message is corrupt: {0}")]
     Corrupt(String),
     #[error("inbox task failed: {0}")]
@@ -26,6 +26,8 @@ pub enum InboxError {
     #[error("scylla: {0}")]
     Scylla(String),
 }
+
+dak_runtime::from_cause!(rusqlite::Error => InboxError::Sqlite);
 
 pub type InboxResult<T> = Result<T, InboxError>;
 

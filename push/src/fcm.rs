@@ -99,16 +99,16 @@ impl Sender for LogSender {
 pub enum FcmError {
     #[error("DAK_FCM_CREDENTIALS is not set")]
     NoCredentials,
-    #[error("FCM credentials {path}: {source}")]
+    #[error("FCM credentials {path}: {error}")]
     Credentials {
         path: PathBuf,
-        source: gcp_auth::Error,
+        error: gcp_auth::Error,
     },
     #[error(
         "no FCM project id: set DAK_FCM_PROJECT_ID, or use credentials that name a project_id"
     )]
     NoProjectId,
-    #[error("building the FCM HTTP client: {0}")]
+    #[error("building the FCM HTTP client")]
     Http(#[from] reqwest::Error),
 }
 
@@ -132,7 +132,7 @@ impl FcmSender {
             .clone()
             .ok_or(FcmError::NoCredentials)?;
         let auth = gcp_auth::CustomServiceAccount::from_file(&path)
-            .map_err(|source| FcmError::Credentials { path, source })?;
+            .map_err(|error| FcmError::Credentials { path, error })?;
         let project = match &config.fcm_project_id {
             Some(p) => p.clone(),
             None => auth.project_id().ok_or(FcmError::NoProjectId)?.to_owned(),

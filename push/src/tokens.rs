@@ -21,14 +21,19 @@ use rusqlite::{params, Connection, OptionalExtension};
 #[derive(Debug, thiserror::Error)]
 pub enum TokenStoreError {
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("stored push token is corrupt: {0}")]
     Corrupt(String),
     #[error("token store task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
     #[error("scylla: {0}")]
     Scylla(String),
 }
+
+dak_runtime::from_cause!(
+    rusqlite::Error => TokenStoreError::Sqlite,
+    tokio::task::JoinError => TokenStoreError::Task,
+);
 
 pub type TokenResult<T> = Result<T, TokenStoreError>;
 

@@ -52,7 +52,7 @@ use crate::sqlite::WriterState;
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("no topic `{0}` in the log")]
     UnknownTopic(String),
     #[error("consumer group `{0}` already has a consumer in this process")]
@@ -62,6 +62,8 @@ pub enum LogError {
     #[error("writing failed: {0}")]
     Write(String),
 }
+
+crate::from_cause!(rusqlite::Error => LogError::Sqlite);
 
 /// Settings of an embedded log.
 #[derive(Debug, Clone)]

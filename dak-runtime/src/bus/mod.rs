@@ -27,12 +27,17 @@ pub use self::log::{Log, LogOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     #[error(transparent)]
     KafkaRefused(#[from] kafka::ClusterRefused),
     #[error("embedded log: {0}")]
-    Log(#[from] log::LogError),
+    Log(log::LogError),
 }
+
+crate::from_cause!(
+    rdkafka::error::KafkaError => BusError::Kafka,
+    log::LogError => BusError::Log,
+);
 
 /// The topics of DESIGN §6, with the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
