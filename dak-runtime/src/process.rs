@@ -197,6 +197,67 @@ fn write_past_file_size_limit_fails() {
     }
 }
 
+/// A data directory this process has to itself: `dak up` keeps in memory
+/// what it knows of its files (the log's tails and offsets, the outbox dedup
+/// entries, the deliveries in flight), so a second process on the same files
+/// would undo its work. Held until dropped, or until the process ends,
+/// however it ends: the kernel lets go of the lock with the file.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data directory `dir` (created if missing) for this process, with
+/// an exclusive `flock` on `dir/lock`, which then holds this process's id.
+/// Another process holding it is a [`ConfigError`] that names it.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<DataDirLock, ConfigError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+
+    let failed = |what: &str, e: std::io::Error| {
+        ConfigError(format!(
+            "cannot {what} data directory {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed("create", e))?;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| failed("open the lock file of", e))?;
+    // SAFETY: flock takes a descriptor `file` owns for the whole call and
+    // touches no memory of ours.
+    #[allow(unsafe_code)]
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(failed("lock", e));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "another process".to_owned(),
+            pid => format!("another process (pid {pid})"),
+        };
+        return Err(ConfigError(format!(
+            "data directory {} is in use by {holder}; stop it, or give this one a \
+             DAK_DATA_DIR of its own",
+            dir.display()
+        )));
+    }
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    written.map_err(|e| failed("write the lock file of", e))?;
+    Ok(DataDirLock { _file: file })
+}
+
 /// Readiness check: Redis answers PING.
 pub fn redis_check(readiness: &mut Readiness, redis: &crate::redis::Connection) {
     let redis = redis.clone();
@@ -211,4 +272,33 @@ pub fn internal_token(args: &crate::config::InternalArgs) -> anyhow::Result<Stri
     args.internal_token.clone().ok_or_else(|| {
         ConfigError("DAK_INTERNAL_TOKEN is required when a service runs on its own".into()).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_is_taken_by_one_holder_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("dak-data");
+        let first = lock_data_dir(&dir).expect("a new directory is free");
+
+        let refused = lock_data_dir(&dir).expect_err("the directory is held");
+        let pid = std::process::id();
+        assert_eq!(
+            refused.0,
+            format!(
+                "data directory {} is in use by another process (pid {pid}); stop it, or \
+                 give this one a DAK_DATA_DIR of its own",
+                dir.display()
+            )
+        );
+
+        drop(first);
+        let again = lock_data_dir(&dir).expect("free once its holder let go");
+        let held = std::fs::read_to_string(dir.join("lock")).unwrap();
+        assert_eq!(held, format!("{pid}\n"));
+        drop(again);
+    }
 }

@@ -108,13 +108,19 @@ fn main() -> ExitCode {
                 Ok(dak_runtime::process::Started {
                     tasks: running.tasks,
                     // The embedded log's writer finishes its last commits
-                    // when the last handle goes, after every task ended.
+                    // when the last handle goes, after every task ended;
+                    // then the data directory is let go.
                     keep_alive: running
                         .bus
                         .embedded_log()
                         .cloned()
-                        .into_iter()
                         .map(|log| Box::new(log) as Box<dyn Send>)
+                        .into_iter()
+                        .chain(
+                            running
+                                .data_dir_lock
+                                .map(|lock| Box::new(lock) as Box<dyn Send>),
+                        )
                         .collect(),
                 })
             })

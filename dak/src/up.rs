@@ -17,7 +17,7 @@ use dak_runtime::dedup::{Dedup, SqliteDedup};
 use dak_runtime::http::ConnectionLimits;
 use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
-use dak_runtime::process::{self, ConfigError, Tasks};
+use dak_runtime::process::{self, ConfigError, DataDirLock, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
 use dak_wire::{DeviceId, UserId};
 use session::inflight::{InFlight, RedisInFlight, SqliteInFlight};
@@ -72,6 +72,9 @@ pub struct Running {
     pub try_it: bool,
     pub bus: Bus,
     pub tasks: Tasks,
+    /// The data directory, this process's until the stack is dropped; none
+    /// when every engine is external and no file is used.
+    pub data_dir_lock: Option<DataDirLock>,
 }
 
 pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Running> {
@@ -94,6 +97,13 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         .clone()
         .unwrap_or_else(config::random_secret);
 
+    // Before any file in it is opened.
+    let uses_files = args.kafka.brokers.is_none()
+        || args.store.redis_url.is_none()
+        || args.scylla.scylla_nodes.is_none();
+    let data_dir_lock = uses_files
+        .then(|| process::lock_data_dir(&args.data.data_dir))
+        .transpose()?;
     let bus = open_bus(&args).await?;
     let producer = bus.producer()?;
     let mut readiness = Readiness::default();
@@ -294,6 +304,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         try_it: try_it_on,
         bus,
         tasks,
+        data_dir_lock,
     })
 }
 

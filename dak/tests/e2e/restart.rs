@@ -14,13 +14,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::time::Instant;
 
 use crate::support::{
-    register_device, spawn_dak_up, token, wait_for_inbox, Client, Process, PATIENCE,
+    dak_up_command, register_device, spawn_dak_up, token, wait_for_inbox, Client, Process, PATIENCE,
 };
 
 /// Messages accepted before the stop; the device reads all of them and acks
@@ -302,4 +303,69 @@ async fn each_gets_its_copy(public: SocketAddr, devices: &[(&str, usize)]) {
             "bob's {device} after the restart"
         );
     }
+}
+
+/// Two `dak up` on one data directory would each trust what they hold in
+/// memory of the same files (the log's tails and offsets, the outbox dedup
+/// entries, the deliveries in flight) and undo each other's work. The second
+/// must refuse to start, naming the directory and the process that has it;
+/// the first carries on, and once it is gone, SIGKILL included, the
+/// directory is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dak_up_on_a_data_directory_in_use_refuses_to_start() {
+    let dak = DakUp::new();
+    let mut first = dak.start().await;
+    let mut alice = Client::connect(first.public, &token("alice", "phone")).await;
+    register_device(first.public, "bob", "phone").await;
+    alice
+        .send_message("before", "bob", json!({"text": "before"}))
+        .await;
+    let before = alice.expect("accepted").await["mid"].clone();
+
+    // Its own addresses, so that only the data directory is shared.
+    let mut second = dak_up_command(dak.data_dir.path(), &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the second dak up");
+    let stderr = second.stderr.take().unwrap();
+    let mut second = Process::from_child(second);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = second.exit_status() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a second dak up on the same data directory still runs after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut { stderr }, &mut said).unwrap();
+    assert_eq!(status.code(), Some(64), "exit status; it said: {said}");
+    let dir = dak.data_dir.path().display().to_string();
+    let pid = first.process.id().to_string();
+    assert!(
+        said.contains(&dir) && said.contains("in use") && said.contains(&pid),
+        "names the directory and the process using it: {said}"
+    );
+
+    // The first carries on.
+    alice
+        .send_message("after", "bob", json!({"text": "after"}))
+        .await;
+    let after = alice.expect("accepted").await["mid"].clone();
+
+    let mids = |inbox: Vec<serde_json::Value>| -> Vec<_> {
+        inbox.iter().map(|m| m["mid"].clone()).collect()
+    };
+    let both = vec![before, after];
+    let inbox = wait_for_inbox(first.public, "bob", "phone", 2).await;
+    assert_eq!(mids(inbox), both, "bob's inbox");
+
+    first.process.kill();
+    let again = dak.start().await;
+    let inbox = wait_for_inbox(again.public, "bob", "phone", 2).await;
+    assert_eq!(mids(inbox), both, "bob's inbox after the restart");
 }

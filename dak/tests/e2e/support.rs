@@ -97,6 +97,7 @@ pub struct Stack {
     /// The prefix of every Redis key of this stack, when it runs on Redis.
     pub redis_prefix: String,
     data_dir: tempfile::TempDir,
+    _data_dir_lock: Option<dak_runtime::process::DataDirLock>,
     shutdown: Shutdown,
     supervisor: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _metrics: MetricsGuard,
@@ -178,6 +179,7 @@ impl Stack {
             topic_prefix,
             redis_prefix,
             data_dir,
+            _data_dir_lock: running.data_dir_lock,
             shutdown,
             supervisor: Some(supervisor),
             _metrics: guard,
@@ -512,6 +514,11 @@ impl Process {
     /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("waiting for a child")
     }
 
     /// SIGKILL: no shutdown, no cleanup, like a crashed host.
