@@ -1,5 +1,6 @@
 //! `dak up`: the whole pipeline in one process.
 
+use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -325,16 +326,20 @@ async fn open_files(
     let (dir, ttl, max_entries) = (dir.to_owned(), store.dedup_ttl, store.dedup_max_entries);
     let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let dedup = match with_dedup {
-            true => Some(
-                Arc::new(SqliteDedup::open(&dir.join("dedup.db"), ttl, max_entries)?)
-                    as Arc<dyn Dedup>,
-            ),
+            true => {
+                let path = dir.join("dedup.db");
+                let dedup = SqliteDedup::open(&path, ttl, max_entries)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                Some(Arc::new(dedup) as Arc<dyn Dedup>)
+            }
             false => None,
         };
-        let inflight = SqliteInFlight::open(&dir.join("inflight.db"))?;
-        let presence = MemoryPresence::with_device_file(&dir.join("devices.db"), || {
-            devices_in_earlier_files(&dir)
-        })?;
+        let path = dir.join("inflight.db");
+        let inflight = SqliteInFlight::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let path = dir.join("devices.db");
+        let presence = MemoryPresence::with_device_file(&path, || devices_in_earlier_files(&dir))
+            .with_context(|| format!("cannot open {}", path.display()))?;
         Ok((
             Arc::new(presence) as Arc<dyn Presence>,
             dedup,
@@ -418,8 +423,11 @@ async fn open_bus(args: &UpArgs) -> anyhow::Result<Bus> {
         import: Some(dir.join("dedup.db")),
     });
     let path = dir.join("bus.db");
-    let log =
-        tokio::task::spawn_blocking(move || Log::open_with_dedup(&path, options, dedup)).await??;
+    let log = tokio::task::spawn_blocking(move || {
+        Log::open_with_dedup(&path, options, dedup)
+            .with_context(|| format!("cannot open {}", path.display()))
+    })
+    .await??;
     let bus = Bus::log(
         log,
         dak_runtime::bus::Topics::with_prefix(&args.kafka.topic_prefix),

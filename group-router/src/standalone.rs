@@ -1,6 +1,7 @@
 //! group-router as its own process, against Kafka, with its SQLite (or
 //! ScyllaDB) group store.
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +54,10 @@ pub async fn open_store(
     }
     std::fs::create_dir_all(data_dir)
         .map_err(|e| ConfigError(format!("cannot create {}: {e}", data_dir.display())))?;
-    Ok(Arc::new(SqliteGroups::open(&data_dir.join("groups.db"))?))
+    let path = data_dir.join("groups.db");
+    let groups =
+        SqliteGroups::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Arc::new(groups))
 }
 
 /// Readiness: the group store answers.

@@ -1,5 +1,6 @@
 //! persistence as its own process, against Kafka, with its SQLite inbox.
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,9 +57,10 @@ impl DataArgs {
         }
         std::fs::create_dir_all(&self.data_dir)
             .map_err(|e| ConfigError(format!("cannot create {}: {e}", self.data_dir.display())))?;
-        Ok(Arc::new(SqliteInbox::open(
-            &self.data_dir.join("inbox.db"),
-        )?))
+        let path = self.data_dir.join("inbox.db");
+        let inbox =
+            SqliteInbox::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Arc::new(inbox))
     }
 
     /// Opens the status store: ScyllaDB when `DAK_SCYLLA_NODES` is set, else
@@ -80,10 +82,10 @@ impl DataArgs {
         }
         std::fs::create_dir_all(&self.data_dir)
             .map_err(|e| ConfigError(format!("cannot create {}: {e}", self.data_dir.display())))?;
-        Ok(Arc::new(SqliteStatus::open(
-            &self.data_dir.join("status.db"),
-            retention,
-        )?))
+        let path = self.data_dir.join("status.db");
+        let status = SqliteStatus::open(&path, retention)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Arc::new(status))
     }
 }
 

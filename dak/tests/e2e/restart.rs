@@ -323,26 +323,7 @@ async fn a_second_dak_up_on_a_data_directory_in_use_refuses_to_start() {
     let before = alice.expect("accepted").await["mid"].clone();
 
     // Its own addresses, so that only the data directory is shared.
-    let mut second = dak_up_command(dak.data_dir.path(), &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the second dak up");
-    let stderr = second.stderr.take().unwrap();
-    let mut second = Process::from_child(second);
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = second.exit_status() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a second dak up on the same data directory still runs after {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut said = String::new();
-    std::io::Read::read_to_string(&mut { stderr }, &mut said).unwrap();
+    let (status, said) = run_to_exit(dak_up_command(dak.data_dir.path(), &[])).await;
     assert_eq!(status.code(), Some(64), "exit status; it said: {said}");
     let dir = dak.data_dir.path().display().to_string();
     let pid = first.process.id().to_string();
@@ -368,4 +349,61 @@ async fn a_second_dak_up_on_a_data_directory_in_use_refuses_to_start() {
     let again = dak.start().await;
     let inbox = wait_for_inbox(again.public, "bob", "phone", 2).await;
     assert_eq!(mids(inbox), both, "bob's inbox after the restart");
+}
+
+/// A file of the data directory that is not a SQLite database (a disk that
+/// failed, another file copied over it): `dak up` does not start, and says
+/// which file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dak_up_names_a_data_file_it_cannot_open() {
+    for file in [
+        "bus.db",
+        "inflight.db",
+        "devices.db",
+        "inbox.db",
+        "status.db",
+        "groups.db",
+        "push-tokens.db",
+    ] {
+        let data_dir = tempfile::tempdir().unwrap();
+        let path = data_dir.path().join(file);
+        std::fs::write(&path, "not a database\n".repeat(1000)).unwrap();
+        let (status, said) = run_to_exit(dak_up_command(data_dir.path(), &[])).await;
+        assert!(!status.success(), "{file}: dak up started; it said: {said}");
+        assert!(
+            said.contains(&path.display().to_string()) && said.contains("not a database"),
+            "{file}: names the file and what is wrong with it: {said}"
+        );
+    }
+}
+
+/// Runs `command` until it exits, within [`PATIENCE`], and returns its exit
+/// status and what it wrote on stderr.
+async fn run_to_exit(mut command: std::process::Command) -> (std::process::ExitStatus, String) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning dak up");
+    let stderr = child.stderr.take().unwrap();
+    // Read as it comes, so that a process that keeps running never blocks
+    // on a full pipe.
+    let said = std::thread::spawn(move || {
+        let mut said = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut said);
+        said
+    });
+    let mut child = Process::from_child(child);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.exit_status() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dak up still runs after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (status, said.join().expect("reading stderr"))
 }
