@@ -50,6 +50,7 @@ where
 {
     telemetry::init(process.log_format);
     write_past_file_size_limit_fails();
+    use_every_file_descriptor_allowed();
     // Before the services are built, so that what they register is recorded.
     admin::metrics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -194,6 +195,72 @@ fn write_past_file_size_limit_fails() {
     #[allow(unsafe_code)]
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// Most open files asked for when the hard limit is unlimited: Linux's
+/// default ceiling (`fs.nr_open`).
+const MOST_FILES: libc::rlim_t = 1 << 20;
+
+/// Raises the soft limit of open files to the hard limit. Every socket is a
+/// file, and many systems start processes at a soft limit of 1,024: a
+/// server left there stops accepting connections (EMFILE) with a few
+/// hundred devices connected, while any process may raise its own soft
+/// limit as far as the hard one.
+fn use_every_file_descriptor_allowed() {
+    let limit = match open_files_limit(None) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the limit of open files");
+            return;
+        }
+    };
+    let wanted = match limit.rlim_max {
+        libc::RLIM_INFINITY => MOST_FILES,
+        hard => hard,
+    };
+    if limit.rlim_cur >= wanted {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: wanted,
+        ..limit
+    };
+    match open_files_limit(Some(raised)) {
+        Ok(_) => tracing::debug!(
+            before = limit.rlim_cur,
+            after = wanted,
+            "raised the soft limit of open files"
+        ),
+        Err(e) => tracing::warn!(
+            limit = limit.rlim_cur,
+            wanted,
+            error = %e,
+            "cannot raise the soft limit of open files; each socket takes one"
+        ),
+    }
+}
+
+/// This process's limit of open files: sets it to `new`, if given, and
+/// returns what it was. (getrlimit and setrlimit, not Linux's prlimit, so
+/// that it builds on any Unix.)
+fn open_files_limit(new: Option<libc::rlimit>) -> std::io::Result<libc::rlimit> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the local `old` and setrlimit reads the local
+    // `new`; both outlive the calls.
+    #[allow(unsafe_code)]
+    let result = unsafe {
+        match libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) {
+            0 => new.map_or(0, |new| libc::setrlimit(libc::RLIMIT_NOFILE, &new)),
+            failed => failed,
+        }
+    };
+    match result {
+        0 => Ok(old),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

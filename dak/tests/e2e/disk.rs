@@ -5,6 +5,9 @@
 //! durable with `unavailable` (the client keeps the message), say so on
 //! `/readyz`, and once its files can grow again take the refused message and
 //! deliver every accepted one, once, in order.
+//!
+//! The other limit a process starts with, its soft limit of open files, is
+//! one `dak up` raises itself: every socket is an open file.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +15,7 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 
 use crate::support::{
-    dak_up_command, metric, register_device, start_dak_up, token, wait_ready, Client,
+    dak_up_command, metric, register_device, start_dak_up, token, wait_ready, Client, PATIENCE,
 };
 
 /// The size no file of `dak up` may grow past while the limit holds. Its
@@ -151,4 +154,65 @@ async fn readyz(admin: SocketAddr) -> (u16, Value) {
 
 fn mid_of(frame: &Value) -> String {
     frame["mid"].as_str().expect("a mid").to_owned()
+}
+
+/// Open files `dak up` is started with, as a soft limit: the default of many
+/// Linux systems is 1,024, and every socket is one.
+const FEW_FILES: libc::rlim_t = 256;
+
+/// Sockets connected at once, past [`FEW_FILES`].
+const SOCKETS: usize = 400;
+
+/// A process may raise its soft limit of open files up to its hard limit;
+/// a chat server left at a low soft limit stops accepting sockets (EMFILE)
+/// long before it runs out of anything else. `dak up` started with a soft
+/// limit of 256 must hold 400 sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dak_up_holds_more_sockets_than_its_soft_limit_of_open_files() {
+    use std::os::unix::process::CommandExt;
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut command = dak_up_command(data_dir.path(), &[("DAK_WS_RATE_LIMIT", "0")]);
+    // SAFETY: runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: getrlimit and setrlimit are
+    // system calls on a local.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = FEW_FILES.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (_process, public, _admin) = start_dak_up(command).await;
+
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        let device = format!("d{i}");
+        let connected =
+            tokio::time::timeout(PATIENCE, Client::connect(public, &token("crowd", &device))).await;
+        match connected {
+            Ok(client) => sockets.push(client),
+            Err(_) => panic!("socket {i} not connected within {PATIENCE:?}"),
+        }
+    }
+    // Every one of them is live: a message to their user reaches each.
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    alice
+        .send_message("hello", "crowd", json!({"text": "hello"}))
+        .await;
+    alice.expect("accepted").await;
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        let frame = socket.recv().await;
+        assert_eq!(frame["type"], "message", "socket {i}: {frame}");
+    }
 }
