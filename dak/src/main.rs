@@ -53,6 +53,9 @@ enum Command {
     Up(Box<dak::up::UpArgs>),
     /// Mint a client token (HS256, DAK_JWT_SECRET).
     Token(dak::token::TokenArgs),
+    /// Copy a data directory, while dak up runs on it, into a new directory
+    /// that dak up can start on.
+    Backup(dak::backup::BackupArgs),
     /// Run ws-gateway on its own.
     WsGateway(ws_gateway::standalone::Args),
     /// Run rest-gateway on its own.
@@ -163,6 +166,24 @@ fn main() -> ExitCode {
             let process = args.process.clone();
             dak_runtime::process::main(&process, |s| push::standalone::start(args, s))
         }
+        Command::Backup(args) => match dak::backup::backup(&args) {
+            Ok(copied) => {
+                for file in copied {
+                    println!(
+                        "{}: {} bytes in {} ms",
+                        file.name,
+                        file.bytes,
+                        file.took.as_millis()
+                    );
+                }
+                println!("copied into {}", args.to.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(args) => {
             if let Err(e) = args.validate() {
                 eprintln!("error: {e}");

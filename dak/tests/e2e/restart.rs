@@ -407,3 +407,74 @@ async fn run_to_exit(mut command: std::process::Command) -> (std::process::ExitS
     };
     (status, said.join().expect("reading stderr"))
 }
+
+/// Messages alice sends before `dak backup` starts.
+const BEFORE_COPY: u64 = 60;
+/// Messages she goes on sending while it runs (and after, if it is quicker).
+const DURING_COPY: u64 = 40;
+
+/// `dak backup` of the data directory of a `dak up` taking messages; that
+/// `dak up` is then killed and a new one started on the copy. Every message
+/// accepted before the copy began reaches the device, once each and in the
+/// order sent; what it gets beside them is only what was accepted later,
+/// in order too; and the outbox's resend of an early client id gets its
+/// first mid back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dak_up_on_a_backup_taken_under_traffic_has_what_was_accepted_before_it() {
+    let dak = DakUp::new();
+    let mut first = dak.start().await;
+    register_device(first.public, "bob", "phone").await;
+    let mut alice = Client::connect(first.public, &token("alice", "phone")).await;
+    let mut mids: HashMap<u64, serde_json::Value> = HashMap::new();
+    for seq in 0..BEFORE_COPY {
+        mids.insert(seq, send_seq(&mut alice, seq).await);
+    }
+
+    let copies = tempfile::tempdir().unwrap();
+    let copy = copies.path().join("copy");
+    let mut backup = std::process::Command::new(env!("CARGO_BIN_EXE_dak"));
+    backup
+        .arg("backup")
+        .arg("--data-dir")
+        .arg(dak.data_dir.path())
+        .arg(&copy);
+    let copying = tokio::spawn(run_to_exit(backup));
+    let mut seq = BEFORE_COPY;
+    while seq < BEFORE_COPY + DURING_COPY || !copying.is_finished() {
+        mids.insert(seq, send_seq(&mut alice, seq).await);
+        seq += 1;
+    }
+    let (status, said) = copying.await.unwrap();
+    assert!(status.success(), "dak backup: {said}");
+    first.process.kill();
+
+    let env = [("DAK_WS_RATE_LIMIT", "0")];
+    let (_restored, public, _) = spawn_dak_up(&copy, &env).await;
+    let mut bob = Client::connect_raw(public, &token("bob", "phone")).await;
+    let mut got: Vec<u64> = Vec::new();
+    while !(0..BEFORE_COPY).all(|seq| got.contains(&seq)) {
+        let frame = bob.expect_any().await;
+        if frame["type"] != "message" {
+            continue;
+        }
+        let seq = frame["body"]["seq"].as_u64().unwrap();
+        assert_eq!(frame["mid"], mids[&seq], "message {seq} under its mid");
+        assert!(
+            got.last().is_none_or(|&last| last < seq),
+            "message {seq} after {got:?}: once each, in order"
+        );
+        got.push(seq);
+    }
+
+    let mut alice = Client::connect(public, &token("alice", "phone")).await;
+    alice.send_message("m-0", "bob", json!({"seq": 0})).await;
+    assert_eq!(alice.expect("accepted").await["mid"], mids[&0]);
+}
+
+/// Sends alice's message `seq` to bob, as client id `m-{seq}`, and returns
+/// the mid it was accepted under.
+async fn send_seq(alice: &mut Client, seq: u64) -> serde_json::Value {
+    let id = format!("m-{seq}");
+    alice.send_message(&id, "bob", json!({"seq": seq})).await;
+    alice.expect("accepted").await["mid"].clone()
+}
