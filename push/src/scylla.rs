@@ -22,13 +22,14 @@
 //! Counters and lightweight transactions are not supported in ScyllaDB
 //! keyspaces with tablets: the keyspace is created with tablets disabled.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use dak_wire::event::{Platform, PushToken};
 use dak_wire::{DeviceId, UserId};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
@@ -37,6 +38,9 @@ use scylla::value::{Counter, CqlValue, Row};
 use crate::tokens::{DeviceToken, PushTokens, TokenResult, TokenStoreError};
 
 /// The tables, `{ks}` standing for the keyspace.
+/// Users whose tokens [`PushTokens::for_users`] reads at once.
+const LOOKUPS_AT_ONCE: usize = 16;
+
 pub const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS {ks}.push_tokens (
          user_id text, device_id text, fcm_token text, platform text,
@@ -266,6 +270,21 @@ impl PushTokens for ScyllaTokens {
             devices.push(device_token(device, token, &platform)?);
         }
         Ok(devices)
+    }
+
+    async fn for_users(&self, users: &[UserId]) -> TokenResult<HashMap<UserId, Vec<DeviceToken>>> {
+        let lookups: Vec<_> = users
+            .iter()
+            .cloned()
+            .map(|user| async move {
+                let devices = self.for_user(&user).await?;
+                Ok::<_, TokenStoreError>((user, devices))
+            })
+            .collect();
+        futures_util::stream::iter(lookups)
+            .buffer_unordered(LOOKUPS_AT_ONCE)
+            .try_collect()
+            .await
     }
 
     async fn for_device(

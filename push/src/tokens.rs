@@ -10,6 +10,7 @@
 //! ScyllaDB store implements for the distributed engine; the contract tests in
 //! `tests/push/tokens.rs` are written against the trait.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +53,9 @@ pub trait PushTokens: Send + Sync + 'static {
     async fn upsert(&self, token: &PushToken) -> TokenResult<()>;
     /// Every registered device of `user`, ordered by device id.
     async fn for_user(&self, user: &UserId) -> TokenResult<Vec<DeviceToken>>;
+    /// [`PushTokens::for_user`] for each of `users` in one call: push asks
+    /// once per batch, not once per stored message.
+    async fn for_users(&self, users: &[UserId]) -> TokenResult<HashMap<UserId, Vec<DeviceToken>>>;
     async fn for_device(
         &self,
         user: &UserId,
@@ -133,6 +137,19 @@ fn parse_platform(name: &str) -> TokenResult<Platform> {
     }
 }
 
+/// Every registered device of `user`, ordered by device id.
+fn devices_of(conn: &Connection, user: &UserId) -> TokenResult<Vec<DeviceToken>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT device, token, platform FROM push_tokens WHERE user = ?1 ORDER BY device",
+    )?;
+    let rows = stmt.query_map([user.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.map(|row| {
+        let (device, token, platform) = row?;
+        device_token(device, token, platform)
+    })
+    .collect()
+}
+
 fn device_token(device: String, token: String, platform: String) -> TokenResult<DeviceToken> {
     Ok(DeviceToken {
         device: DeviceId::parse(device).map_err(|e| TokenStoreError::Corrupt(e.message))?,
@@ -169,17 +186,22 @@ impl PushTokens for SqliteTokens {
 
     async fn for_user(&self, user: &UserId) -> TokenResult<Vec<DeviceToken>> {
         let user = user.clone();
+        self.with_conn(move |conn| devices_of(conn, &user)).await
+    }
+
+    async fn for_users(&self, users: &[UserId]) -> TokenResult<HashMap<UserId, Vec<DeviceToken>>> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let users = users.to_vec();
         self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT device, token, platform FROM push_tokens WHERE user = ?1 ORDER BY device",
-            )?;
-            let rows =
-                stmt.query_map([user.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.map(|row| {
-                let (device, token, platform) = row?;
-                device_token(device, token, platform)
-            })
-            .collect()
+            users
+                .into_iter()
+                .map(|user| {
+                    let devices = devices_of(conn, &user)?;
+                    Ok((user, devices))
+                })
+                .collect()
         })
         .await
     }

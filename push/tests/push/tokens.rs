@@ -84,6 +84,28 @@ async fn for_user_lists_every_device_of_that_user_only(store: &dyn PushTokens) {
     );
 }
 
+/// After [`for_user_lists_every_device_of_that_user_only`]: the same answers
+/// for many users in one call, an empty list for a user without tokens.
+async fn for_users_answers_for_each_user_at_once(store: &dyn PushTokens) {
+    let asked = [user("dave"), user("nobody"), user("carol")];
+    let answer = store.for_users(&asked).await.unwrap();
+    assert_eq!(answer.len(), 3, "{answer:?}");
+    assert_eq!(
+        answer[&user("carol")],
+        vec![
+            device_token("browser", "t-browser", Platform::Web),
+            device_token("phone", "t-phone", Platform::Android),
+            device_token("tablet", "t-tablet", Platform::Ios),
+        ]
+    );
+    assert_eq!(
+        answer[&user("dave")],
+        vec![device_token("phone", "t-dave", Platform::Android)]
+    );
+    assert!(answer[&user("nobody")].is_empty());
+    assert!(store.for_users(&[]).await.unwrap().is_empty());
+}
+
 async fn remove_spares_a_newer_registration(store: &dyn PushTokens) {
     store
         .upsert(&registration("erin", "phone", "dead", Platform::Android))
@@ -166,6 +188,7 @@ pub(crate) async fn contract(store: &dyn PushTokens) {
     assert_eq!(store.count().await.unwrap(), 0);
     upsert_replaces_the_devices_token(store).await;
     for_user_lists_every_device_of_that_user_only(store).await;
+    for_users_answers_for_each_user_at_once(store).await;
     remove_spares_a_newer_registration(store).await;
     a_token_moves_with_its_phone(store).await;
 }
