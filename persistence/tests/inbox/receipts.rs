@@ -271,3 +271,88 @@ async fn a_persistence_that_dies_right_after_a_drop_has_sent_its_receipt() {
     );
     second.abort();
 }
+
+/// Acks of several devices in one batch, behind the stores they ack: every
+/// sender gets its receipt and every acked message leaves its inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_many_devices_in_one_batch_each_send_their_receipts() {
+    let world = World::new().await;
+    let deliveries = world.deliveries();
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let message = |id: &str, to: &UserId| Message {
+        mid: Mid::from_ulid(ulid::Ulid::new()),
+        id: ClientId::parse(id).unwrap(),
+        from: alice.clone(),
+        from_device: phone(),
+        to: to.to_string(),
+        chat: ChatKind::Direct,
+        body: Some(RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap()),
+        ephemeral: false,
+        notice: None,
+        ts: 1_732_380_000_123,
+    };
+    let (m1, m2, m3) = (
+        message("c-1", &bob),
+        message("c-2", &bob),
+        message("c-3", &carol),
+    );
+    let drop = |user: &UserId, mid: Mid| {
+        OfflineEvent::Drop(Ack {
+            user: user.clone(),
+            device: phone(),
+            mids: vec![mid],
+        })
+    };
+    // All on the bus before persistence starts: its first batch holds them.
+    world.store_for_the_phone_of(&bob, m1.clone()).await;
+    world.store_for_the_phone_of(&bob, m2.clone()).await;
+    world.store_for_the_phone_of(&carol, m3.clone()).await;
+    world.publish(&bob, &drop(&bob, m1.mid)).await;
+    world.publish(&carol, &drop(&carol, m3.mid)).await;
+    world.publish(&bob, &drop(&bob, m2.mid)).await;
+    let running = world.start(world.inbox.clone());
+
+    let mut receipts = receipts(&deliveries, 3).await;
+    receipts.sort_by_key(|(_, mid, _)| *mid);
+    let mut wanted = vec![
+        (alice.clone(), m1.mid, bob.clone()),
+        (alice.clone(), m2.mid, bob.clone()),
+        (alice.clone(), m3.mid, carol.clone()),
+    ];
+    wanted.sort_by_key(|(_, mid, _)| *mid);
+    assert_eq!(receipts, wanted);
+    let emptied = tokio::time::timeout(PATIENCE, async {
+        while world.inbox.depth().await.unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(emptied.is_ok(), "acked messages left in the inbox");
+    running.abort();
+}
+
+/// The next `n` `delivered` receipts on `dak.deliver`, as [`next_receipt`]
+/// reads one.
+async fn receipts(deliveries: &Consumer, n: usize) -> Vec<(UserId, Mid, UserId)> {
+    let shutdown = Shutdown::new();
+    let mut found = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        while found.len() < n {
+            for record in deliveries.next_batch(100, &shutdown).await.unwrap() {
+                let Ok(DeliverEvent::Message(d)) = event::decode(&record.payload) else {
+                    continue;
+                };
+                if let Some(Notice::Receipt {
+                    mid,
+                    state: ReceiptState::Delivered,
+                }) = d.message.notice
+                {
+                    found.push((d.recipient, mid, d.message.from));
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "{} of {n} receipts: {found:?}", found.len());
+    found
+}
