@@ -181,26 +181,7 @@ impl World {
 
 /// The next `delivered` receipt on `dak.deliver`: (to, about mid, by).
 async fn next_receipt(deliveries: &Consumer) -> (UserId, Mid, UserId) {
-    let shutdown = Shutdown::new();
-    let found = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let batch = deliveries.next_batch(100, &shutdown).await.unwrap();
-            for record in &batch {
-                let Ok(DeliverEvent::Message(d)) = event::decode(&record.payload) else {
-                    continue;
-                };
-                if let Some(Notice::Receipt {
-                    mid,
-                    state: ReceiptState::Delivered,
-                }) = d.message.notice
-                {
-                    return (d.recipient, mid, d.message.from);
-                }
-            }
-        }
-    })
-    .await;
-    found.expect("a delivered receipt on dak.deliver")
+    receipts(deliveries, 1).await.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,8 +312,8 @@ async fn acks_of_many_devices_in_one_batch_each_send_their_receipts() {
     running.abort();
 }
 
-/// The next `n` `delivered` receipts on `dak.deliver`, as [`next_receipt`]
-/// reads one.
+/// The next `n` `delivered` receipts on `dak.deliver` (or more, when the
+/// last batch read holds more): (to, about mid, by) each.
 async fn receipts(deliveries: &Consumer, n: usize) -> Vec<(UserId, Mid, UserId)> {
     let shutdown = Shutdown::new();
     let mut found = Vec::new();
