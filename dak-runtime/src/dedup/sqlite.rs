@@ -537,27 +537,15 @@ mod tests {
         let key = |n: u32| ("ann".to_owned(), format!("c-{n}"));
         let ttl_ms = 60_000;
         index.begin();
+        let reserve_for = |tx: &Connection, index: &mut Index, n: u32, ttl_ms: u64| {
+            let mid = (Mid::from_ulid(ulid::Ulid::nil()), 1);
+            reserve(tx, index, key(n), mid, ttl_ms, true).unwrap();
+        };
         let tx = conn.transaction().unwrap();
         // c-1 expires at once; c-2 and c-3 live.
-        reserve(
-            &tx,
-            &mut index,
-            key(1),
-            (Mid::from_ulid(ulid::Ulid::nil()), 1),
-            0,
-            true,
-        )
-        .unwrap();
+        reserve_for(&tx, &mut index, 1, 0);
         for n in [2, 3] {
-            reserve(
-                &tx,
-                &mut index,
-                key(n),
-                (Mid::from_ulid(ulid::Ulid::nil()), 1),
-                ttl_ms,
-                true,
-            )
-            .unwrap();
+            reserve_for(&tx, &mut index, n, ttl_ms);
         }
         tx.commit().unwrap();
         let seqs = |index: &Index, conn: &Connection| -> Vec<Option<i64>> {
@@ -580,15 +568,7 @@ mod tests {
         // c-1 replaced (it expired), c-4 and c-5 new: one over the bound of
         // three, which upkeep sweeps along with what expired.
         for n in [1, 4, 5] {
-            reserve(
-                &tx,
-                &mut index,
-                key(n),
-                (Mid::from_ulid(ulid::Ulid::nil()), 1),
-                ttl_ms,
-                true,
-            )
-            .unwrap();
+            reserve_for(&tx, &mut index, n, ttl_ms);
         }
         index.upkeep(&tx).unwrap();
         assert_ne!(
