@@ -302,20 +302,29 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<DataDirLock, ConfigError> 
     let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if locked != 0 {
         let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(failed("lock", e));
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_owned(),
+                    pid => format!("another process (pid {pid})"),
+                };
+                return Err(ConfigError(format!(
+                    "data directory {} is in use by {holder}; stop it, or give this one a \
+                     DAK_DATA_DIR of its own",
+                    dir.display()
+                )));
+            }
+            // Some network and FUSE file systems have no locks: refusing to
+            // start there would leave their users without dak up.
+            Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "this file system cannot lock the data directory; make sure one dak up uses it at a time"
+            ),
+            _ => return Err(failed("lock", e)),
         }
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        let holder = match holder.trim() {
-            "" => "another process".to_owned(),
-            pid => format!("another process (pid {pid})"),
-        };
-        return Err(ConfigError(format!(
-            "data directory {} is in use by {holder}; stop it, or give this one a \
-             DAK_DATA_DIR of its own",
-            dir.display()
-        )));
     }
     let written = file
         .set_len(0)
