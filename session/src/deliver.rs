@@ -168,10 +168,12 @@ impl Core {
     /// changes how the messages after it are routed. Acks go last: an ack can
     /// only be for a message delivered before it.
     /// Handles a batch of `dak.deliver`; what it returns settles once the
-    /// acks' receipts, drops and status steps are on the bus.
+    /// acks' receipts, drops and status steps, and the replay requests, are
+    /// on the bus.
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<Settle> {
         let mut messages = Vec::new();
         let mut acks = Vec::new();
+        let mut replays = Vec::new();
         for record in records {
             match event::decode::<DeliverEvent>(&record.payload) {
                 Ok(DeliverEvent::Message(d)) => {
@@ -181,7 +183,7 @@ impl Core {
                 Ok(DeliverEvent::Ack(a)) => acks.push(a),
                 Ok(DeliverEvent::Connected(c)) => {
                     self.deliver(std::mem::take(&mut messages)).await?;
-                    self.connected(c).await?;
+                    replays.extend(self.connected(c).await?);
                 }
                 Ok(DeliverEvent::Replayed(c)) => {
                     self.deliver(std::mem::take(&mut messages)).await?;
@@ -195,7 +197,7 @@ impl Core {
             }
         }
         self.deliver(messages).await?;
-        self.acks(acks).await
+        self.acks(acks, replays).await
     }
 
     async fn deliver(&self, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
@@ -343,8 +345,11 @@ impl Core {
 
     /// A device connected: ask persistence to replay its inbox to that socket.
     /// The request travels on `dak.offline` behind every `store` published for the
-    /// user so far, so the replay includes all of them.
-    async fn connected(&self, connected: Connected) -> anyhow::Result<()> {
+    /// user so far, so the replay includes all of them. Nothing later in the
+    /// batch waits for it to be durable (the device's deliveries are held
+    /// until `replayed` comes back): the batch settles once it is, so a
+    /// crowd of devices connecting at once costs one wait, not one each.
+    async fn connected(&self, connected: Connected) -> anyhow::Result<Option<ProduceFuture>> {
         let routes = self.routes(std::iter::once(&connected.user)).await?;
         let socket = routes[&connected.user]
             .iter()
@@ -355,16 +360,19 @@ impl Core {
             .and_then(|r| r.gateway_url.clone());
         let Some(gateway_url) = socket else {
             tracing::debug!(user = %connected.user, device = %connected.device, "connection gone before its replay");
-            return Ok(());
+            return Ok(None);
         };
         let user = connected.user.clone();
         let event = OfflineEvent::Replay {
             connected,
             gateway_url,
         };
-        let mut offline = Offline::default();
-        offline.events.push((user, event));
-        self.publish(offline).await
+        let request = event::encode(&event);
+        Ok(Some(self.producer.enqueue(
+            &self.offline_topic,
+            user.as_str(),
+            &request,
+        )?))
     }
 
     /// The user removed the device: its socket, if it has one, gets
@@ -439,8 +447,9 @@ impl Core {
     /// meanwhile. Until it settles the deliveries stay in flight, so an ack
     /// handled again (the process died, or the bus refused a record) finds
     /// them again and sends their receipts again, under the same `rid`.
-    async fn acks(&self, acks: Vec<Ack>) -> anyhow::Result<Settle> {
-        let mut forwards: Vec<ProduceFuture> = Vec::new();
+    /// `replays`, the batch's replay requests, settle with them.
+    async fn acks(&self, acks: Vec<Ack>, replays: Vec<ProduceFuture>) -> anyhow::Result<Settle> {
+        let mut forwards: Vec<ProduceFuture> = replays;
         let mut acked = Vec::new();
         let mut done = Vec::new();
         let found = metrics::timed("inflight_ack", self.inflight.acked(&acks)).await?;
