@@ -1,12 +1,12 @@
 //! `dak up`: the whole pipeline in one process.
 
-use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::console::{self, TryIt};
+use anyhow::Context;
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::bus::log::LogDedup;

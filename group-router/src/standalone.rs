@@ -1,11 +1,11 @@
 //! group-router as its own process, against Kafka, with its SQLite (or
 //! ScyllaDB) group store.
 
-use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::config::{AuthArgs, KafkaArgs, LimitArgs, ProcessArgs, PublicArgs, ScyllaArgs};

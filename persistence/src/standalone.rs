@@ -1,10 +1,10 @@
 //! persistence as its own process, against Kafka, with its SQLite inbox.
 
-use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use dak_runtime::admin::Readiness;
 use dak_runtime::auth::Verifier;
 use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, ScyllaArgs};
