@@ -44,7 +44,41 @@ pub(crate) struct Core {
     /// earlier process died before committing its `dak.deliver` offset, the
     /// same deliveries are read again; they are in the inbox already, so they
     /// are not sent live a second time.
-    orphans: std::sync::Mutex<std::collections::HashSet<(UserId, DeviceId, Mid)>>,
+    orphans: std::sync::Mutex<HashSet<DeliveryKey>>,
+    /// Deliveries acked in a batch whose ack has not settled yet: still in
+    /// flight, so an ack of the next batch would find them again.
+    settling: Arc<std::sync::Mutex<HashSet<DeliveryKey>>>,
+}
+
+/// A delivery: to whom, to which device, what.
+type DeliveryKey = (UserId, DeviceId, Mid);
+
+/// Deliveries of [`Core::settling`] until this is dropped: when their ack
+/// settled, or failed (then the batch is handled again and finds them).
+struct Settling {
+    set: Arc<std::sync::Mutex<HashSet<DeliveryKey>>>,
+    keys: Vec<DeliveryKey>,
+}
+
+impl Settling {
+    fn start(set: &Arc<std::sync::Mutex<HashSet<DeliveryKey>>>, keys: Vec<DeliveryKey>) -> Self {
+        set.lock()
+            .expect("settling lock")
+            .extend(keys.iter().cloned());
+        Self {
+            set: set.clone(),
+            keys,
+        }
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().expect("settling lock");
+        for key in &self.keys {
+            set.remove(key);
+        }
+    }
 }
 
 /// Events for `dak.offline` collected while handling a batch, published together.
@@ -141,6 +175,7 @@ impl Core {
             offline_topic,
             deliver_topic,
             orphans: Default::default(),
+            settling: Default::default(),
         }
     }
 
@@ -453,7 +488,11 @@ impl Core {
         let mut acked = Vec::new();
         let mut done = Vec::new();
         let found = metrics::timed("inflight_ack", self.inflight.acked(&acks)).await?;
-        for (ack, found) in acks.iter().zip(once_per_delivery(&acks, found)) {
+        let found = {
+            let settling = self.settling.lock().expect("settling lock");
+            once_per_delivery(&acks, found, &settling)
+        };
+        for (ack, found) in acks.iter().zip(found) {
             let now = now_ms();
             let mut forward = Vec::new();
             for (mid, pending) in ack.mids.iter().zip(found) {
@@ -513,7 +552,13 @@ impl Core {
         }
         forwards.extend(self.status.enqueue(acked)?);
         let inflight = self.inflight.clone();
+        let keys = done
+            .iter()
+            .map(|p| (p.user.clone(), p.device.clone(), p.message.mid))
+            .collect();
+        let settling = Settling::start(&self.settling, keys);
         Ok(Settle::new(async move {
+            let _settling = settling;
             bus::acknowledged_all(forwards).await?;
             inflight.remove(&done).await?;
             Ok(())
@@ -762,9 +807,14 @@ impl Core {
 }
 
 /// What the in-flight store found for `acks`, with a delivery acked more
-/// than once in the batch kept at its first ack only: it is acked (and its
-/// receipt sent) once, as if the first ack had removed it before the next.
-fn once_per_delivery(acks: &[Ack], found: Vec<Vec<Option<Pending>>>) -> Vec<Vec<Option<Pending>>> {
+/// than once in the batch kept at its first ack only, and one whose ack of
+/// an earlier batch is `settling` not at all: it is acked (and its receipt
+/// sent) once, as if the first ack had removed it before the next.
+fn once_per_delivery(
+    acks: &[Ack],
+    found: Vec<Vec<Option<Pending>>>,
+    settling: &HashSet<DeliveryKey>,
+) -> Vec<Vec<Option<Pending>>> {
     let mut seen = HashSet::new();
     acks.iter()
         .zip(found)
@@ -773,7 +823,15 @@ fn once_per_delivery(acks: &[Ack], found: Vec<Vec<Option<Pending>>>) -> Vec<Vec<
                 .iter()
                 .zip(found)
                 .map(|(mid, pending)| {
-                    pending.filter(|_| seen.insert((&ack.user, &ack.device, *mid)))
+                    pending.filter(|_| {
+                        seen.insert((&ack.user, &ack.device, *mid))
+                            && (settling.is_empty()
+                                || !settling.contains(&(
+                                    ack.user.clone(),
+                                    ack.device.clone(),
+                                    *mid,
+                                )))
+                    })
                 })
                 .collect()
         })
@@ -900,15 +958,16 @@ mod tests {
             vec![Some(second.clone()), Some(first.clone())],
             vec![Some(tablets)],
         ];
-        let kept: Vec<Vec<Option<(Mid, String)>>> = once_per_delivery(&acks, found)
-            .into_iter()
-            .map(|found| {
-                found
-                    .into_iter()
-                    .map(|p| p.map(|p| (p.message.mid, p.device.to_string())))
-                    .collect()
-            })
-            .collect();
+        let kept: Vec<Vec<Option<(Mid, String)>>> =
+            once_per_delivery(&acks, found, &HashSet::new())
+                .into_iter()
+                .map(|found| {
+                    found
+                        .into_iter()
+                        .map(|p| p.map(|p| (p.message.mid, p.device.to_string())))
+                        .collect()
+                })
+                .collect();
         let phone = |p: &Pending| Some((p.message.mid, "phone".to_owned()));
         assert_eq!(
             kept,
@@ -918,5 +977,30 @@ mod tests {
                 vec![Some((first.message.mid, "tablet".to_owned()))],
             ]
         );
+    }
+
+    #[test]
+    fn a_delivery_whose_earlier_ack_still_settles_is_not_acked_again() {
+        // The device acked `first` in the batch before, whose receipt is
+        // not on the bus yet: the delivery is still in flight, found again.
+        let (first, second) = (pending(1), pending(1));
+        let acks = [Ack {
+            user: first.user.clone(),
+            device: first.device.clone(),
+            mids: vec![first.message.mid, second.message.mid],
+        }];
+        let found = vec![vec![Some(first.clone()), Some(second.clone())]];
+        let settling =
+            HashSet::from([(first.user.clone(), first.device.clone(), first.message.mid)]);
+        let kept: Vec<Vec<Option<Mid>>> = once_per_delivery(&acks, found, &settling)
+            .into_iter()
+            .map(|found| {
+                found
+                    .into_iter()
+                    .map(|p| p.map(|p| p.message.mid))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(kept, vec![vec![None, Some(second.message.mid)]]);
     }
 }
