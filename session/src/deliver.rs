@@ -402,12 +402,7 @@ impl Core {
             connected,
             gateway_url,
         };
-        let request = event::encode(&event);
-        Ok(Some(self.producer.enqueue(
-            &self.offline_topic,
-            user.as_str(),
-            &request,
-        )?))
+        Ok(Some(self.enqueue_offline(&user, &event)?))
     }
 
     /// The user removed the device: its socket, if it has one, gets
@@ -542,12 +537,7 @@ impl Core {
                     device: ack.device.clone(),
                     mids: forward,
                 });
-                let payload = event::encode(&event);
-                forwards.push(self.producer.enqueue(
-                    &self.offline_topic,
-                    ack.user.as_str(),
-                    &payload,
-                )?);
+                forwards.push(self.enqueue_offline(&ack.user, &event)?);
             }
         }
         forwards.extend(self.status.enqueue(acked)?);
@@ -793,16 +783,23 @@ impl Core {
     }
 
     async fn publish(&self, offline: Offline) -> anyhow::Result<()> {
-        let mut acks = Vec::with_capacity(offline.events.len());
-        for (user, event) in &offline.events {
-            acks.push(self.producer.enqueue(
-                &self.offline_topic,
-                user.as_str(),
-                &event::encode(event),
-            )?);
-        }
+        let acks = offline
+            .events
+            .iter()
+            .map(|(user, event)| self.enqueue_offline(user, event))
+            .collect::<Result<Vec<_>, _>>()?;
         bus::acknowledged_all(acks).await?;
         Ok(())
+    }
+
+    /// Queues `event` on `dak.offline`, keyed by `user` like every event there.
+    fn enqueue_offline(
+        &self,
+        user: &UserId,
+        event: &OfflineEvent,
+    ) -> Result<ProduceFuture, bus::BusError> {
+        self.producer
+            .enqueue(&self.offline_topic, user.as_str(), &event::encode(event))
     }
 }
 

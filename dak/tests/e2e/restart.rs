@@ -440,6 +440,16 @@ async fn dak_up_on_a_backup_taken_under_traffic_has_what_was_accepted_before_it(
     }
     let (status, said) = copying.await.unwrap();
     assert!(status.success(), "dak backup: {said}");
+    // The backup's list of files names every database `dak up` keeps.
+    for entry in std::fs::read_dir(dak.data_dir.path()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".db") {
+            assert!(
+                dak::backup::FILES.contains(&name.as_str()),
+                "{name} not backed up"
+            );
+        }
+    }
     first.process.kill();
 
     let env = [("DAK_WS_RATE_LIMIT", "0")];
