@@ -20,6 +20,7 @@ use dak_runtime::ingress::Ingress;
 use dak_runtime::presence::{Gateway, MemoryPresence, Presence};
 use dak_runtime::process::{self, ConfigError, DataDirLock, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_runtime::status::{self, Reporter};
 use dak_wire::{DeviceId, UserId};
 use session::inflight::{InFlight, RedisInFlight, SqliteInFlight};
 
@@ -194,18 +195,39 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         presence.clone(),
     );
     let local_gateway = ws.local();
+    // On the embedded log, status steps go straight to persistence's task
+    // that keeps them: `dak.status` would only carry them through the fsynced
+    // log from one thread of this process to another. On Kafka the topic
+    // stays, for whoever else reads it.
+    let (reporter, reports) = match bus.embedded_log() {
+        Some(_) => {
+            let (reporter, reports) = status::in_process();
+            (reporter, Some(reports))
+        }
+        None => (
+            Reporter::on_bus(producer.clone(), &bus.topics().status),
+            None,
+        ),
+    };
     let persistence = persistence::Persistence::build(
         args.persistence,
         &bus,
         persistence::Deps {
             inbox,
             status,
+            reporter: reporter.clone(),
             producer: producer.clone(),
             verifier: verifier.clone(),
             internal_token: internal_token.clone(),
             local_gateway: Some(local_gateway.clone()),
         },
     )?;
+    let mut tasks = Tasks::new();
+    if let Some(reports) = reports {
+        // Before anything reports (sorting out the orphans below may); it
+        // ends after the last service that reports.
+        shutdown::spawn(&mut tasks, "status", persistence.keep_reports(reports));
+    }
     let group_router = group_router::GroupRouter::build(
         group_config,
         &bus,
@@ -215,7 +237,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             verifier,
         },
     )?;
-    let router = message_router::MessageRouter::build(&bus, producer.clone())?;
+    let router = message_router::MessageRouter::build(&bus, producer.clone(), reporter.clone())?;
     let session = session::Session::build(
         args.session,
         &bus,
@@ -223,6 +245,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             inflight,
             presence: presence.clone(),
             producer: producer.clone(),
+            status: reporter.clone(),
             internal_token,
             local_gateway: Some(local_gateway),
         },
@@ -232,7 +255,6 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
     // process go to their inboxes ahead of anything newer.
     session.store_orphans().await?;
 
-    let mut tasks = Tasks::new();
     process::spawn_admin_with(
         &mut tasks,
         admin,
@@ -247,7 +269,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             tokens,
             presence: presence.clone(),
             sender,
-            producer: producer.clone(),
+            status: reporter,
         },
     )?;
 

@@ -91,7 +91,9 @@ fn register_metrics() {
 }
 
 impl MessageRouter {
-    pub fn build(bus: &Bus, producer: Producer) -> Result<Self, BusError> {
+    /// A router producing through `producer`, reporting the steps of messages
+    /// and read receipts to `status` ([`Reporter::on_bus`] for `dak.status`).
+    pub fn build(bus: &Bus, producer: Producer, status: Reporter) -> Result<Self, BusError> {
         let topics = bus.topics();
         register_metrics();
         let consumer = bus
@@ -100,7 +102,7 @@ impl MessageRouter {
         Ok(Self {
             dead_letters: consumer.dead_letters(),
             consumer,
-            status: Reporter::new(producer.clone(), &topics.status),
+            status,
             producer,
             deliver_topic: topics.deliver.clone(),
             offline_topic: topics.offline.clone(),

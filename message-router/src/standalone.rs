@@ -4,6 +4,7 @@ use dak_runtime::admin::Readiness;
 use dak_runtime::config::{KafkaArgs, ProcessArgs};
 use dak_runtime::process::{self, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_runtime::status::Reporter;
 
 use crate::MessageRouter;
 
@@ -21,7 +22,8 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let admin = process::bind("the admin API", args.process.admin_addr).await?;
     let mut readiness = Readiness::default();
     process::bus_check(&mut readiness, &producer);
-    let router = MessageRouter::build(&bus, producer)?;
+    let status = Reporter::on_bus(producer.clone(), &bus.topics().status);
+    let router = MessageRouter::build(&bus, producer, status)?;
 
     let mut tasks = Tasks::new();
     process::spawn_admin(&mut tasks, admin, readiness, shutdown.clone());

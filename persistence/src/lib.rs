@@ -18,9 +18,10 @@
 //! It serves `GET /v1/messages?after=<cursor>&limit=<n>` for background sync over
 //! REST. Offsets are committed only after the inbox write.
 //!
-//! It also keeps the status of messages, from `dak.status`, checks and relays
-//! read receipts, and serves `GET /v1/messages/{mid}/status` ([`status`]). It
-//! reports its own steps there: `stored` (before the inbox write, so before any
+//! It also keeps the status of messages, from `dak.status` (or, inside `dak up`
+//! on its embedded log, straight from the other services: [`Persistence::keep_reports`]),
+//! checks and relays read receipts, and serves `GET /v1/messages/{mid}/status`
+//! ([`status`]). It reports its own steps there: `stored` (before the inbox write, so before any
 //! device can read the message from the inbox), `delivered` for each replayed
 //! message, and `dropped`.
 
@@ -41,7 +42,7 @@ use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{self, Bus, BusError, Consumer, DeadLetters, Producer, Record};
 use dak_runtime::gateway::{Gateways, LocalGateway};
 use dak_runtime::shutdown::Shutdown;
-use dak_runtime::status::{device_step, Reporter};
+use dak_runtime::status::{device_step, Reporter, Reports};
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{self, Ack, Connected, DeliverEvent, DeviceStep, OfflineEvent};
 use dak_wire::send::{SendItem, SendOutcome};
@@ -73,6 +74,10 @@ pub const INBOX_DEPTH: &str = "dak_inbox_depth";
 pub struct Deps {
     pub inbox: Arc<dyn Inbox>,
     pub status: Arc<dyn status::StatusStore>,
+    /// Where persistence reports its own steps: `dak.status`
+    /// ([`Reporter::on_bus`]), or, in one process on the embedded log, the
+    /// reporter whose reports [`Persistence::keep_reports`] keeps.
+    pub reporter: Reporter,
     pub producer: Producer,
     pub verifier: Verifier,
     pub internal_token: String,
@@ -124,7 +129,7 @@ impl Persistence {
                 .with_local(deps.local_gateway),
             config,
             inbox: deps.inbox,
-            status: Reporter::new(deps.producer.clone(), &topics.status),
+            status: deps.reporter,
             producer: deps.producer,
             verifier: deps.verifier,
             deliver_topic: topics.deliver.clone(),
@@ -156,6 +161,21 @@ impl Persistence {
         Router::new()
             .route("/v1/messages/{mid}/status", get(status::for_ops))
             .with_state(self.status.clone())
+    }
+
+    /// Keeps the steps the services of this process report to `reports`
+    /// (from [`dak_runtime::status::in_process`]) in the status store, until
+    /// every reporter is gone: run it as a task of its own, which outlives
+    /// the services that report.
+    pub fn keep_reports(
+        &self,
+        reports: Reports,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+        let status = self.status.clone();
+        async move {
+            status.keep_reports(reports).await;
+            Ok(())
+        }
     }
 
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use dak_runtime::auth::Verifier;
 use dak_runtime::config::{AuthArgs, InternalArgs, KafkaArgs, ProcessArgs, PublicArgs, ScyllaArgs};
 use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_runtime::status::Reporter;
 
 use crate::inbox::{Inbox, SqliteInbox};
 use crate::scylla::ScyllaInbox;
@@ -118,6 +119,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let deps = Deps {
         inbox,
         status,
+        reporter: Reporter::on_bus(producer.clone(), &bus.topics().status),
         producer: producer.clone(),
         verifier,
         internal_token,

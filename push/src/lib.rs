@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, GroupProgress, Producer, Record};
+use dak_runtime::bus::{Bus, BusError, Consumer, DeadLetters, GroupProgress, Record};
 use dak_runtime::now_ms;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
@@ -134,8 +134,9 @@ pub struct Deps {
     pub tokens: Arc<dyn PushTokens>,
     pub presence: Arc<dyn Presence>,
     pub sender: Arc<dyn Sender>,
-    /// For reporting what was pushed on `dak.status`.
-    pub producer: Producer,
+    /// Where push reports what it pushed ([`Reporter::on_bus`] for
+    /// `dak.status`).
+    pub status: Reporter,
 }
 
 pub struct Push {
@@ -175,7 +176,7 @@ impl Push {
             store_lagging: AtomicBool::new(false),
             dead_letters: consumer.dead_letters(),
             consumer,
-            status: Reporter::new(deps.producer.clone(), &bus.topics().status),
+            status: deps.status.clone(),
             deps,
             ttl: config.push_ttl,
         })

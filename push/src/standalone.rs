@@ -8,6 +8,7 @@ use dak_runtime::admin::Readiness;
 use dak_runtime::config::{KafkaArgs, ProcessArgs, ScyllaArgs, StoreArgs};
 use dak_runtime::process::{self, ConfigError, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_runtime::status::Reporter;
 
 use crate::scylla::ScyllaTokens;
 use crate::{Config, Deps, Push, PushTokens, SqliteTokens};
@@ -73,7 +74,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         tokens,
         presence: process::redis_presence(&redis, &args.store),
         sender,
-        producer: producer.clone(),
+        status: Reporter::on_bus(producer.clone(), &bus.topics().status),
     };
     let push = Push::build(&args.push, &bus, deps)?;
 

@@ -161,10 +161,9 @@ impl Core {
         dead_letters: DeadLetters,
         offline_topic: String,
         deliver_topic: String,
-        status_topic: &str,
     ) -> Self {
         Self {
-            status: Reporter::new(deps.producer.clone(), status_topic),
+            status: deps.status,
             dead_letters,
             gateways: Gateways::new(deps.internal_token, config.gateway_timeout)
                 .with_local(deps.local_gateway),

@@ -44,6 +44,7 @@ use dak_runtime::bus::{Bus, BusError, Consumer, Producer};
 use dak_runtime::gateway::LocalGateway;
 use dak_runtime::presence::Presence;
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::Reporter;
 
 pub use config::Config;
 use deliver::Core;
@@ -60,6 +61,9 @@ pub struct Deps {
     pub inflight: Arc<dyn InFlight>,
     pub presence: Arc<dyn Presence>,
     pub producer: Producer,
+    /// Where session reports the steps of messages ([`Reporter::on_bus`] for
+    /// `dak.status`).
+    pub status: Reporter,
     pub internal_token: String,
     /// The gateway in this process, if any (`dak up`): sent to directly.
     pub local_gateway: Option<LocalGateway>,
@@ -122,7 +126,6 @@ impl Session {
             consumer.dead_letters(),
             topics.offline.clone(),
             topics.deliver.clone(),
-            &topics.status,
         );
         Ok(Self { core, consumer })
     }

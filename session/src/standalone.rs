@@ -6,6 +6,7 @@ use dak_runtime::admin::Readiness;
 use dak_runtime::config::{InternalArgs, KafkaArgs, ProcessArgs, StoreArgs};
 use dak_runtime::process::{self, Started, Tasks};
 use dak_runtime::shutdown::{self, Shutdown};
+use dak_runtime::status::Reporter;
 
 use crate::inflight::RedisInFlight;
 use crate::{Config, Deps, Session};
@@ -37,6 +38,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
     let deps = Deps {
         inflight: Arc::new(RedisInFlight::new(redis.clone(), &args.store.redis_prefix)),
         presence: process::redis_presence(&redis, &args.store),
+        status: Reporter::on_bus(producer.clone(), &bus.topics().status),
         producer,
         internal_token,
         local_gateway: None,

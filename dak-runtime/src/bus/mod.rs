@@ -32,6 +32,10 @@ pub enum BusError {
     KafkaRefused(#[from] kafka::ClusterRefused),
     #[error("embedded log: {0}")]
     Log(log::LogError),
+    /// A report kept in the process instead of produced (message status in
+    /// `dak up`, see [`crate::status::in_process`]) was not kept.
+    #[error("status store: {0}")]
+    Status(String),
 }
 
 crate::from_cause!(
@@ -387,6 +391,17 @@ pub struct ProduceFuture(ProduceEngine);
 enum ProduceEngine {
     Kafka(rdkafka::producer::DeliveryFuture),
     Log(tokio::sync::oneshot::Receiver<Result<i64, log::LogError>>),
+    /// A report handed to a task of this process instead of the bus.
+    InProcess(tokio::sync::oneshot::Receiver<Result<(), String>>),
+}
+
+impl ProduceFuture {
+    /// The acknowledgement of a report a task of this process keeps instead
+    /// of the bus: `answer` gets whether it was kept; a task that dropped it
+    /// unanswered counts as an error.
+    pub fn in_process(answer: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Self {
+        Self(ProduceEngine::InProcess(answer))
+    }
 }
 
 impl Future for ProduceFuture {
@@ -404,6 +419,13 @@ impl Future for ProduceFuture {
                 Ok(Err(e)) => Err(e.into()),
                 Err(_) => Err(log::LogError::Closed.into()),
             }),
+            ProduceEngine::InProcess(answer) => {
+                Pin::new(answer).poll(cx).map(|result| match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(BusError::Status(e)),
+                    Err(_) => Err(BusError::Status("its task has stopped".into())),
+                })
+            }
         }
     }
 }

@@ -59,8 +59,8 @@ fn history<'a>(status: &'a Value, name: &str) -> Vec<&'a str> {
 }
 
 /// Polls the admin status of `mid` until `done` holds for it (described by
-/// `want` when it never does): the status store is fed from `dak.status` a
-/// little after the fact.
+/// `want` when it never does): a step is kept a little after the fact (an
+/// `acked` step, for one, is reported beside the ack's other work).
 async fn wait_for_status(
     admin: SocketAddr,
     mid: &str,

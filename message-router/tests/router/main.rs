@@ -7,6 +7,7 @@ use std::time::Duration;
 use dak_runtime::bus::{Bus, KafkaConfig, Log, LogOptions, Topics};
 use dak_runtime::config::KafkaArgs;
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::Reporter;
 use dak_wire::event::{self, Ack, DeliverEvent, InboundEvent, Message};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
 use message_router::MessageRouter;
@@ -68,7 +69,8 @@ async fn routes_messages_and_acks_to_the_recipients_stream_in_order(bus: Bus) {
     let kafka = &bus;
 
     let shutdown = Shutdown::new();
-    let router = MessageRouter::build(&bus, producer.clone()).unwrap();
+    let status = Reporter::on_bus(producer.clone(), &bus.topics().status);
+    let router = MessageRouter::build(&bus, producer.clone(), status).unwrap();
     let running = tokio::spawn(router.run(shutdown.clone()));
 
     // 50 messages from alice to bob, garbage in the middle, then bob's ack.

@@ -33,6 +33,7 @@ use axum::Json;
 use dak_runtime::bus::{self, DeadLetters, Producer, Record};
 use dak_runtime::http::ApiError;
 use dak_runtime::now_ms;
+use dak_runtime::status::Reports;
 use dak_wire::event::{self, DeliverEvent, Delivery, DeviceStep, StatusEvent};
 use dak_wire::{ChatKind, ErrorCode, Message, Mid, ReceiptState, UserId};
 use serde::Serialize;
@@ -42,6 +43,9 @@ pub use sqlite::SqliteStatus;
 
 /// Consumer group of persistence's status consumer.
 pub const GROUP: &str = "dak.persistence.status";
+
+/// Most reports of this process's services kept in one step.
+const REPORTS_PER_STEP: usize = 256;
 
 pub const RECORDED: &str = "dak_status_events_total";
 pub const READ_RECEIPTS: &str = "dak_read_receipts_total";
@@ -184,8 +188,6 @@ impl StatusShared {
     /// Records a batch of `dak.status` in order; relays each read receipt that
     /// the steps before it allow.
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<()> {
-        let mut steps = Vec::with_capacity(records.len());
-        let mut relays = Vec::new();
         let mut events = Vec::with_capacity(records.len());
         for record in records {
             match event::decode::<StatusEvent>(&record.payload) {
@@ -193,6 +195,38 @@ impl StatusShared {
                 Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
+        self.keep(events).await
+    }
+
+    /// Keeps the reports of this process's services as they come, reports
+    /// queued meanwhile together ([`dak_runtime::status::in_process`]): the
+    /// same as a batch of `dak.status`, without the bus. Ends once every
+    /// reporter is gone.
+    pub(crate) async fn keep_reports(&self, mut reports: Reports) {
+        let mut taken = Vec::new();
+        while reports.recv_many(&mut taken, REPORTS_PER_STEP).await > 0 {
+            let mut answers = Vec::with_capacity(taken.len());
+            let mut events = Vec::new();
+            for report in taken.drain(..) {
+                events.extend(report.events.into_iter().flat_map(StatusEvent::flatten));
+                answers.push(report.answer);
+            }
+            let outcome = self.keep(events).await.map_err(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "status reports not kept");
+                format!("{e:#}")
+            });
+            for answer in answers {
+                // The service may have stopped waiting; nothing to do then.
+                let _ = answer.send(outcome.clone());
+            }
+        }
+    }
+
+    /// Records steps in order; relays each read receipt that the steps before
+    /// it allow.
+    async fn keep(&self, events: Vec<StatusEvent>) -> anyhow::Result<()> {
+        let mut steps = Vec::with_capacity(events.len());
+        let mut relays = Vec::new();
         for event in events {
             let StatusEvent::Read {
                 mid,

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use dak_runtime::auth::Verifier;
 use dak_runtime::bus::{Bus, Consumer};
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::Reporter;
 use dak_wire::event::{
     self, Ack, DeliverEvent, Message, Notice, OfflineEvent, OfflineReason, ReceiptState,
 };
@@ -126,6 +127,7 @@ impl World {
         let deps = Deps {
             inbox,
             status: Arc::new(status),
+            reporter: Reporter::on_bus(self.bus.producer().unwrap(), &self.bus.topics().status),
             producer: self.bus.producer().unwrap(),
             verifier: Verifier::hs256("secret"),
             internal_token: "internal".into(),

@@ -2,6 +2,8 @@
 //! server of `DAK_TEST_SCYLLA_NODES`, which scripts/test starts; without it the
 //! ScyllaDB case fails) pass the same suite.
 
+mod in_process;
+
 use std::time::Duration;
 
 use dak_runtime::now_ms;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use dak_runtime::bus::{Bus, Consumer, Producer};
 use dak_runtime::presence::{Connection, DeviceRoute, Gateway, Presence, RedisPresence};
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::Reporter;
 use dak_runtime::store::StoreResult;
 use dak_wire::event::{
     self, Message, OfflineEvent, OfflineReason, Platform, PushToken, RemovedDevice,
@@ -267,7 +268,7 @@ fn spawn(
             reads: reads.clone(),
         }),
         sender: Arc::new(FcmSender::new(config).unwrap()),
-        producer: bus.producer().unwrap(),
+        status: Reporter::on_bus(bus.producer().unwrap(), &bus.topics().status),
     };
     let service = Push::build(config, bus, deps).unwrap();
     tokio::spawn(service.run(shutdown.clone()))

@@ -16,6 +16,7 @@ use dak_runtime::bus::Bus;
 use dak_runtime::gateway::{LocalGateway, Sockets};
 use dak_runtime::presence::{Connection, Gateway, MemoryPresence, Presence};
 use dak_runtime::shutdown::Shutdown;
+use dak_runtime::status::Reporter;
 use dak_runtime::store::StoreResult;
 use dak_wire::event::{self, Ack, DeliverEvent, Delivery, Message};
 use dak_wire::send::{SendItem, SendOutcome};
@@ -218,6 +219,7 @@ impl World {
             inflight,
             presence: self.presence.clone(),
             producer: self.bus.producer().unwrap(),
+            status: Reporter::on_bus(self.bus.producer().unwrap(), &self.bus.topics().status),
             internal_token: "internal".into(),
             local_gateway: Some(LocalGateway {
                 url: GATEWAY_URL.into(),
