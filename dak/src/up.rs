@@ -248,6 +248,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             status: reporter.clone(),
             internal_token,
             local_gateway: Some(local_gateway),
+            only_instance: bus.embedded_log().is_some(),
         },
     )?;
 

@@ -40,6 +40,8 @@ pub(crate) struct Core {
     status: Reporter,
     offline_topic: String,
     deliver_topic: String,
+    /// See [`Deps::only_instance`].
+    only_instance: bool,
     /// The deliveries [`Core::store_orphans`] handed to the inboxes. If the
     /// earlier process died before committing its `dak.deliver` offset, the
     /// same deliveries are read again; they are in the inbox already, so they
@@ -173,6 +175,7 @@ impl Core {
             producer: deps.producer,
             offline_topic,
             deliver_topic,
+            only_instance: deps.only_instance,
             orphans: Default::default(),
             settling: Default::default(),
         }
@@ -471,7 +474,9 @@ impl Core {
 
     /// Sends the senders of acked deliveries a `delivered` receipt for each,
     /// forwards what was not in flight to storage as a `drop`, and removes the
-    /// acked deliveries once all of that is on the bus. It is left to settle:
+    /// acked deliveries once all of that is on the bus. The only session
+    /// ([`Deps::only_instance`]) delivers the receipts itself, here, as it
+    /// delivers messages; any other puts them on the senders' streams. It is left to settle:
     /// nothing later in the batch depends on it, and the next batch can start
     /// meanwhile. Until it settles the deliveries stay in flight, so an ack
     /// handled again (the process died, or the bus refused a record) finds
@@ -481,6 +486,7 @@ impl Core {
         let mut forwards: Vec<ProduceFuture> = replays;
         let mut acked = Vec::new();
         let mut done = Vec::new();
+        let mut receipts = Vec::new();
         let found = metrics::timed("inflight_ack", self.inflight.acked(&acks)).await?;
         let found = {
             let settling = self.settling.lock().expect("settling lock");
@@ -511,13 +517,17 @@ impl Core {
                             now,
                         ) {
                             ::metrics::counter!(metrics::RECEIPTS).increment(1);
-                            let key = receipt.recipient.to_string();
-                            let payload = event::encode(&DeliverEvent::Message(receipt));
-                            forwards.push(self.producer.enqueue(
-                                &self.deliver_topic,
-                                &key,
-                                &payload,
-                            )?);
+                            if self.only_instance {
+                                receipts.push(receipt);
+                            } else {
+                                let key = receipt.recipient.to_string();
+                                let payload = event::encode(&DeliverEvent::Message(receipt));
+                                forwards.push(self.producer.enqueue(
+                                    &self.deliver_topic,
+                                    &key,
+                                    &payload,
+                                )?);
+                            }
                         }
                         // Past its deadline the delivery may be on its way to the
                         // inbox right now: tell storage to drop it, to be sure.
@@ -540,6 +550,9 @@ impl Core {
             }
         }
         forwards.extend(self.status.enqueue(acked)?);
+        // In flight (or on their way to the inbox) before the acked
+        // deliveries go.
+        self.deliver(receipts).await?;
         let inflight = self.inflight.clone();
         let keys = done
             .iter()

@@ -67,6 +67,13 @@ pub struct Deps {
     pub internal_token: String,
     /// The gateway in this process, if any (`dak up`): sent to directly.
     pub local_gateway: Option<LocalGateway>,
+    /// This is the only session, reading every user's stream (`dak up` on
+    /// its embedded log, whose groups have one consumer each): it delivers
+    /// the `delivered` receipt of an acked delivery itself, in the batch that
+    /// handles the ack, instead of putting it on the sender's stream on
+    /// `dak.deliver` for whichever session reads that (which would be
+    /// itself, a batch later, after one more fsynced append).
+    pub only_instance: bool,
 }
 
 pub struct Session {

@@ -42,6 +42,7 @@ pub async fn start(args: Args, shutdown: Shutdown) -> anyhow::Result<Started> {
         producer,
         internal_token,
         local_gateway: None,
+        only_instance: false,
     };
     let session = Session::build(args.session, &bus, deps)?;
 

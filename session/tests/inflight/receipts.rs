@@ -1,7 +1,7 @@
 //! The in-flight store as session uses it for an ack: the acked delivery stays
-//! in the store until the sender's `delivered` receipt is on the bus, so a
-//! session that dies in between leaves the ack to be handled again, receipt
-//! and all.
+//! in the store until the sender's `delivered` receipt is on the bus (or, for
+//! the only session, in flight itself), so a session that dies in between
+//! leaves the ack to be handled again, receipt and all.
 //!
 //! session runs whole here, on the embedded log, with in-process presence and
 //! the SQLite in-flight store. The sockets of this process record what is
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dak_runtime::bus::Bus;
+use dak_runtime::bus::{Bus, Consumer};
 use dak_runtime::gateway::{LocalGateway, Sockets};
 use dak_runtime::presence::{Connection, Gateway, MemoryPresence, Presence};
 use dak_runtime::shutdown::Shutdown;
@@ -155,11 +155,17 @@ struct World {
     presence: Arc<MemoryPresence>,
     written: Arc<Written>,
     store: Arc<SqliteInFlight>,
+    /// Whether its sessions are the only one ([`Deps::only_instance`]).
+    only_instance: bool,
     _dir: tempfile::TempDir,
 }
 
 impl World {
     async fn new() -> Self {
+        Self::with(false).await
+    }
+
+    async fn with(only_instance: bool) -> Self {
         dak_runtime::telemetry::init_for_tests();
         let dir = tempfile::tempdir().unwrap();
         let bus = Bus::embedded_for_tests(dir.path()).await;
@@ -193,6 +199,7 @@ impl World {
             presence,
             written: Arc::default(),
             store,
+            only_instance,
             _dir: dir,
         }
     }
@@ -225,6 +232,7 @@ impl World {
                 url: GATEWAY_URL.into(),
                 sockets: self.written.clone(),
             }),
+            only_instance: self.only_instance,
         };
         let session = Session::build(config, &self.bus, deps).unwrap();
         tokio::spawn(session.run(Shutdown::new()))
@@ -249,6 +257,13 @@ impl World {
         })
         .await;
         assert!(done.is_ok(), "session never committed {records} records");
+    }
+
+    /// `dak.deliver` as a group of the test's own, from its first record.
+    fn stream(&self) -> Consumer {
+        self.bus
+            .consumer("test.deliver", &[&self.bus.topics().deliver])
+            .unwrap()
     }
 
     /// Publishes a delivery of `message` to every device of its recipient.
@@ -294,7 +309,18 @@ fn message(from: &str, to: &str) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_receipt() {
-    let world = World::new().await;
+    dies_after_the_store_answered_an_ack(false).await;
+}
+
+/// The same for the only session, which delivers the receipt itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_session_that_dies_after_the_store_answered_an_ack_still_sends_its_receipt() {
+    dies_after_the_store_answered_an_ack(true).await;
+}
+
+async fn dies_after_the_store_answered_an_ack(only_instance: bool) {
+    let world = World::with(only_instance).await;
+    let stream = world.stream();
     let dying = Watched::new(world.store.clone());
     let first = world.start(dying.clone());
 
@@ -347,7 +373,38 @@ async fn a_session_that_dies_after_the_store_answered_an_ack_still_sends_its_rec
     })
     .await;
     assert!(gone.is_ok(), "bob's acked delivery is still in flight");
+    // On the bus the receipt is a record of alice's stream, for session to
+    // read; the only session sent it without one. Everything before a later
+    // record of alice's stream is there to read.
+    let marker = message("carol", "alice");
+    world.deliver(marker.clone()).await;
+    let receipts = receipts_on_the_bus_before(&stream, marker.mid).await;
+    assert_eq!(receipts, if only_instance { 0 } else { 1 });
     second.abort();
+}
+
+/// The `delivered` receipts `stream` reads before the delivery of `marker`.
+async fn receipts_on_the_bus_before(stream: &Consumer, marker: Mid) -> usize {
+    let shutdown = Shutdown::new();
+    let mut receipts = 0;
+    let read = tokio::time::timeout(PATIENCE, async {
+        loop {
+            for record in stream.next_batch(100, &shutdown).await.unwrap() {
+                let Ok(DeliverEvent::Message(d)) = event::decode(&record.payload) else {
+                    continue;
+                };
+                if d.message.mid == marker {
+                    return;
+                }
+                if d.message.notice.is_some() {
+                    receipts += 1;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the marker never reached dak.deliver");
+    receipts
 }
 
 /// The retry loop sleeps while the in-flight file is empty; a delivery made
