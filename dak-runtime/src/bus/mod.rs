@@ -707,12 +707,21 @@ impl Consumer {
             let Some(batch) = next else { break };
             let started = std::time::Instant::now();
             batch_records.record(batch.len() as f64);
-            let handled = self
-                .handle_until_done(batch, max, shutdown, &mut handle)
-                .await;
+            // The batch before goes on settling meanwhile.
+            let mut previous = unsettled
+                .take()
+                .map(|(batch, settle)| (batch, settle, None));
+            let handling = self.handle_until_done(batch, max, shutdown, &mut handle);
+            let handled = match previous.as_mut() {
+                None => handling.await,
+                Some((_, settle, settled)) => beside(&mut settle.0, settled, handling).await,
+            };
             batch_seconds.record(started.elapsed().as_secs_f64());
-            if let Some((previous, settle)) = unsettled.take() {
-                let settled = settle.0.await;
+            if let Some((previous, settle, settled)) = previous {
+                let settled = match settled {
+                    Some(settled) => settled,
+                    None => settle.0.await,
+                };
                 if !self
                     .settled(previous, settled, max, shutdown, &mut handle)
                     .await
@@ -926,6 +935,22 @@ impl Settle {
     /// Done once `settling` succeeds; when it fails, the batch is handled again.
     pub fn new(settling: impl Future<Output = anyhow::Result<()>> + Send + 'static) -> Self {
         Self(Box::pin(settling))
+    }
+}
+
+/// Awaits `main`, polling `side` beside it until `side` is done, whose
+/// outcome then goes to `outcome`.
+async fn beside<T>(
+    side: &mut Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>,
+    outcome: &mut Option<anyhow::Result<()>>,
+    main: impl Future<Output = T>,
+) -> T {
+    let mut main = std::pin::pin!(main);
+    loop {
+        tokio::select! {
+            out = &mut main => return out,
+            done = &mut *side, if outcome.is_none() => *outcome = Some(done),
+        }
     }
 }
 

@@ -469,6 +469,61 @@ async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
     assert_group_resumes_at(&t.bus, &group, &topic, "k:2").await;
 }
 
+/// A batch's settling goes on while the next batch is handled, not only in
+/// the pauses between batches: here the next batch's handler waits for it.
+async fn a_batch_goes_on_settling_while_the_next_is_handled(engine: Engine) {
+    let t = bus(engine).await;
+    let group = t.bus.topics().group("settling-beside");
+    let topic = t.bus.topics().deliver.clone();
+    let consumer = t.bus.consumer(&group, &[&topic]).unwrap();
+    let shutdown = Shutdown::new();
+    let first_handled = tokio::sync::Notify::new();
+    // k:1's handler starts the second step of k:0's settling and waits for it.
+    let (start, started) = tokio::sync::oneshot::channel::<()>();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let (mut start, mut started) = (Some(start), Some(started));
+    let (mut finish, mut finished) = (Some(finish), Some(finished));
+    let run = consumer.run_overlapped(50, &shutdown, |batch| {
+        let texts: Vec<String> = batch.iter().map(text).collect();
+        let mut waits = None;
+        let settle = if texts.contains(&"k:0".to_owned()) {
+            let (started, finish) = (started.take().unwrap(), finish.take().unwrap());
+            first_handled.notify_one();
+            Settle::new(async move {
+                started.await?;
+                let _ = finish.send(());
+                Ok(())
+            })
+        } else {
+            if texts.contains(&"k:1".to_owned()) {
+                start.take().unwrap().send(()).unwrap();
+                waits = finished.take();
+                shutdown.cancel();
+            }
+            Settle::done()
+        };
+        async move {
+            if let Some(finished) = waits {
+                finished.await.expect("k:0 settled");
+            }
+            Ok((batch, settle))
+        }
+    });
+    let (ran, ()) = tokio::join!(tokio::time::timeout(PATIENCE, run), async {
+        produce(&t.bus, &["k"], 1).await;
+        first_handled.notified().await;
+        t.bus
+            .producer()
+            .unwrap()
+            .send(&topic, "k", b"k:1")
+            .await
+            .unwrap();
+    });
+    ran.expect("k:0 settled while k:1 was handled");
+    drop(consumer);
+    assert_group_resumes_at(&t.bus, &group, &topic, "k:2").await;
+}
+
 async fn a_batch_that_does_not_settle_is_handled_again(engine: Engine) {
     let t = bus(engine).await;
     produce(&t.bus, &["k"], 3).await;
@@ -608,6 +663,7 @@ both_engines!(
     records_that_all_fail_are_retried_not_parked,
     a_bounded_fan_out_waits_for_room_and_keeps_order,
     the_next_batch_is_handled_while_one_settles,
+    a_batch_goes_on_settling_while_the_next_is_handled,
     a_batch_that_does_not_settle_is_handled_again,
     another_service_sees_what_a_group_finished,
 );
