@@ -745,8 +745,8 @@ impl Core {
         Ok(distinct.into_iter().zip(routes).collect())
     }
 
-    /// Reports deliveries about to be sent `delivered` (or `retried`) on
-    /// `dak.status`, and returns once the reports are durable: before the device
+    /// Reports deliveries about to be sent `delivered` (or `retried`), and
+    /// returns once the reports are kept: before the device
     /// can see the message, so that a read receipt from the device always finds
     /// the report ahead of it.
     async fn report_sends(&self, sends: Vec<&Pending>) -> anyhow::Result<()> {

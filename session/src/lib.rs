@@ -83,7 +83,7 @@ pub struct Session {
 
 /// The waits of a `dak.deliver` batch that session times in
 /// `dak_step_seconds`: presence's routes, the in-flight store's `begin` (beside
-/// the `delivered` steps' `status_report` to the bus), the gateways' `/send`,
+/// the `delivered` steps' `status_report`), the gateways' `/send`,
 /// and the in-flight store's `ack`.
 const STEPS: [&str; 5] = [
     "presence",
