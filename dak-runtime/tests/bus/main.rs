@@ -424,6 +424,27 @@ async fn assert_group_resumes_at(bus: &Bus, group: &str, topic: &str, fresh: &st
     );
 }
 
+/// Runs a consumer's `run` (for at most [`PATIENCE`]) while `k:0` is
+/// produced to `topic` and, once `first_handled` is notified, `k:1`: two
+/// batches, the second produced while the first is settling.
+async fn with_two_batches<F: std::future::Future>(
+    bus: &Bus,
+    topic: &str,
+    first_handled: &tokio::sync::Notify,
+    run: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let (ran, ()) = tokio::join!(tokio::time::timeout(PATIENCE, run), async {
+        produce(bus, &["k"], 1).await;
+        first_handled.notified().await;
+        bus.producer()
+            .unwrap()
+            .send(topic, "k", b"k:1")
+            .await
+            .unwrap();
+    });
+    ran
+}
+
 async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
     let t = bus(engine).await;
     let group = t.bus.topics().group("overlap");
@@ -452,17 +473,9 @@ async fn the_next_batch_is_handled_while_one_settles(engine: Engine) {
         };
         async move { Ok((batch, settle)) }
     });
-    let (ran, ()) = tokio::join!(tokio::time::timeout(PATIENCE, run), async {
-        produce(&t.bus, &["k"], 1).await;
-        first_handled.notified().await;
-        t.bus
-            .producer()
-            .unwrap()
-            .send(&topic, "k", b"k:1")
-            .await
-            .unwrap();
-    });
-    ran.expect("k:1 was handled while k:0 was still settling");
+    with_two_batches(&t.bus, &topic, &first_handled, run)
+        .await
+        .expect("k:1 was handled while k:0 was still settling");
     assert_eq!(handled.into_inner().unwrap(), ["k:0", "k:1"]);
     // Both settled, so both were committed.
     drop(consumer);
@@ -509,17 +522,9 @@ async fn a_batch_goes_on_settling_while_the_next_is_handled(engine: Engine) {
             Ok((batch, settle))
         }
     });
-    let (ran, ()) = tokio::join!(tokio::time::timeout(PATIENCE, run), async {
-        produce(&t.bus, &["k"], 1).await;
-        first_handled.notified().await;
-        t.bus
-            .producer()
-            .unwrap()
-            .send(&topic, "k", b"k:1")
-            .await
-            .unwrap();
-    });
-    ran.expect("k:0 settled while k:1 was handled");
+    with_two_batches(&t.bus, &topic, &first_handled, run)
+        .await
+        .expect("k:0 settled while k:1 was handled");
     drop(consumer);
     assert_group_resumes_at(&t.bus, &group, &topic, "k:2").await;
 }
