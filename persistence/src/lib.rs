@@ -19,11 +19,12 @@
 //! REST. Offsets are committed only after the inbox write.
 //!
 //! It also keeps the status of messages, from `dak.status` (or, inside `dak up`
-//! on its embedded log, straight from the other services: [`Persistence::keep_reports`]),
-//! checks and relays read receipts, and serves `GET /v1/messages/{mid}/status`
-//! ([`status`]). It reports its own steps there: `stored` (before the inbox write, so before any
-//! device can read the message from the inbox), `delivered` for each replayed
-//! message, and `dropped`.
+//! on its embedded log, straight from the other services:
+//! [`Persistence::keep_reports`]), checks and relays read receipts, and serves
+//! `GET /v1/messages/{mid}/status` ([`status`]). It reports its own steps
+//! there: `stored` (before the inbox write, so before any device can read the
+//! message from the inbox), `delivered` for each replayed message, and
+//! `dropped`.
 
 mod config;
 pub mod inbox;

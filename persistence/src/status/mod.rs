@@ -16,7 +16,9 @@
 //! the status shows the message went to the reader ([`may_relay`]). Session
 //! and persistence report a step before the device can see the message, and a
 //! user's steps and read receipts are on one partition (keyed by that user), so
-//! a genuine receipt always comes after a step that allows it.
+//! a genuine receipt always comes after a step that allows it. Inside `dak up`
+//! on its embedded log the steps come without the bus, in the order they were
+//! reported (`Persistence::keep_reports`), and the same holds.
 
 mod rows;
 mod scylla;
