@@ -195,19 +195,20 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
         presence.clone(),
     );
     let local_gateway = ws.local();
-    // On the embedded log, status steps go straight to persistence's task
-    // that keeps them: `dak.status` would only carry them through the fsynced
-    // log from one thread of this process to another. On Kafka the topic
-    // stays, for whoever else reads it.
-    let (reporter, reports) = match bus.embedded_log() {
-        Some(_) => {
-            let (reporter, reports) = status::in_process();
-            (reporter, Some(reports))
-        }
-        None => (
+    // On the embedded log every service of this process is the only one of
+    // its kind. Status steps then go straight to persistence's task that
+    // keeps them (`dak.status` would only carry them through the fsynced log
+    // from one thread to another), and session delivers receipts itself. On
+    // Kafka the topics stay, for whoever else reads them.
+    let alone = bus.embedded_log().is_some();
+    let (reporter, reports) = if alone {
+        let (reporter, reports) = status::in_process();
+        (reporter, Some(reports))
+    } else {
+        (
             Reporter::on_bus(producer.clone(), &bus.topics().status),
             None,
-        ),
+        )
     };
     let persistence = persistence::Persistence::build(
         args.persistence,
@@ -248,7 +249,7 @@ pub async fn start(mut args: UpArgs, shutdown: Shutdown) -> anyhow::Result<Runni
             status: reporter.clone(),
             internal_token,
             local_gateway: Some(local_gateway),
-            only_instance: bus.embedded_log().is_some(),
+            only_instance: alone,
         },
     )?;
 

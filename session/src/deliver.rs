@@ -476,9 +476,9 @@ impl Core {
     /// forwards what was not in flight to storage as a `drop`, and removes the
     /// acked deliveries once all of that is on the bus. The only session
     /// ([`Deps::only_instance`]) delivers the receipts itself, here, as it
-    /// delivers messages; any other puts them on the senders' streams. It is left to settle:
-    /// nothing later in the batch depends on it, and the next batch can start
-    /// meanwhile. Until it settles the deliveries stay in flight, so an ack
+    /// delivers messages; any other puts them on the senders' streams. It is
+    /// left to settle: nothing later in the batch depends on it, and the next
+    /// batch can start meanwhile. Until it settles the deliveries stay in flight, so an ack
     /// handled again (the process died, or the bus refused a record) finds
     /// them again and sends their receipts again, under the same `rid`.
     /// `replays`, the batch's replay requests, settle with them.
@@ -746,9 +746,9 @@ impl Core {
     }
 
     /// Reports deliveries about to be sent `delivered` (or `retried`), and
-    /// returns once the reports are kept: before the device
-    /// can see the message, so that a read receipt from the device always finds
-    /// the report ahead of it.
+    /// returns once the reports are kept: before the device can see the
+    /// message, so that a read receipt from the device always finds the report
+    /// ahead of it.
     async fn report_sends(&self, sends: Vec<&Pending>) -> anyhow::Result<()> {
         let now = now_ms();
         let steps: Vec<_> = sends
