@@ -6,9 +6,11 @@
 //! call becomes a job on a channel. The writer thread takes every job that
 //! queued up while it was busy and runs them in one transaction, each in a
 //! savepoint of its own (a job that fails takes back only its own writes), and
-//! answers each job once that transaction has committed. One commit, and with
-//! [`Durability::PowerLoss`] one fsync, thus serves every call that arrived
-//! meanwhile, and no async worker thread ever waits for SQLite.
+//! answers each job once that transaction has committed (or, with
+//! [`Writer::call_early`], as soon as the job ran, and again once it
+//! committed). One commit, and with [`Durability::PowerLoss`] one fsync, thus
+//! serves every call that arrived meanwhile, and no async worker thread ever
+//! waits for SQLite.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::store::{StoreError, StoreResult};
+use crate::store::{Durable, StoreError, StoreResult};
 
 /// Most jobs in one transaction, so one transaction stays short.
 const MAX_BATCH: usize = 1024;
@@ -160,6 +162,49 @@ impl<S: WriterState> Writer<S> {
         self.queue(work, false).await
     }
 
+    /// [`Writer::call`] that answers as soon as `work` ran, before its
+    /// transaction commits: with what `work` returned, which later calls see
+    /// at once, and a [`Durable`] that resolves once the transaction committed
+    /// (and on a [`Durability::PowerLoss`] file, was fsynced), or with the
+    /// error that lost it. For a caller that may act on the answer meanwhile
+    /// (send what it recorded) as long as it counts nothing done before the
+    /// writes are durable.
+    pub async fn call_early<T, F>(&self, work: F) -> StoreResult<(T, Durable)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut S) -> StoreResult<T> + Send + 'static,
+    {
+        let (early, ran) = tokio::sync::oneshot::channel();
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let job: Job<S> = Box::new(move |open| match open {
+            Some((conn, state)) => {
+                let result = work(conn, state);
+                let failed = result.is_err();
+                // The caller may have stopped waiting; nothing to do then.
+                let _ = early.send(result);
+                Ran {
+                    failed,
+                    answer: Box::new(move |outcome: &Outcome| {
+                        let _ = done.send(committed_as(outcome));
+                    }),
+                }
+            }
+            // Not run: the transaction broke off before it, and said why.
+            None => Ran {
+                failed: true,
+                answer: Box::new(move |outcome: &Outcome| {
+                    let _ = early.send(committed_as(outcome).and(Err(StoreError::Closed)));
+                }),
+            },
+        });
+        self.jobs
+            .send(Queued { job, synced: true })
+            .map_err(|_| StoreError::Closed)?;
+        let result = ran.await.map_err(|_| StoreError::Closed)??;
+        let durable = Durable::new(async move { committed.await.map_err(|_| StoreError::Closed)? });
+        Ok((result, durable))
+    }
+
     async fn queue<T, F>(&self, work: F, synced: bool) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -176,10 +221,7 @@ impl<S: WriterState> Writer<S> {
             Ran {
                 failed: result.is_err(),
                 answer: Box::new(move |outcome: &Outcome| {
-                    let answer = match outcome {
-                        Ok(()) => result,
-                        Err(e) => Err(StoreError::Transaction(e.clone())),
-                    };
+                    let answer = committed_as(outcome).and(result);
                     // The caller may have stopped waiting; nothing to do then.
                     let _ = reply.send(answer);
                 }),
@@ -190,6 +232,14 @@ impl<S: WriterState> Writer<S> {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// How a transaction ended, as its callers get it.
+fn committed_as(outcome: &Outcome) -> StoreResult<()> {
+    outcome
+        .as_ref()
+        .map_err(|e| StoreError::Transaction(e.clone()))
+        .copied()
 }
 
 fn run<S: WriterState>(
@@ -303,6 +353,8 @@ pub fn sql_ms(ms: u64) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
     /// Counts rows inserted, and transactions (in upkeep, which ends each).
@@ -443,6 +495,76 @@ mod tests {
             used("THREADSAFE=1"),
             "the connections are still safe to share"
         );
+    }
+
+    /// A call that holds the writer thread inside its transaction until the
+    /// returned gate is dropped; the receiver hears once it holds it.
+    fn holding(
+        writer: &Writer<Counts>,
+    ) -> (
+        impl Future<Output = StoreResult<()>> + '_,
+        mpsc::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (gate, wait) = mpsc::channel::<()>();
+        let (holds, held) = tokio::sync::oneshot::channel();
+        let call = writer.call(move |_, _| {
+            let _ = holds.send(());
+            let _ = wait.recv();
+            Ok(())
+        });
+        (call, gate, held)
+    }
+
+    /// An early answer comes while its transaction is still open: another
+    /// connection does not see the row yet, and its `Durable` is pending
+    /// until the transaction commits, which a later job of the same
+    /// transaction holds up here.
+    #[tokio::test]
+    async fn an_early_call_answers_before_its_transaction_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = open(&dir);
+        let reader = Connection::open(dir.path().join("t.db")).unwrap();
+        let count = move || -> i64 {
+            reader
+                .query_row("SELECT COUNT(*) FROM t WHERE k = 7", [], |r| r.get(0))
+                .unwrap()
+        };
+        // A call is queued by its first poll. The first call holds the
+        // thread, its own transaction taken, until the next two are queued:
+        // those two then share the next transaction.
+        let (first, first_gate, first_holds) = holding(&writer);
+        let mut first = std::pin::pin!(first);
+        assert!(futures_util::poll!(first.as_mut()).is_pending());
+        first_holds.await.unwrap();
+        let early = writer.call_early(|conn, counts| {
+            conn.execute("INSERT INTO t (k) VALUES (7)", [])?;
+            counts.rows += 1;
+            Ok(counts.rows)
+        });
+        let mut early = std::pin::pin!(early);
+        assert!(futures_util::poll!(early.as_mut()).is_pending());
+        let (second, second_gate, second_holds) = holding(&writer);
+        let mut second = std::pin::pin!(second);
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        drop(first_gate);
+
+        let (rows, durable) = early.await.unwrap();
+        assert_eq!(rows, 1);
+        second_holds.await.unwrap();
+        let mut durable = std::pin::pin!(durable);
+        assert!(futures_util::poll!(durable.as_mut()).is_pending());
+        assert_eq!(
+            count(),
+            0,
+            "not committed while the second call holds the transaction"
+        );
+
+        drop(second_gate);
+        first.await.unwrap();
+        second.await.unwrap();
+        durable.await.unwrap();
+        assert_eq!(count(), 1);
     }
 
     #[tokio::test]

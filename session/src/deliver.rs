@@ -9,6 +9,7 @@ use dak_runtime::bus::{self, DeadLetters, ProduceFuture, Producer, Record, Settl
 use dak_runtime::gateway::Gateways;
 use dak_runtime::presence::{DeviceRoute, Presence};
 use dak_runtime::status::{self, Reporter};
+use dak_runtime::store::Durable;
 use dak_runtime::{metrics, now_ms};
 use dak_wire::event::{
     self, Ack, Connected, DeliverEvent, Delivery, DeviceStep, OfflineEvent, OfflineReason,
@@ -205,12 +206,13 @@ impl Core {
     /// changes how the messages after it are routed. Acks go last: an ack can
     /// only be for a message delivered before it.
     /// Handles a batch of `dak.deliver`; what it returns settles once the
-    /// acks' receipts, drops and status steps, and the replay requests, are
-    /// on the bus.
+    /// batch's deliveries are durable in flight, and the acks' receipts,
+    /// drops and status steps, and the replay requests, are on the bus.
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<Settle> {
         let mut messages = Vec::new();
         let mut acks = Vec::new();
         let mut replays = Vec::new();
+        let mut recorded = Vec::new();
         for record in records {
             match event::decode::<DeliverEvent>(&record.payload) {
                 Ok(DeliverEvent::Message(d)) => {
@@ -219,27 +221,31 @@ impl Core {
                 }
                 Ok(DeliverEvent::Ack(a)) => acks.push(a),
                 Ok(DeliverEvent::Connected(c)) => {
-                    self.deliver(std::mem::take(&mut messages)).await?;
+                    recorded.push(self.deliver(std::mem::take(&mut messages)).await?);
                     replays.extend(self.connected(c).await?);
                 }
                 Ok(DeliverEvent::Replayed(c)) => {
-                    self.deliver(std::mem::take(&mut messages)).await?;
+                    recorded.push(self.deliver(std::mem::take(&mut messages)).await?);
                     self.replayed(c).await?;
                 }
                 Ok(DeliverEvent::DeviceRemoved(removed)) => {
-                    self.deliver(std::mem::take(&mut messages)).await?;
+                    recorded.push(self.deliver(std::mem::take(&mut messages)).await?);
                     self.device_removed(removed).await?;
                 }
                 Err(e) => self.dead_letters.park(record, &e.message).await?,
             }
         }
-        self.deliver(messages).await?;
-        self.acks(acks, replays).await
+        recorded.push(self.deliver(messages).await?);
+        self.acks(acks, replays, recorded).await
     }
 
-    async fn deliver(&self, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+    /// Sends `deliveries` to their devices' sockets, holds them, or hands
+    /// them to the inbox. Each is sent once the in-flight store has it,
+    /// maybe before it is durable there: what this returns resolves once it
+    /// is, and the batch settles only then.
+    async fn deliver(&self, deliveries: Vec<Delivery>) -> anyhow::Result<Durable> {
         if deliveries.is_empty() {
-            return Ok(());
+            return Ok(Durable::already());
         }
         let routes = self.routes(deliveries.iter().map(|d| &d.recipient)).await?;
         let now = now_ms();
@@ -320,7 +326,9 @@ impl Core {
             }
         }
 
-        // Recorded before sending, so an ack can never find its delivery missing;
+        // Recorded before sending, so an ack can never find its delivery
+        // missing (the store answers calls in order; a crash before the
+        // record is durable reads the batch again and sends it again);
         // reported `delivered` before sending too (see [`Core::report_sends`]),
         // meanwhile.
         let pending: Vec<Pending> = candidates.iter().map(|(p, _)| p.clone()).collect();
@@ -329,9 +337,9 @@ impl Core {
             .filter(|(_, target)| target.is_some())
             .map(|(p, _)| p)
             .collect();
-        let (fresh, ()) = tokio::try_join!(
+        let ((fresh, durable), ()) = tokio::try_join!(
             async {
-                let begun = metrics::timed("inflight_begin", self.inflight.begin(&pending));
+                let begun = metrics::timed("inflight_begin", self.inflight.begin_early(&pending));
                 Ok::<_, anyhow::Error>(begun.await?)
             },
             metrics::timed("status_report", self.report_sends(live)),
@@ -377,7 +385,7 @@ impl Core {
         }
         self.publish(offline).await?;
         self.inflight.remove(&gone).await?;
-        Ok(())
+        Ok(durable)
     }
 
     /// A device connected: ask persistence to replay its inbox to that socket.
@@ -481,8 +489,14 @@ impl Core {
     /// batch can start meanwhile. Until it settles the deliveries stay in flight, so an ack
     /// handled again (the process died, or the bus refused a record) finds
     /// them again and sends their receipts again, under the same `rid`.
-    /// `replays`, the batch's replay requests, settle with them.
-    async fn acks(&self, acks: Vec<Ack>, replays: Vec<ProduceFuture>) -> anyhow::Result<Settle> {
+    /// `replays`, the batch's replay requests, and `recorded`, its deliveries
+    /// becoming durable in flight, settle with them.
+    async fn acks(
+        &self,
+        acks: Vec<Ack>,
+        replays: Vec<ProduceFuture>,
+        mut recorded: Vec<Durable>,
+    ) -> anyhow::Result<Settle> {
         let mut forwards: Vec<ProduceFuture> = replays;
         let mut acked = Vec::new();
         let mut done = Vec::new();
@@ -552,7 +566,7 @@ impl Core {
         forwards.extend(self.status.enqueue(acked)?);
         // In flight (or on their way to the inbox) before the acked
         // deliveries go.
-        self.deliver(receipts).await?;
+        recorded.push(self.deliver(receipts).await?);
         let inflight = self.inflight.clone();
         let keys = done
             .iter()
@@ -561,7 +575,10 @@ impl Core {
         let settling = Settling::start(&self.settling, keys);
         Ok(Settle::new(async move {
             let _settling = settling;
-            bus::acknowledged_all(forwards).await?;
+            let durable = async { Ok::<_, anyhow::Error>(Durable::all(recorded).await?) };
+            let forwarded =
+                async { Ok::<_, anyhow::Error>(bus::acknowledged_all(forwards).await?) };
+            tokio::try_join!(durable, forwarded)?;
             inflight.remove(&done).await?;
             Ok(())
         }))

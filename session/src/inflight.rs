@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use dak_runtime::store::{StoreError, StoreResult};
+use dak_runtime::store::{Durable, StoreError, StoreResult};
 use dak_wire::event::{Ack, Message};
 use dak_wire::{DeviceId, Mid, UserId};
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,15 @@ pub trait InFlight: Send + Sync + 'static {
     /// new; `false` if the same mid is already in flight to that device (a
     /// duplicate event), in which case it must not be sent again.
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>>;
+    /// [`InFlight::begin`], answered as soon as the store knows which
+    /// deliveries are new, possibly before they are durable: the [`Durable`]
+    /// resolves once they are. The caller may send them meanwhile (a call
+    /// made after this one sees them), but must not count them recorded
+    /// before it resolves. A store without an earlier answer answers once
+    /// they are durable.
+    async fn begin_early(&self, deliveries: &[Pending]) -> StoreResult<(Vec<bool>, Durable)> {
+        Ok((self.begin(deliveries).await?, Durable::already()))
+    }
     /// Takes the device's held deliveries, in the order they were held.
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>>;
     /// Looks up what acks are for, in one round trip for all of them: for each

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dak_runtime::sqlite::{sql_ms, Durability, Writer, WriterState};
-use dak_runtime::store::StoreResult;
+use dak_runtime::store::{Durable, StoreResult};
 use dak_wire::event::Ack;
 use dak_wire::{DeviceId, Mid, UserId};
 use rusqlite::{params, OptionalExtension};
@@ -218,12 +218,20 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
 #[async_trait]
 impl InFlight for SqliteInFlight {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
+        let (fresh, durable) = self.begin_early(deliveries).await?;
+        durable.await?;
+        Ok(fresh)
+    }
+
+    /// Answered once the rows are inserted, before their transaction commits
+    /// (see [`Writer::call_early`]).
+    async fn begin_early(&self, deliveries: &[Pending]) -> StoreResult<(Vec<bool>, Durable)> {
         if deliveries.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Durable::already()));
         }
         let rows: Vec<Row> = deliveries.iter().map(Row::of).collect();
         self.writer
-            .call(move |conn, state| {
+            .call_early(move |conn, state| {
                 let mut insert = conn.prepare_cached(
                     "INSERT INTO deliveries (user, device, mid, deadline, held, record)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -280,10 +288,11 @@ impl InFlight for SqliteInFlight {
             return Ok(vec![Vec::new(); acks.len()]);
         }
         // One job for every ack: one savepoint and one answer, however many
-        // devices acked.
-        let found: Vec<Vec<Option<String>>> = self
+        // devices acked. It only reads, so it answers without waiting for
+        // its transaction to commit (it sees what the calls before it wrote).
+        let (found, _): (Vec<Vec<Option<String>>>, _) = self
             .writer
-            .call(move |conn, _| {
+            .call_early(move |conn, _| {
                 let mut read = conn.prepare_cached(ACKED)?;
                 let mut found = Vec::with_capacity(keys.len());
                 for (user, device, mids) in keys {

@@ -167,6 +167,29 @@ async fn contract(store: &dyn InFlight) {
     assert_eq!(mids(&last), vec![a_elsewhere.message.mid]);
 }
 
+/// An early begin answers as `begin` does, and a call made after it sees
+/// what it began, before its writes are known to be durable; then they are.
+async fn early_contract(store: &dyn InFlight) {
+    let a = delivery("erin", "phone", 2_000);
+    let b = delivery("erin", "tablet", 2_000);
+    let (fresh, durable) = store.begin_early(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(fresh, vec![true, true]);
+    let found = store
+        .acked(&[ack(&a.user, &a.device, &[a.message.mid])])
+        .await
+        .unwrap();
+    assert_eq!(found_mids(&found[0]), vec![Some(a.message.mid)]);
+    let (again, durable_again) = store.begin_early(std::slice::from_ref(&b)).await.unwrap();
+    assert_eq!(
+        again,
+        vec![false],
+        "the same delivery is a duplicate at once"
+    );
+    durable.await.unwrap();
+    durable_again.await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 2);
+}
+
 /// One call looks up the acks of several devices at once: each ack gets its
 /// own answer, in the order of the acks and of their mids, and an ack without
 /// mids gets none.
@@ -462,6 +485,7 @@ async fn memory_inflight_keeps_the_contract() {
     claim_limit_contract(&MemoryInFlight::default()).await;
     large_batch_contract(&MemoryInFlight::default()).await;
     deadlines_after_a_claim_contract(&MemoryInFlight::default()).await;
+    early_contract(&MemoryInFlight::default()).await;
 }
 
 #[tokio::test]
@@ -474,6 +498,7 @@ async fn redis_inflight_keeps_the_contract() {
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     deadlines_after_a_claim_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    early_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -495,6 +520,7 @@ async fn redis_inflight_keeps_the_contract_on_a_cluster() {
     many_acks_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     large_batch_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     deadlines_after_a_claim_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
+    early_contract(&RedisInFlight::new(conn.clone(), &prefix())).await;
     claim_limit_contract(&RedisInFlight::new(conn, &prefix())).await;
 }
 
@@ -508,6 +534,7 @@ async fn sqlite_inflight_keeps_the_contract() {
     claim_limit_contract(&open("claim.db")).await;
     large_batch_contract(&open("large.db")).await;
     deadlines_after_a_claim_contract(&open("deadlines.db")).await;
+    early_contract(&open("early.db")).await;
 }
 
 /// The file knows when it is empty, without a call to its thread: once a
@@ -582,7 +609,9 @@ async fn sqlite_inflight_survives_closing_and_reopening_the_file() {
         let store = SqliteInFlight::open(&path).unwrap();
         let mut all = vec![sent.clone(), acked.clone()];
         all.extend(held.iter().cloned());
-        assert!(store.begin(&all).await.unwrap().iter().all(|fresh| *fresh));
+        let (fresh, durable) = store.begin_early(&all).await.unwrap();
+        assert!(fresh.iter().all(|fresh| *fresh));
+        durable.await.unwrap();
         store.remove(std::slice::from_ref(&acked)).await.unwrap();
     }
 

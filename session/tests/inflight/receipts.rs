@@ -17,7 +17,7 @@ use dak_runtime::gateway::{LocalGateway, Sockets};
 use dak_runtime::presence::{Connection, Gateway, MemoryPresence, Presence};
 use dak_runtime::shutdown::Shutdown;
 use dak_runtime::status::Reporter;
-use dak_runtime::store::StoreResult;
+use dak_runtime::store::{Durable, StoreError, StoreResult};
 use dak_wire::event::{self, Ack, DeliverEvent, Delivery, Message};
 use dak_wire::send::{SendItem, SendOutcome};
 use dak_wire::{ChatKind, ClientId, DeviceId, Mid, UserId};
@@ -83,12 +83,18 @@ impl Sockets for Written {
 
 /// The SQLite in-flight store as session sees it, watched by the test: once
 /// `dies_after_ack` is armed, the next lookup of acks answers, then never
-/// returns, as if the process died right after the store answered; and each
-/// time the retry loop falls asleep on the empty store, `asleep` counts it.
+/// returns, as if the process died right after the store answered; once
+/// `loses_next_begin` is armed, the next early begin is answered, but its
+/// writes are then reported lost, as by a transaction that failed to commit
+/// (the file keeps them here: the next begin of the same deliveries finds
+/// them); each begin is counted in `begins`, and each time the retry loop
+/// falls asleep on the empty store, `asleep` counts it.
 struct Watched {
     inner: Arc<SqliteInFlight>,
     dies_after_ack: AtomicBool,
     died: tokio::sync::Notify,
+    loses_next_begin: AtomicBool,
+    begins: tokio::sync::watch::Sender<usize>,
     asleep: tokio::sync::watch::Sender<usize>,
 }
 
@@ -98,6 +104,8 @@ impl Watched {
             inner,
             dies_after_ack: AtomicBool::new(false),
             died: tokio::sync::Notify::new(),
+            loses_next_begin: AtomicBool::new(false),
+            begins: tokio::sync::watch::channel(0).0,
             asleep: tokio::sync::watch::channel(0).0,
         })
     }
@@ -106,7 +114,18 @@ impl Watched {
 #[async_trait]
 impl InFlight for Watched {
     async fn begin(&self, deliveries: &[Pending]) -> StoreResult<Vec<bool>> {
-        self.inner.begin(deliveries).await
+        let (fresh, durable) = self.begin_early(deliveries).await?;
+        durable.await?;
+        Ok(fresh)
+    }
+    async fn begin_early(&self, deliveries: &[Pending]) -> StoreResult<(Vec<bool>, Durable)> {
+        let (fresh, durable) = self.inner.begin_early(deliveries).await?;
+        self.begins.send_modify(|n| *n += 1);
+        if self.loses_next_begin.swap(false, Ordering::SeqCst) {
+            let lost = StoreError::Transaction("the test lost this begin".into());
+            return Ok((fresh, Durable::new(async move { Err(lost) })));
+        }
+        Ok((fresh, durable))
     }
     async fn take_held(&self, user: &UserId, device: &DeviceId) -> StoreResult<Vec<Pending>> {
         self.inner.take_held(user, device).await
@@ -381,6 +400,46 @@ async fn dies_after_the_store_answered_an_ack(only_instance: bool) {
     let receipts = receipts_on_the_bus_before(&stream, marker.mid).await;
     assert_eq!(receipts, if only_instance { 0 } else { 1 });
     second.abort();
+}
+
+/// session sends a delivery as soon as the store has it, before it is
+/// durable there, but its batch settles only once it is: when the store
+/// loses it, the batch is handled again (and the delivery, found in flight
+/// this time, is not sent twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_deliveries_the_store_loses_is_handled_again() {
+    let world = World::new().await;
+    let store = Watched::new(world.store.clone());
+    store.loses_next_begin.store(true, Ordering::SeqCst);
+    let mut begins = store.begins.subscribe();
+    let running = world.start(store.clone());
+
+    let bob = user("bob");
+    let hi = message("alice", "bob");
+    let mid = hi.mid.to_string();
+    world.deliver(hi).await;
+    world
+        .written
+        .first(&bob, |f| f["type"] == "message" && f["mid"] == mid.as_str())
+        .await;
+    tokio::time::timeout(PATIENCE, begins.wait_for(|n| *n >= 2))
+        .await
+        .expect("the batch was never handled again")
+        .unwrap();
+    world.committed(1).await;
+    let sent = world
+        .written
+        .frames
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(to, f)| to == &bob && f["mid"] == mid.as_str())
+        .count();
+    assert_eq!(
+        sent, 1,
+        "found in flight the second time, so not sent again"
+    );
+    running.abort();
 }
 
 /// The `delivered` receipts `stream` reads before the delivery of `marker`.
