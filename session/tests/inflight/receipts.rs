@@ -47,6 +47,16 @@ struct Written {
 }
 
 impl Written {
+    /// How many frames for `mid` were written to `who` so far.
+    fn copies(&self, who: &UserId, mid: &str) -> usize {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(to, f)| to == who && f["mid"] == mid)
+            .count()
+    }
+
     /// The first frame written to `who` that `wanted` picks, waiting for it.
     async fn first(&self, who: &UserId, wanted: impl Fn(&Value) -> bool) -> Value {
         tokio::time::timeout(PATIENCE, async {
@@ -427,14 +437,7 @@ async fn a_batch_whose_deliveries_the_store_loses_is_handled_again() {
         .expect("the batch was never handled again")
         .unwrap();
     world.committed(1).await;
-    let sent = world
-        .written
-        .frames
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(to, f)| to == &bob && f["mid"] == mid.as_str())
-        .count();
+    let sent = world.written.copies(&bob, &mid);
     assert_eq!(
         sent, 1,
         "found in flight the second time, so not sent again"
@@ -487,14 +490,7 @@ async fn a_delivery_made_while_the_retry_loop_sleeps_is_retried_at_its_deadline(
     let sent = tokio::time::timeout(PATIENCE, async {
         loop {
             let more = world.written.more.notified();
-            let copies = world
-                .written
-                .frames
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(to, f)| to == &bob && f["mid"] == mid.as_str())
-                .count();
+            let copies = world.written.copies(&bob, &mid);
             if copies >= 2 {
                 return copies;
             }
