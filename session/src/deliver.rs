@@ -204,10 +204,10 @@ impl Core {
     /// Handles one batch from `dak.deliver` in stream order. Consecutive messages
     /// are delivered together; a connect or replay event is a boundary, since it
     /// changes how the messages after it are routed. Acks go last: an ack can
-    /// only be for a message delivered before it.
-    /// Handles a batch of `dak.deliver`; what it returns settles once the
-    /// batch's deliveries are durable in flight, and the acks' receipts,
-    /// drops and status steps, and the replay requests, are on the bus.
+    /// only be for a message delivered before it. What it returns settles
+    /// once the batch's deliveries are durable in flight, and the acks'
+    /// receipts, drops and status steps, and the replay requests, are on the
+    /// bus.
     pub(crate) async fn handle_batch(&self, records: &[Record]) -> anyhow::Result<Settle> {
         let mut messages = Vec::new();
         let mut acks = Vec::new();
@@ -575,10 +575,10 @@ impl Core {
         let settling = Settling::start(&self.settling, keys);
         Ok(Settle::new(async move {
             let _settling = settling;
-            let durable = async { Ok::<_, anyhow::Error>(Durable::all(recorded).await?) };
-            let forwarded =
-                async { Ok::<_, anyhow::Error>(bus::acknowledged_all(forwards).await?) };
-            tokio::try_join!(durable, forwarded)?;
+            let (durable, forwarded) =
+                tokio::join!(Durable::all(recorded), bus::acknowledged_all(forwards));
+            durable?;
+            forwarded?;
             inflight.remove(&done).await?;
             Ok(())
         }))
